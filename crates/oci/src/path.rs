@@ -1,0 +1,124 @@
+//! Request paths of the distribution API, split into what they address.
+//!
+//! Paths are taken raw, never percent-decoded: an encoded `/` or `.` stays a `%` and fails the
+//! name grammar later, so it cannot address anything.
+
+use crate::digest::{Digest, DigestError};
+use crate::reference::{Reference, ReferenceError};
+
+/// Longest request path considered at all.
+pub const MAX_PATH_LEN: usize = 1024;
+
+/// What a `/v2/...` path addresses. `name` is still raw: the server decides which upstream it is
+/// for (a registry host may lead it) before checking it as a [`crate::RepositoryName`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v2/`
+    Base,
+    /// `/v2/_catalog`
+    Catalog,
+    /// `/v2/<name>/manifests/<reference>`
+    Manifest { name: String, reference: Reference },
+    /// `/v2/<name>/blobs/<digest>`
+    Blob { name: String, digest: Digest },
+    /// `/v2/<name>/tags/list`
+    TagsList { name: String },
+    /// `/v2/<name>/blobs/uploads/...`: push, which a mirror does not take.
+    Upload,
+}
+
+/// Why a path addresses nothing pier serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathError {
+    /// Not under `/v2/`, or no known endpoint.
+    NotFound,
+    TooLong,
+    BadReference(ReferenceError),
+    BadDigest(DigestError),
+}
+
+impl Endpoint {
+    /// Splits a request path (without query).
+    pub fn parse(path: &str) -> Result<Endpoint, PathError> {
+        if path.len() > MAX_PATH_LEN {
+            return Err(PathError::TooLong);
+        }
+        let rest = match path {
+            "/v2" | "/v2/" => return Ok(Endpoint::Base),
+            "/v2/_catalog" => return Ok(Endpoint::Catalog),
+            _ => path.strip_prefix("/v2/").ok_or(PathError::NotFound)?,
+        };
+        if let Some(name) = rest.strip_suffix("/tags/list") {
+            return Ok(Endpoint::TagsList { name: name.into() });
+        }
+        if rest.contains("/blobs/uploads") {
+            return Ok(Endpoint::Upload);
+        }
+        // The name may itself contain "manifests" or "blobs" as a component, so split at the last.
+        if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+            let reference = Reference::parse(reference).map_err(PathError::BadReference)?;
+            return Ok(Endpoint::Manifest {
+                name: name.into(),
+                reference,
+            });
+        }
+        if let Some((name, digest)) = rest.rsplit_once("/blobs/") {
+            let digest = digest.parse().map_err(PathError::BadDigest)?;
+            return Ok(Endpoint::Blob {
+                name: name.into(),
+                digest,
+            });
+        }
+        Err(PathError::NotFound)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(Endpoint::parse("/v2/"), Ok(Endpoint::Base));
+        assert_eq!(Endpoint::parse("/v2"), Ok(Endpoint::Base));
+        assert_eq!(Endpoint::parse("/v2/_catalog"), Ok(Endpoint::Catalog));
+        match Endpoint::parse("/v2/library/nginx/manifests/latest").unwrap() {
+            Endpoint::Manifest { name, reference } => {
+                assert_eq!(name, "library/nginx");
+                assert_eq!(reference.to_string(), "latest");
+            }
+            e => panic!("{e:?}"),
+        }
+        let d = format!("sha256:{}", "a".repeat(64));
+        match Endpoint::parse(&format!("/v2/a/blobs/x/blobs/{d}")).unwrap() {
+            Endpoint::Blob { name, digest } => {
+                assert_eq!(name, "a/blobs/x");
+                assert_eq!(digest.to_string(), d);
+            }
+            e => panic!("{e:?}"),
+        }
+        assert_eq!(
+            Endpoint::parse("/v2/ghcr.io/org/app/tags/list"),
+            Ok(Endpoint::TagsList { name: "ghcr.io/org/app".into() })
+        );
+        assert_eq!(Endpoint::parse("/v2/a/blobs/uploads/"), Ok(Endpoint::Upload));
+    }
+
+    #[test]
+    fn rejects() {
+        assert_eq!(Endpoint::parse("/v1/"), Err(PathError::NotFound));
+        assert_eq!(Endpoint::parse("/v2/a/other/x"), Err(PathError::NotFound));
+        assert!(matches!(
+            Endpoint::parse("/v2/a/blobs/sha256:zz"),
+            Err(PathError::BadDigest(_))
+        ));
+        assert!(matches!(
+            Endpoint::parse("/v2/a/manifests/..%2f"),
+            Err(PathError::BadReference(_))
+        ));
+        assert_eq!(
+            Endpoint::parse(&format!("/v2/{}", "a/".repeat(600))),
+            Err(PathError::TooLong)
+        );
+    }
+}
