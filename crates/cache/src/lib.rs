@@ -1,1 +1,417 @@
-pub fn placeholder() {}
+//! pier's cache: a memory tier (moka) in front of a content-addressed disk store, filled from the
+//! upstream once per digest.
+//!
+//! [`Cache::blob`] is the whole lookup: memory, then disk, then the fill in progress for that
+//! digest, or a new fill. Every concurrent request for a digest joins the same fill and streams
+//! the bytes as they land in its file; bytes whose digest does not verify never reach the store.
+//! Manifests are small: they are fetched whole, once per key at a time ([`Cache::fetch_manifest_once`]),
+//! and stored by digest next to the blobs, with their tags recorded per upstream and repository.
+
+mod fill;
+mod flight;
+mod memory;
+mod reader;
+pub mod store;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::future::BoxFuture;
+use futures_util::stream::{self, BoxStream, StreamExt};
+use pier_oci::{Digest, RepositoryName, Tag};
+use pier_upstream::{Manifest, UpstreamError};
+use tokio::sync::watch;
+
+pub use fill::{FillError, Origin, RetryPolicy};
+pub use flight::SingleFlight;
+pub use memory::MemoryObject;
+pub use store::{DiskStore, TagRecord};
+
+use fill::{Fill, Phase, Progress};
+use memory::MemoryTier;
+
+/// How the cache is set up.
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    pub dir: PathBuf,
+    /// Bytes the memory tier may hold.
+    pub memory_size: u64,
+    /// Largest object the memory tier takes.
+    pub memory_object_size: u64,
+    pub retry: RetryPolicy,
+}
+
+/// Where an answer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    Memory,
+    Disk,
+    /// From a fill: started by this request, or joined while another request's fill ran.
+    Upstream {
+        joined: bool,
+    },
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Memory => "memory",
+            Source::Disk => "disk",
+            Source::Upstream { joined: false } => "upstream",
+            Source::Upstream { joined: true } => "upstream-joined",
+        }
+    }
+}
+
+/// A blob ready to be streamed.
+pub struct Blob {
+    /// Size in bytes, when known (a fill learns it from the upstream's headers).
+    pub size: Option<u64>,
+    pub source: Source,
+    content: Content,
+}
+
+enum Content {
+    Memory(Bytes),
+    File {
+        file: Arc<File>,
+        progress: Option<watch::Receiver<Progress>>,
+    },
+}
+
+impl Blob {
+    /// The bytes `[start, end)` (`end` = `None`: to the end). A stream from a fill waits for bytes
+    /// as they arrive and ends in an error if the fill fails; it never yields the blob's last byte
+    /// before the digest verified.
+    pub fn stream(self, start: u64, end: Option<u64>) -> BoxStream<'static, io::Result<Bytes>> {
+        match self.content {
+            Content::Memory(b) => {
+                let len = b.len() as u64;
+                let (s, e) = (start.min(len), end.unwrap_or(len).min(len));
+                stream::iter([Ok(b.slice(s as usize..e.max(s) as usize))]).boxed()
+            }
+            Content::File { file, progress } => {
+                let end = end.or(if progress.is_none() { self.size } else { None });
+                reader::file_range(file, start, end, progress)
+            }
+        }
+    }
+}
+
+/// A manifest held by the cache.
+#[derive(Clone, Debug)]
+pub struct CachedManifest {
+    pub bytes: Bytes,
+    pub media_type: Arc<str>,
+}
+
+/// Counters the cache keeps about itself.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Fills started (one per upstream download of a blob).
+    pub fills_started: AtomicU64,
+    /// Requests that joined a fill another request started.
+    pub fills_joined: AtomicU64,
+    /// Times a fill resumed a broken download.
+    pub fills_resumed: AtomicU64,
+    pub fills_failed: AtomicU64,
+    /// Bytes written by fills that verified.
+    pub fill_bytes: AtomicU64,
+}
+
+type Fills = Arc<Mutex<HashMap<Digest, Arc<Fill>>>>;
+
+/// The tiers and the fills.
+pub struct Cache {
+    store: Arc<DiskStore>,
+    memory: MemoryTier,
+    fills: Fills,
+    manifest_fetches: SingleFlight<String, Result<Manifest, UpstreamError>>,
+    retry: RetryPolicy,
+    stats: Arc<CacheStats>,
+}
+
+impl Cache {
+    /// Opens the cache directory (creating it; removing leftovers of interrupted fills).
+    pub fn open(config: CacheConfig) -> io::Result<Cache> {
+        Ok(Cache {
+            store: Arc::new(DiskStore::open(&config.dir)?),
+            memory: MemoryTier::new(config.memory_size, config.memory_object_size),
+            fills: Fills::default(),
+            manifest_fetches: SingleFlight::default(),
+            retry: config.retry,
+            stats: Arc::default(),
+        })
+    }
+
+    pub fn store(&self) -> &DiskStore {
+        &self.store
+    }
+
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// The memory tier's bytes and entries.
+    pub async fn memory_usage(&self) -> (u64, u64) {
+        self.memory.usage().await
+    }
+
+    /// A blob from memory or disk, without going upstream.
+    pub async fn cached_blob(&self, digest: &Digest) -> io::Result<Option<Blob>> {
+        if let Some(obj) = self.memory.get(digest).await {
+            return Ok(Some(Blob {
+                size: Some(obj.bytes.len() as u64),
+                source: Source::Memory,
+                content: Content::Memory(obj.bytes),
+            }));
+        }
+        let Some((file, len)) = self.store.open_blob(digest)? else {
+            return Ok(None);
+        };
+        if self.memory.admits(len) {
+            let bytes = read_whole(file).await?;
+            self.memory
+                .insert(
+                    digest.clone(),
+                    MemoryObject {
+                        bytes: bytes.clone(),
+                        media_type: None,
+                    },
+                )
+                .await;
+            return Ok(Some(Blob {
+                size: Some(len),
+                source: Source::Disk,
+                content: Content::Memory(bytes),
+            }));
+        }
+        Ok(Some(Blob {
+            size: Some(len),
+            source: Source::Disk,
+            content: Content::File {
+                file: Arc::new(file),
+                progress: None,
+            },
+        }))
+    }
+
+    /// A blob from the cache, or else from the fill for its digest (joining the one in progress,
+    /// or starting one with `origin`). Returns once the upstream answered, so that the size is
+    /// known, or with the error that ended the fill before any byte.
+    pub async fn blob(
+        &self,
+        digest: &Digest,
+        origin: impl FnOnce() -> Arc<dyn Origin>,
+    ) -> Result<Blob, FillError> {
+        if let Some(blob) = self
+            .cached_blob(digest)
+            .await
+            .map_err(|e| FillError::Io(e.to_string()))?
+        {
+            return Ok(blob);
+        }
+        let (fill, joined) = self
+            .join_or_start(digest, origin)
+            .map_err(|e| FillError::Io(e.to_string()))?;
+        let Some(fill) = fill else {
+            // It landed on disk between the two looks.
+            return self
+                .cached_blob(digest)
+                .await
+                .map_err(|e| FillError::Io(e.to_string()))?
+                .ok_or_else(|| FillError::Io("blob vanished from the store".into()));
+        };
+        let mut rx = fill.progress.subscribe();
+        let ready = rx
+            .wait_for(|p| !matches!(p.phase, Phase::Connecting))
+            .await
+            .map_err(|_| FillError::Io("fill ended without an answer".into()))?
+            .clone();
+        if let Phase::Failed(e) = ready.phase {
+            return Err(e);
+        }
+        Ok(Blob {
+            size: ready.total,
+            source: Source::Upstream { joined },
+            content: Content::File {
+                file: fill.file.clone(),
+                progress: Some(rx),
+            },
+        })
+    }
+
+    /// The size of a blob pier has or is filling, without going upstream.
+    pub async fn blob_size(&self, digest: &Digest) -> Option<u64> {
+        if let Some(obj) = self.memory.get(digest).await {
+            return Some(obj.bytes.len() as u64);
+        }
+        if let Some(len) = self.store.blob_len(digest) {
+            return Some(len);
+        }
+        let fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        fills.get(digest).and_then(|f| f.progress.borrow().total)
+    }
+
+    /// The fill for `digest`: the one running, or a new one. `None` when the blob is on disk.
+    fn join_or_start(
+        &self,
+        digest: &Digest,
+        origin: impl FnOnce() -> Arc<dyn Origin>,
+    ) -> io::Result<(Option<Arc<Fill>>, bool)> {
+        let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(fill) = fills.get(digest) {
+            self.stats.fills_joined.fetch_add(1, Ordering::Relaxed);
+            return Ok((Some(fill.clone()), true));
+        }
+        // A fill removes itself from the map only after its file is in place, so a look at the
+        // disk under the lock settles whether a new fill is needed.
+        if self.store.blob_len(digest).is_some() {
+            return Ok((None, false));
+        }
+        let (file, temp) = self.store.create_temp(digest)?;
+        let fill = Arc::new(Fill::new(digest.clone(), file, temp));
+        fills.insert(digest.clone(), fill.clone());
+        drop(fills);
+        self.stats.fills_started.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(run_fill(
+            fill.clone(),
+            origin(),
+            self.store.clone(),
+            self.fills.clone(),
+            self.retry.clone(),
+            self.stats.clone(),
+        ));
+        Ok((Some(fill), false))
+    }
+
+    /// A manifest by digest, from memory or disk.
+    pub async fn manifest(&self, digest: &Digest) -> io::Result<Option<(CachedManifest, Source)>> {
+        if let Some(obj) = self.memory.get(digest).await {
+            if let Some(media_type) = obj.media_type {
+                return Ok(Some((
+                    CachedManifest {
+                        bytes: obj.bytes,
+                        media_type,
+                    },
+                    Source::Memory,
+                )));
+            }
+        }
+        let Some(media_type) = self.store.manifest_type(digest) else {
+            return Ok(None);
+        };
+        let Some((file, _)) = self.store.open_blob(digest)? else {
+            return Ok(None);
+        };
+        let bytes = read_whole(file).await?;
+        let media_type: Arc<str> = media_type.into();
+        let obj = MemoryObject {
+            bytes: bytes.clone(),
+            media_type: Some(media_type.clone()),
+        };
+        self.memory.insert(digest.clone(), obj).await;
+        Ok(Some((CachedManifest { bytes, media_type }, Source::Disk)))
+    }
+
+    /// Stores a manifest under its digest. The caller checked that `digest` matches `bytes`.
+    pub async fn put_manifest(&self, digest: &Digest, manifest: &CachedManifest) -> io::Result<()> {
+        let (store, d, m) = (self.store.clone(), digest.clone(), manifest.clone());
+        tokio::task::spawn_blocking(move || {
+            store.write_blob(&d, &m.bytes)?;
+            store.set_manifest_type(&d, &m.media_type)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let obj = MemoryObject {
+            bytes: manifest.bytes.clone(),
+            media_type: Some(manifest.media_type.clone()),
+        };
+        self.memory.insert(digest.clone(), obj).await;
+        Ok(())
+    }
+
+    /// Where a tag of an upstream's repository pointed when pier last saw it.
+    pub fn tag(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> Option<TagRecord> {
+        self.store.tag(upstream, repo, tag)
+    }
+
+    pub fn set_tag(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+        tag: &Tag,
+        record: &TagRecord,
+    ) -> io::Result<()> {
+        self.store.set_tag(upstream, repo, tag, record)
+    }
+
+    /// Runs `fetch` once for all concurrent callers with the same `key`; returns its result and
+    /// whether this caller joined a fetch already under way.
+    pub async fn fetch_manifest_once(
+        &self,
+        key: String,
+        fetch: impl FnOnce() -> BoxFuture<'static, Result<Manifest, UpstreamError>>,
+    ) -> (Result<Manifest, UpstreamError>, bool) {
+        self.manifest_fetches.run(key, fetch).await
+    }
+}
+
+/// The fill's task: download, commit or discard, tell the readers, leave the map.
+async fn run_fill(
+    fill: Arc<Fill>,
+    origin: Arc<dyn Origin>,
+    store: Arc<DiskStore>,
+    fills: Fills,
+    retry: RetryPolicy,
+    stats: Arc<CacheStats>,
+) {
+    let mut result = fill.download(origin.as_ref(), &retry).await;
+    if let Ok(resumes) = result {
+        stats
+            .fills_resumed
+            .fetch_add(u64::from(resumes), Ordering::Relaxed);
+        let (s, f) = (store.clone(), fill.clone());
+        let committed = tokio::task::spawn_blocking(move || s.commit(&f.file, &f.temp, &f.digest))
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r);
+        if let Err(e) = committed {
+            result = Err(FillError::Io(e.to_string()));
+        }
+    }
+    match result {
+        Ok(_) => {
+            let written = fill.progress.borrow().written;
+            stats.fill_bytes.fetch_add(written, Ordering::Relaxed);
+            fill.progress.send_modify(|p| p.phase = Phase::Complete);
+            tracing::debug!(digest = %fill.digest, bytes = written, "fill complete");
+        }
+        Err(e) => {
+            stats.fills_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(digest = %fill.digest, error = %e, "fill failed; nothing kept");
+            let _ = std::fs::remove_file(&fill.temp);
+            fill.progress.send_modify(|p| p.phase = Phase::Failed(e));
+        }
+    }
+    fills
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&fill.digest);
+}
+
+async fn read_whole(file: File) -> io::Result<Bytes> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut buf = Vec::new();
+        (&file).read_to_end(&mut buf)?;
+        Ok(Bytes::from(buf))
+    })
+    .await
+    .map_err(io::Error::other)?
+}

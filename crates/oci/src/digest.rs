@@ -62,7 +62,10 @@ impl fmt::Display for DigestError {
         match self {
             DigestError::MissingAlgorithm => f.write_str("digest has no algorithm prefix"),
             DigestError::UnsupportedAlgorithm(a) => {
-                write!(f, "unsupported digest algorithm {a:?} (sha256 and sha512 are)")
+                write!(
+                    f,
+                    "unsupported digest algorithm {a:?} (sha256 and sha512 are)"
+                )
             }
             DigestError::BadEncoding => {
                 f.write_str("digest value is not lower-case hex of the algorithm's length")
@@ -116,7 +119,9 @@ impl FromStr for Digest {
         let algorithm = Algorithm::from_name(alg)
             .ok_or_else(|| DigestError::UnsupportedAlgorithm(alg.to_string()))?;
         if hex.len() != algorithm.hex_len()
-            || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            || !hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
             return Err(DigestError::BadEncoding);
         }
@@ -196,7 +201,10 @@ mod tests {
         assert_eq!(d.algorithm(), Algorithm::Sha256);
         assert_eq!(d.to_string(), EMPTY_SHA256);
         let long = format!("sha512:{}", "a".repeat(128));
-        assert_eq!(long.parse::<Digest>().unwrap().algorithm(), Algorithm::Sha512);
+        assert_eq!(
+            long.parse::<Digest>().unwrap().algorithm(),
+            Algorithm::Sha512
+        );
     }
 
     #[test]
@@ -215,7 +223,11 @@ mod tests {
             format!("sha256:{}", "g".repeat(64)),
             format!("sha256:../{}", "a".repeat(61)),
         ] {
-            assert_eq!(bad.parse::<Digest>(), Err(DigestError::BadEncoding), "{bad}");
+            assert_eq!(
+                bad.parse::<Digest>(),
+                Err(DigestError::BadEncoding),
+                "{bad}"
+            );
         }
         assert!("SHA256:abc".parse::<Digest>().is_err());
     }

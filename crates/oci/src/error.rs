@@ -40,9 +40,7 @@ impl ErrorCode {
     /// The HTTP status for this code.
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::NameInvalid
-            | ErrorCode::DigestInvalid
-            | ErrorCode::ManifestInvalid => 400,
+            ErrorCode::NameInvalid | ErrorCode::DigestInvalid | ErrorCode::ManifestInvalid => 400,
             ErrorCode::NameUnknown | ErrorCode::ManifestUnknown | ErrorCode::BlobUnknown => 404,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Denied => 403,

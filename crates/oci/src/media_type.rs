@@ -45,15 +45,20 @@ mod tests {
         assert!(accepts("", OCI_INDEX));
         assert!(accepts("*/*", OCI_INDEX));
         assert!(accepts(DEFAULT_ACCEPT, OCI_INDEX));
-        assert!(accepts(&format!("{DOCKER_MANIFEST_V2}; q=0.5"), DOCKER_MANIFEST_V2));
+        assert!(accepts(
+            &format!("{DOCKER_MANIFEST_V2}; q=0.5"),
+            DOCKER_MANIFEST_V2
+        ));
         assert!(!accepts(DOCKER_MANIFEST_V2, OCI_INDEX));
     }
 
     #[test]
     fn declared_media_type() {
         assert_eq!(
-            declared(br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json"}"#)
-                .as_deref(),
+            declared(
+                br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json"}"#
+            )
+            .as_deref(),
             Some(OCI_INDEX)
         );
         assert_eq!(declared(br#"{"schemaVersion":2}"#), None);

@@ -27,7 +27,10 @@ impl fmt::Display for NameError {
         match self {
             NameError::Empty => f.write_str("repository name is empty"),
             NameError::TooLong(n) => {
-                write!(f, "repository name is {n} bytes long; at most {MAX_NAME_LEN} allowed")
+                write!(
+                    f,
+                    "repository name is {n} bytes long; at most {MAX_NAME_LEN} allowed"
+                )
             }
             NameError::BadComponent(i) => write!(
                 f,
@@ -155,7 +158,10 @@ mod tests {
         ] {
             assert!(RepositoryName::parse(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(RepositoryName::parse("a/../b"), Err(NameError::BadComponent(1)));
+        assert_eq!(
+            RepositoryName::parse("a/../b"),
+            Err(NameError::BadComponent(1))
+        );
     }
 
     #[test]
@@ -170,9 +176,13 @@ mod tests {
 
     #[test]
     fn library_prefix_only_for_single_component() {
-        let n = RepositoryName::parse("nginx").unwrap().with_library_prefix();
+        let n = RepositoryName::parse("nginx")
+            .unwrap()
+            .with_library_prefix();
         assert_eq!(n.as_str(), "library/nginx");
-        let n = RepositoryName::parse("grafana/grafana").unwrap().with_library_prefix();
+        let n = RepositoryName::parse("grafana/grafana")
+            .unwrap()
+            .with_library_prefix();
         assert_eq!(n.as_str(), "grafana/grafana");
     }
 }

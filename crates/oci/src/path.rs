@@ -99,9 +99,14 @@ mod tests {
         }
         assert_eq!(
             Endpoint::parse("/v2/ghcr.io/org/app/tags/list"),
-            Ok(Endpoint::TagsList { name: "ghcr.io/org/app".into() })
+            Ok(Endpoint::TagsList {
+                name: "ghcr.io/org/app".into()
+            })
         );
-        assert_eq!(Endpoint::parse("/v2/a/blobs/uploads/"), Ok(Endpoint::Upload));
+        assert_eq!(
+            Endpoint::parse("/v2/a/blobs/uploads/"),
+            Ok(Endpoint::Upload)
+        );
     }
 
     #[test]

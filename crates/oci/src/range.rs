@@ -97,16 +97,29 @@ mod tests {
     fn parses() {
         assert_eq!(
             ByteRange::parse("bytes=10-"),
-            Ok(ByteRange::From { start: 10, end: None })
+            Ok(ByteRange::From {
+                start: 10,
+                end: None
+            })
         );
         assert_eq!(
             ByteRange::parse("bytes=0-99"),
-            Ok(ByteRange::From { start: 0, end: Some(99) })
+            Ok(ByteRange::From {
+                start: 0,
+                end: Some(99)
+            })
         );
         assert_eq!(ByteRange::parse("bytes=-5"), Ok(ByteRange::Suffix(5)));
         for bad in [
-            "", "bytes=", "bytes=-", "items=0-1", "bytes=5-4", "bytes=a-", "bytes=0-1,3-4",
-            "bytes=+1-", "bytes=99999999999999999999999-",
+            "",
+            "bytes=",
+            "bytes=-",
+            "items=0-1",
+            "bytes=5-4",
+            "bytes=a-",
+            "bytes=0-1,3-4",
+            "bytes=+1-",
+            "bytes=99999999999999999999999-",
         ] {
             assert_eq!(ByteRange::parse(bad), Err(RangeError::Malformed), "{bad}");
         }

@@ -61,7 +61,9 @@ impl fmt::Display for ReferenceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ReferenceError::Digest(e) => e.fmt(f),
-            ReferenceError::Tag => f.write_str("tag does not match [a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}"),
+            ReferenceError::Tag => {
+                f.write_str("tag does not match [a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+            }
         }
     }
 }
@@ -69,7 +71,9 @@ impl fmt::Display for ReferenceError {
 impl Reference {
     pub fn parse(s: &str) -> Result<Reference, ReferenceError> {
         if s.contains(':') {
-            s.parse().map(Reference::Digest).map_err(ReferenceError::Digest)
+            s.parse()
+                .map(Reference::Digest)
+                .map_err(ReferenceError::Digest)
         } else {
             Tag::parse(s).map(Reference::Tag).ok_or(ReferenceError::Tag)
         }
@@ -94,7 +98,16 @@ mod tests {
         for ok in ["latest", "1.0", "v1.2.3-rc_1", "_x", "A", &"a".repeat(128)] {
             assert!(Tag::parse(ok).is_some(), "{ok}");
         }
-        for bad in ["", ".x", "-x", "a/b", "a b", "..", &"a".repeat(129), "tag%00"] {
+        for bad in [
+            "",
+            ".x",
+            "-x",
+            "a/b",
+            "a b",
+            "..",
+            &"a".repeat(129),
+            "tag%00",
+        ] {
             assert!(Tag::parse(bad).is_none(), "{bad}");
         }
     }
@@ -104,7 +117,10 @@ mod tests {
         assert!(matches!(Reference::parse("latest"), Ok(Reference::Tag(_))));
         let d = format!("sha256:{}", "0".repeat(64));
         assert!(matches!(Reference::parse(&d), Ok(Reference::Digest(_))));
-        assert!(matches!(Reference::parse("sha256:xyz"), Err(ReferenceError::Digest(_))));
+        assert!(matches!(
+            Reference::parse("sha256:xyz"),
+            Err(ReferenceError::Digest(_))
+        ));
         assert_eq!(Reference::parse("..").unwrap_err(), ReferenceError::Tag);
     }
 }

@@ -29,7 +29,12 @@ impl Challenge {
             return None;
         }
         let params = parse_params(params);
-        let get = |k: &str| params.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)).map(|(_, v)| v.clone());
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                .map(|(_, v)| v.clone())
+        };
         Some(Challenge::Bearer {
             realm: get("realm")?,
             service: get("service"),
@@ -43,7 +48,9 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut rest = s.trim();
     while !rest.is_empty() {
-        let Some((key, after)) = rest.split_once('=') else { break };
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
         let key = key.trim().trim_start_matches(',').trim().to_string();
         let after = after.trim_start();
         let (value, remaining) = if let Some(q) = after.strip_prefix('"') {
@@ -134,9 +141,16 @@ mod tests {
     fn parses_unquoted_and_basic() {
         assert_eq!(
             Challenge::parse("bearer realm=http://x/t, service=s"),
-            Some(Challenge::Bearer { realm: "http://x/t".into(), service: Some("s".into()), scope: None })
+            Some(Challenge::Bearer {
+                realm: "http://x/t".into(),
+                service: Some("s".into()),
+                scope: None
+            })
         );
-        assert_eq!(Challenge::parse(r#"Basic realm="r""#), Some(Challenge::Basic));
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="r""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(Challenge::parse("Negotiate"), None);
         assert_eq!(Challenge::parse(r#"Bearer service="s""#), None);
     }

@@ -27,7 +27,11 @@ pub struct Credentials {
 
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Credentials {{ username: {:?}, password: <redacted> }}", self.username)
+        write!(
+            f,
+            "Credentials {{ username: {:?}, password: <redacted> }}",
+            self.username
+        )
     }
 }
 
@@ -90,16 +94,23 @@ pub struct Upstream {
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Upstream").field("name", &self.name).field("url", &self.base).finish()
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("url", &self.base)
+            .finish()
     }
 }
 
 impl Upstream {
     /// Builds the client. Fails on a URL that is not http(s) or an unreadable CA file.
     pub fn new(config: UpstreamConfig) -> Result<Upstream, String> {
-        let url = Url::parse(&config.url).map_err(|e| format!("invalid URL {:?}: {e}", config.url))?;
+        let url =
+            Url::parse(&config.url).map_err(|e| format!("invalid URL {:?}: {e}", config.url))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(format!("URL {:?} must be http:// or https:// with a host", config.url));
+            return Err(format!(
+                "URL {:?} must be http:// or https:// with a host",
+                config.url
+            ));
         }
         if !url.username().is_empty() || url.password().is_some() {
             return Err("put credentials in username/password, not in the URL".into());
@@ -111,14 +122,17 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .tls_built_in_root_certs(true);
         if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| format!("cannot read CA file {}: {e}", ca.display()))?;
+            let pem = std::fs::read(ca)
+                .map_err(|e| format!("cannot read CA file {}: {e}", ca.display()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| format!("CA file {} is not PEM certificates: {e}", ca.display()))?;
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let http = builder.build().map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        let http = builder
+            .build()
+            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
         Ok(Upstream {
             name: config.name,
             base: config.url.trim_end_matches('/').to_string(),
@@ -146,7 +160,10 @@ impl Upstream {
         headers.insert(header::ACCEPT, accept_value(accept));
         let mut resp = self.send(Method::GET, url, repo, headers).await?;
         check_status(&resp)?;
-        if resp.content_length().is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_MANIFEST_BYTES as u64)
+        {
             return Err(UpstreamError::Invalid("manifest larger than 4 MiB".into()));
         }
         let media_type = content_type(resp.headers());
@@ -163,7 +180,11 @@ impl Upstream {
             .filter(|t| t != "application/json" && t != "text/plain")
             .or_else(|| pier_oci::media_type::declared(&bytes))
             .unwrap_or_else(|| pier_oci::media_type::OCI_MANIFEST.to_string());
-        Ok(Manifest { bytes, media_type, digest_header })
+        Ok(Manifest {
+            bytes,
+            media_type,
+            digest_header,
+        })
     }
 
     /// HEAD a manifest: its digest, type and size, without counting as a pull on Docker Hub.
@@ -178,8 +199,9 @@ impl Upstream {
         headers.insert(header::ACCEPT, accept_value(accept));
         let resp = self.send(Method::HEAD, url, repo, headers).await?;
         check_status(&resp)?;
-        let digest = header_digest(resp.headers())
-            .ok_or_else(|| UpstreamError::Invalid("manifest HEAD without Docker-Content-Digest".into()))?;
+        let digest = header_digest(resp.headers()).ok_or_else(|| {
+            UpstreamError::Invalid("manifest HEAD without Docker-Content-Digest".into())
+        })?;
         Ok(ManifestHead {
             digest,
             media_type: content_type(resp.headers()),
@@ -209,12 +231,19 @@ impl Upstream {
         } else {
             (0, resp.content_length())
         };
-        let body = resp.bytes_stream().map_err(UpstreamError::from_reqwest).boxed();
+        let body = resp
+            .bytes_stream()
+            .map_err(UpstreamError::from_reqwest)
+            .boxed();
         Ok(BlobResponse { start, total, body })
     }
 
     /// HEAD a blob: its size, without downloading it.
-    pub async fn head_blob(&self, repo: &RepositoryName, digest: &Digest) -> Result<Option<u64>, UpstreamError> {
+    pub async fn head_blob(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<Option<u64>, UpstreamError> {
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
         let resp = self.send(Method::HEAD, url, repo, HeaderMap::new()).await?;
         check_status(&resp)?;
@@ -222,7 +251,8 @@ impl Upstream {
     }
 
     fn url(&self, path: &str) -> Result<Url, UpstreamError> {
-        Url::parse(&format!("{}{path}", self.base)).map_err(|e| UpstreamError::Invalid(e.to_string()))
+        Url::parse(&format!("{}{path}", self.base))
+            .map_err(|e| UpstreamError::Invalid(e.to_string()))
     }
 
     /// Sends a request, answering one auth challenge if the upstream makes one.
@@ -234,14 +264,21 @@ impl Upstream {
         headers: HeaderMap,
     ) -> Result<Response, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
-        let known = self.scheme.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let known = self
+            .scheme
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let mut auth = match known {
             Some(challenge) => self.authorization(&challenge, &scope).await?,
             None => None,
         };
         let mut answered = false;
         loop {
-            let mut req = self.http.request(method.clone(), url.clone()).headers(headers.clone());
+            let mut req = self
+                .http
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
             if let Some(a) = &auth {
                 req = req.header(header::AUTHORIZATION, a.clone());
             }
@@ -254,10 +291,14 @@ impl Upstream {
                 .get(header::WWW_AUTHENTICATE)
                 .and_then(|v| v.to_str().ok())
                 .and_then(Challenge::parse)
-                .ok_or_else(|| UpstreamError::Unauthorized("401 without a usable challenge".into()))?;
+                .ok_or_else(|| {
+                    UpstreamError::Unauthorized("401 without a usable challenge".into())
+                })?;
             auth = self.authorization(&challenge, &scope).await?;
             if auth.is_none() {
-                return Err(UpstreamError::Unauthorized("upstream asks for credentials and none are configured".into()));
+                return Err(UpstreamError::Unauthorized(
+                    "upstream asks for credentials and none are configured".into(),
+                ));
             }
             *self.scheme.lock().unwrap_or_else(|p| p.into_inner()) = Some(challenge);
             answered = true;
@@ -265,7 +306,11 @@ impl Upstream {
     }
 
     /// The `Authorization` value answering `challenge` for `scope`: a cached or new token, or Basic.
-    async fn authorization(&self, challenge: &Challenge, scope: &str) -> Result<Option<HeaderValue>, UpstreamError> {
+    async fn authorization(
+        &self,
+        challenge: &Challenge,
+        scope: &str,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
         match challenge {
             Challenge::Basic => Ok(self.credentials.as_ref().map(basic)),
             Challenge::Bearer { realm, service, .. } => {
@@ -275,15 +320,25 @@ impl Upstream {
                 };
                 HeaderValue::from_str(&format!("Bearer {token}"))
                     .map(Some)
-                    .map_err(|_| UpstreamError::Invalid("token endpoint returned an unusable token".into()))
+                    .map_err(|_| {
+                        UpstreamError::Invalid("token endpoint returned an unusable token".into())
+                    })
             }
         }
     }
 
-    async fn fetch_token(&self, realm: &str, service: Option<&str>, scope: &str) -> Result<String, UpstreamError> {
-        let mut url = Url::parse(realm).map_err(|_| UpstreamError::Invalid("challenge realm is not a URL".into()))?;
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<String, UpstreamError> {
+        let mut url = Url::parse(realm)
+            .map_err(|_| UpstreamError::Invalid("challenge realm is not a URL".into()))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(UpstreamError::Invalid("challenge realm is not http(s)".into()));
+            return Err(UpstreamError::Invalid(
+                "challenge realm is not http(s)".into(),
+            ));
         }
         {
             let mut q = url.query_pairs_mut();
@@ -300,19 +355,23 @@ impl Upstream {
         match resp.status() {
             s if s.is_success() => {}
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-                return Err(UpstreamError::Unauthorized(format!("token endpoint answered {}", resp.status().as_u16())))
+                return Err(UpstreamError::Unauthorized(format!(
+                    "token endpoint answered {}",
+                    resp.status().as_u16()
+                )))
             }
             _ => check_status(&resp).map(|_| ())?,
         }
-        let body: TokenResponse = resp
-            .json()
-            .await
-            .map_err(|_| UpstreamError::Invalid("token endpoint answered something other than token JSON".into()))?;
+        let body: TokenResponse = resp.json().await.map_err(|_| {
+            UpstreamError::Invalid("token endpoint answered something other than token JSON".into())
+        })?;
         let token = body
             .token
             .or(body.access_token)
             .filter(|t| !t.is_empty())
-            .ok_or_else(|| UpstreamError::Invalid("token endpoint answered without a token".into()))?;
+            .ok_or_else(|| {
+                UpstreamError::Invalid("token endpoint answered without a token".into())
+            })?;
         // The spec's default lifetime is 60 s when expires_in is missing.
         let lifetime = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
         self.tokens.put(scope, token.clone(), lifetime);
@@ -323,8 +382,11 @@ impl Upstream {
 
 fn basic(c: &Credentials) -> HeaderValue {
     use base64_lite::encode;
-    let mut v = HeaderValue::from_str(&format!("Basic {}", encode(format!("{}:{}", c.username, c.password).as_bytes())))
-        .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+    let mut v = HeaderValue::from_str(&format!(
+        "Basic {}",
+        encode(format!("{}:{}", c.username, c.password).as_bytes())
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
     v.set_sensitive(true);
     v
 }
@@ -335,7 +397,11 @@ mod base64_lite {
         const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
         for chunk in input.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -358,17 +424,22 @@ mod base64_lite {
 }
 
 fn accept_value(accept: &str) -> HeaderValue {
-    let accept = if accept.trim().is_empty() { pier_oci::media_type::DEFAULT_ACCEPT } else { accept };
-    HeaderValue::from_str(accept).unwrap_or_else(|_| HeaderValue::from_static(pier_oci::media_type::DEFAULT_ACCEPT))
+    let accept = if accept.trim().is_empty() {
+        pier_oci::media_type::DEFAULT_ACCEPT
+    } else {
+        accept
+    };
+    HeaderValue::from_str(accept)
+        .unwrap_or_else(|_| HeaderValue::from_static(pier_oci::media_type::DEFAULT_ACCEPT))
 }
 
 fn check_status(resp: &Response) -> Result<(), UpstreamError> {
     match resp.status() {
         s if s.is_success() => Ok(()),
         StatusCode::NOT_FOUND => Err(UpstreamError::NotFound),
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
-            Err(UpstreamError::Unauthorized(format!("HTTP {}", resp.status().as_u16())))
-        }
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(UpstreamError::Unauthorized(
+            format!("HTTP {}", resp.status().as_u16()),
+        )),
         StatusCode::TOO_MANY_REQUESTS => Err(UpstreamError::RateLimited {
             retry_after: resp
                 .headers()
@@ -387,7 +458,13 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
 }
 
 fn header_digest(headers: &HeaderMap) -> Option<Digest> {
-    headers.get("docker-content-digest")?.to_str().ok()?.trim().parse().ok()
+    headers
+        .get("docker-content-digest")?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// `Content-Range: bytes start-end/total` → (start, total).
@@ -396,7 +473,11 @@ fn parse_content_range(headers: &HeaderMap) -> Option<(u64, Option<u64>)> {
     let spec = v.trim().strip_prefix("bytes ")?;
     let (range, total) = spec.split_once('/')?;
     let (start, _end) = range.split_once('-')?;
-    let total = if total == "*" { None } else { Some(total.parse().ok()?) };
+    let total = if total == "*" {
+        None
+    } else {
+        Some(total.parse().ok()?)
+    };
     Some((start.parse().ok()?, total))
 }
 
@@ -407,9 +488,15 @@ mod tests {
     #[test]
     fn content_range() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes 100-199/1000"));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 100-199/1000"),
+        );
         assert_eq!(parse_content_range(&h), Some((100, Some(1000))));
-        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("bytes 5-9/*"));
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 5-9/*"),
+        );
         assert_eq!(parse_content_range(&h), Some((5, None)));
         h.insert(header::CONTENT_RANGE, HeaderValue::from_static("garbage"));
         assert_eq!(parse_content_range(&h), None);
@@ -417,7 +504,10 @@ mod tests {
 
     #[test]
     fn credentials_debug_is_redacted() {
-        let c = Credentials { username: "u".into(), password: "s3cret".into() };
+        let c = Credentials {
+            username: "u".into(),
+            password: "s3cret".into(),
+        };
         assert!(!format!("{c:?}").contains("s3cret"));
     }
 }

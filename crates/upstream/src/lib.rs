@@ -13,5 +13,7 @@ mod client;
 mod error;
 
 pub use auth::Challenge;
-pub use client::{BlobBody, BlobResponse, Credentials, Manifest, ManifestHead, Upstream, UpstreamConfig};
+pub use client::{
+    BlobBody, BlobResponse, Credentials, Manifest, ManifestHead, Upstream, UpstreamConfig,
+};
 pub use error::UpstreamError;

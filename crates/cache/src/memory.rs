@@ -1,0 +1,55 @@
+//! The memory tier: small objects by digest, weighted by their size.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use pier_oci::Digest;
+
+/// An object held in memory. `media_type` is set for manifests.
+#[derive(Clone, Debug)]
+pub struct MemoryObject {
+    pub bytes: Bytes,
+    pub media_type: Option<Arc<str>>,
+}
+
+/// A moka cache of objects up to `max_object_size`, `max_size` bytes in all.
+pub(crate) struct MemoryTier {
+    cache: moka::future::Cache<Digest, MemoryObject>,
+    max_object_size: u64,
+}
+
+impl MemoryTier {
+    pub(crate) fn new(max_size: u64, max_object_size: u64) -> Self {
+        let cache = moka::future::Cache::builder()
+            .max_capacity(max_size)
+            .weigher(|_k: &Digest, v: &MemoryObject| {
+                u32::try_from(v.bytes.len()).unwrap_or(u32::MAX)
+            })
+            .build();
+        MemoryTier {
+            cache,
+            max_object_size,
+        }
+    }
+
+    pub(crate) async fn get(&self, digest: &Digest) -> Option<MemoryObject> {
+        self.cache.get(digest).await
+    }
+
+    /// Whether an object of this size belongs in memory.
+    pub(crate) fn admits(&self, len: u64) -> bool {
+        len <= self.max_object_size && self.max_object_size > 0
+    }
+
+    pub(crate) async fn insert(&self, digest: Digest, object: MemoryObject) {
+        if self.admits(object.bytes.len() as u64) {
+            self.cache.insert(digest, object).await;
+        }
+    }
+
+    /// Bytes and entries held (moka's estimates, settled by pending maintenance).
+    pub(crate) async fn usage(&self) -> (u64, u64) {
+        self.cache.run_pending_tasks().await;
+        (self.cache.weighted_size(), self.cache.entry_count())
+    }
+}
