@@ -1,1 +1,246 @@
-fn main() {}
+//! `pier`: the binary. Reads the configuration, wires the upstream clients, the cache and the HTTP
+//! front together, and runs them until SIGINT or SIGTERM.
+
+mod config;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+use pier_cache::{Cache, CacheConfig, RetryPolicy};
+use pier_server::{Mirror, ServerLimits, UpstreamEntry};
+use pier_upstream::{Credentials, Upstream, UpstreamConfig};
+
+use config::{Config, ConfigError, LogFormat, UpstreamSection};
+
+#[derive(Parser)]
+#[command(
+    name = "pier",
+    version,
+    about = "A pull-through caching mirror for container registries"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the mirror.
+    Serve(ServeArgs),
+    /// Check a configuration file (default: mirror.yaml) and exit non-zero if it is wrong.
+    CheckConfig { file: Option<PathBuf> },
+}
+
+/// Flags override the configuration file; each can also come from the environment.
+#[derive(Args)]
+struct ServeArgs {
+    /// Configuration file [default: mirror.yaml in the working directory, if present]
+    #[arg(long, env = "PIER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 0.0.0.0:5000
+    #[arg(long, env = "PIER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Cache directory
+    #[arg(long, env = "PIER_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// URL of the default upstream, e.g. http://127.0.0.1:5001
+    #[arg(long, env = "PIER_UPSTREAM")]
+    upstream: Option<String>,
+    /// Log format: text or json
+    #[arg(long, env = "PIER_LOG_FORMAT", value_parser = ["text", "json"])]
+    log_format: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { file } => check_config(file),
+        Command::Serve(args) => match load(&args) {
+            Ok(config) => run(config),
+            Err(e) => {
+                eprintln!("pier: configuration error: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
+
+fn check_config(file: Option<PathBuf>) -> ExitCode {
+    let result = Config::load(file.as_deref()).and_then(|(mut config, path)| {
+        config.finish()?;
+        for (i, u) in config.upstreams.iter().enumerate() {
+            upstream_client(u, i).map_err(|e| ConfigError::field(&format!("upstreams[{i}]"), e))?;
+        }
+        Ok((config, path))
+    });
+    match result {
+        Ok((config, path)) => {
+            let from = path.map_or("built-in defaults".to_string(), |p| p.display().to_string());
+            println!("{from}: OK");
+            println!("listen: {}", config.listen);
+            println!("cache.dir: {}", config.cache.dir.display());
+            for (i, u) in config.upstreams.iter().enumerate() {
+                let default = if i == config.default_upstream() {
+                    " (default)"
+                } else {
+                    ""
+                };
+                println!("upstream {}: {}{default}", u.name, u.url());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pier: configuration error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The file, then the flags and environment on top, then the defaults and checks.
+fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+    let (mut config, _) = Config::load(args.config.as_deref())?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = &args.cache_dir {
+        config.cache.dir = dir.clone();
+    }
+    if let Some(format) = &args.log_format {
+        config.log.format = if format == "json" {
+            LogFormat::Json
+        } else {
+            LogFormat::Text
+        };
+    }
+    if let Some(url) = &args.upstream {
+        if config.upstreams.is_empty() {
+            config.upstreams.push(UpstreamSection::named("docker.io"));
+        }
+        let i = config.default_upstream();
+        config.upstreams[i].url = Some(url.clone());
+    }
+    config.finish()?;
+    Ok(config)
+}
+
+fn upstream_client(u: &UpstreamSection, index: usize) -> Result<Upstream, String> {
+    let credentials = match (
+        &u.username,
+        u.password(&format!("upstreams[{index}]"))
+            .map_err(|e| e.0)?,
+    ) {
+        (Some(username), password) => Some(Credentials {
+            username: username.clone(),
+            password: password.unwrap_or_default(),
+        }),
+        (None, _) => None,
+    };
+    Upstream::new(UpstreamConfig {
+        name: u.name.clone(),
+        url: u.url(),
+        credentials,
+        ca_file: u.ca_file.clone(),
+        connect_timeout: u.connect_timeout,
+        read_timeout: u.read_timeout,
+    })
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    init_logging(&config);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("pier: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    let mut upstreams = Vec::new();
+    for (i, u) in config.upstreams.iter().enumerate() {
+        let client = upstream_client(u, i).map_err(|e| format!("upstreams[{i}]: {e}"))?;
+        upstreams.push(UpstreamEntry {
+            name: u.name.as_str().into(),
+            client: Arc::new(client),
+            library_prefix: u.library_prefix(),
+            tag_ttl: u.tag_ttl,
+        });
+    }
+    let cache = Cache::open(CacheConfig {
+        dir: config.cache.dir.clone(),
+        memory_size: config.cache.memory_size.0,
+        memory_object_size: config.cache.memory_object_size.0,
+        retry: RetryPolicy {
+            attempts: config.cache.fill_retries,
+            ..RetryPolicy::default()
+        },
+    })
+    .map_err(|e| {
+        format!(
+            "cannot open cache directory {}: {e}",
+            config.cache.dir.display()
+        )
+    })?;
+    let mirror = Arc::new(Mirror {
+        upstreams,
+        default_upstream: config.default_upstream(),
+        cache,
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    for u in &config.upstreams {
+        tracing::info!(name = %u.name, url = %u.url(), "upstream");
+    }
+    tracing::info!(%addr, cache_dir = %config.cache.dir.display(), "pier listening");
+    pier_server::serve(listener, mirror, ServerLimits::default(), shutdown_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!("pier stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("stopping");
+}

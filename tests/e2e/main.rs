@@ -1,1 +1,7 @@
+//! End-to-end tests: real upstream registry (Debian's docker-registry, the CNCF Distribution
+//! registry), the real pier binary, real clients.
 
+#[path = "../support/mod.rs"]
+mod support;
+
+mod skopeo_pull;

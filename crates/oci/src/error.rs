@@ -16,6 +16,8 @@ pub enum ErrorCode {
     RangeInvalid,
     /// The upstream could not be reached or answered with a server error (502/504 territory).
     Unavailable,
+    /// Something failed inside pier (its disk, say).
+    Unknown,
 }
 
 impl ErrorCode {
@@ -34,6 +36,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => "UNSUPPORTED",
             ErrorCode::RangeInvalid => "RANGE_INVALID",
             ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Unknown => "UNKNOWN",
         }
     }
 
@@ -48,6 +51,7 @@ impl ErrorCode {
             ErrorCode::Unsupported => 405,
             ErrorCode::RangeInvalid => 416,
             ErrorCode::Unavailable => 502,
+            ErrorCode::Unknown => 500,
         }
     }
 }

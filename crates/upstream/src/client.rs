@@ -250,6 +250,44 @@ impl Upstream {
         Ok(resp.content_length())
     }
 
+    /// GET the tag list, with the client's `n` and `last` passed on. Returns the JSON body and
+    /// the `Link` header for the next page, if any.
+    pub async fn tags_list(
+        &self,
+        repo: &RepositoryName,
+        n: Option<u32>,
+        last: Option<&str>,
+    ) -> Result<(Bytes, Option<String>), UpstreamError> {
+        let mut url = self.url(&format!("/v2/{repo}/tags/list"))?;
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(n) = n {
+                q.append_pair("n", &n.to_string());
+            }
+            if let Some(last) = last {
+                q.append_pair("last", last);
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        let mut resp = self.send(Method::GET, url, repo, HeaderMap::new()).await?;
+        check_status(&resp)?;
+        let link = resp
+            .headers()
+            .get(header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut body = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(UpstreamError::from_reqwest)? {
+            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                return Err(UpstreamError::Invalid("tag list larger than 4 MiB".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((body.freeze(), link))
+    }
+
     fn url(&self, path: &str) -> Result<Url, UpstreamError> {
         Url::parse(&format!("{}{path}", self.base))
             .map_err(|e| UpstreamError::Invalid(e.to_string()))

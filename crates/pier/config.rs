@@ -1,0 +1,451 @@
+//! mirror.yaml: the configuration file, its defaults and its validation.
+//!
+//! Every key is optional. Errors name the key (`upstreams[1].url`) and say what is wrong.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The file pier reads when no `--config` is given.
+pub const DEFAULT_FILE: &str = "mirror.yaml";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the registry API listener.
+    pub listen: SocketAddr,
+    pub cache: CacheSection,
+    pub log: LogSection,
+    pub upstreams: Vec<UpstreamSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheSection {
+    pub dir: PathBuf,
+    /// Bytes the memory tier may hold.
+    pub memory_size: Size,
+    /// Largest object kept in memory.
+    pub memory_object_size: Size,
+    /// Failed attempts in a row before a blob download is given up.
+    pub fill_retries: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `pier=debug`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    /// The registry host clients know it by: `docker.io`, `ghcr.io`, `registry.example:5000`.
+    pub name: String,
+    /// Where pier fetches from. Defaults to `https://<name>` (`https://registry-1.docker.io` for docker.io).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Takes names that no routing rule gives to another upstream. Defaults to the first upstream.
+    #[serde(default)]
+    pub default: bool,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// PEM file of CA certificates trusted in addition to the system's.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// How long a tag is answered from cache before pier asks the upstream again.
+    #[serde(default = "default_tag_ttl", deserialize_with = "duration")]
+    pub tag_ttl: Duration,
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_read_timeout", deserialize_with = "duration")]
+    pub read_timeout: Duration,
+    /// `nginx` means `library/nginx`. Defaults to true for docker.io only.
+    #[serde(default)]
+    pub library_prefix: Option<bool>,
+}
+
+fn default_tag_ttl() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
+            cache: CacheSection::default(),
+            log: LogSection::default(),
+            upstreams: Vec::new(),
+        }
+    }
+}
+
+impl Default for CacheSection {
+    fn default() -> Self {
+        CacheSection {
+            dir: PathBuf::from("./data"),
+            memory_size: Size(256 << 20),
+            memory_object_size: Size(1 << 20),
+            fill_retries: 3,
+        }
+    }
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl UpstreamSection {
+    /// An upstream with every default, as `--upstream` makes when there is no file.
+    pub fn named(name: &str) -> Self {
+        UpstreamSection {
+            name: name.into(),
+            url: None,
+            default: false,
+            username: None,
+            password: None,
+            password_file: None,
+            password_env: None,
+            ca_file: None,
+            tag_ttl: default_tag_ttl(),
+            connect_timeout: default_connect_timeout(),
+            read_timeout: default_read_timeout(),
+            library_prefix: None,
+        }
+    }
+
+    /// The URL pier fetches from.
+    pub fn url(&self) -> String {
+        match &self.url {
+            Some(u) => u.clone(),
+            None if self.name == "docker.io" => "https://registry-1.docker.io".into(),
+            None => format!("https://{}", self.name),
+        }
+    }
+
+    pub fn library_prefix(&self) -> bool {
+        self.library_prefix.unwrap_or(self.name == "docker.io")
+    }
+
+    /// The password from wherever it is configured. Errors name the field.
+    pub fn password(&self, field: &str) -> Result<Option<String>, ConfigError> {
+        let sources = [
+            self.password.is_some(),
+            self.password_file.is_some(),
+            self.password_env.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            return Err(ConfigError::field(
+                field,
+                "give only one of password, password_file, password_env",
+            ));
+        }
+        if let Some(p) = &self.password {
+            return Ok(Some(p.clone()));
+        }
+        if let Some(path) = &self.password_file {
+            let p = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::field(
+                    &format!("{field}.password_file"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            return Ok(Some(p.trim_end_matches(['\n', '\r']).to_string()));
+        }
+        if let Some(var) = &self.password_env {
+            let p = std::env::var(var).map_err(|_| {
+                ConfigError::field(
+                    &format!("{field}.password_env"),
+                    format!("environment variable {var} is not set"),
+                )
+            })?;
+            return Ok(Some(p));
+        }
+        Ok(None)
+    }
+}
+
+/// A byte size: an integer, or a string such as `256MiB`, `1.5GB`, `200GiB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl Size {
+    pub fn parse(s: &str) -> Result<Size, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = (&s[..split], s[split..].trim());
+        let num: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (e.g. 512MiB, 2GB, 1048576)"))?;
+        let mult: u64 = match unit.to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1_000_000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1_000_000_000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1_000_000_000_000,
+            "tib" => 1 << 40,
+            _ => {
+                return Err(format!(
+                    "unknown size unit {unit:?} (B, KB, KiB, MB, MiB, GB, GiB, TB, TiB)"
+                ))
+            }
+        };
+        Ok(Size((num * mult as f64) as u64))
+    }
+}
+
+// Parse inside a visitor, so that serde_yaml's error names the key it came from.
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size such as 512MiB, 2GB or 1048576")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Size, E> {
+                Ok(Size(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Size, E> {
+                Size::parse(s).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = Duration;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a duration such as 30s, 5m or 1h")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Duration, E> {
+            humantime::parse_duration(s)
+                .map_err(|e| E::custom(format!("{s:?} is not a duration like 30s or 5m: {e}")))
+        }
+    }
+    d.deserialize_str(V)
+}
+
+/// A configuration problem, naming the field.
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl ConfigError {
+    pub fn field(field: &str, what: impl fmt::Display) -> Self {
+        ConfigError(format!("{field}: {what}"))
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads `path`, or `mirror.yaml` in the working directory, or uses the defaults when
+    /// neither is given nor present.
+    pub fn load(path: Option<&Path>) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        let path = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_FILE)).filter(|p| p.exists()),
+        };
+        let Some(path) = path else {
+            return Ok((Config::default(), None));
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        let config =
+            Config::parse(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
+        Ok((config, Some(path)))
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        serde_yaml::from_str(text).map_err(|e| ConfigError(e.to_string()))
+    }
+
+    /// Fills in what the file left out and checks what it said. Call after command-line overrides.
+    pub fn finish(&mut self) -> Result<(), ConfigError> {
+        if self.upstreams.is_empty() {
+            self.upstreams.push(UpstreamSection::named("docker.io"));
+        }
+        let mut defaults = 0;
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let field = format!("upstreams[{i}]");
+            if !valid_registry_name(&u.name) {
+                return Err(ConfigError::field(
+                    &format!("{field}.name"),
+                    format!("{:?} is not a registry host name (like docker.io, ghcr.io or registry.local:5000)", u.name),
+                ));
+            }
+            if self.upstreams[..i].iter().any(|o| o.name == u.name) {
+                return Err(ConfigError::field(
+                    &format!("{field}.name"),
+                    format!("{:?} is configured twice", u.name),
+                ));
+            }
+            let url = u.url();
+            let ok = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"))
+                .is_some_and(|rest| !rest.is_empty());
+            if !ok {
+                return Err(ConfigError::field(
+                    &format!("{field}.url"),
+                    format!("{url:?} must start with http:// or https://"),
+                ));
+            }
+            if u.username.is_none()
+                && (u.password.is_some() || u.password_file.is_some() || u.password_env.is_some())
+            {
+                return Err(ConfigError::field(
+                    &format!("{field}.username"),
+                    "a password is set but no username",
+                ));
+            }
+            if u.connect_timeout.is_zero() || u.read_timeout.is_zero() {
+                return Err(ConfigError::field(
+                    &field,
+                    "timeouts must be greater than zero",
+                ));
+            }
+            defaults += usize::from(u.default);
+        }
+        if defaults > 1 {
+            return Err(ConfigError::field(
+                "upstreams",
+                "more than one upstream has default: true",
+            ));
+        }
+        if self.cache.memory_object_size.0 > self.cache.memory_size.0
+            && self.cache.memory_size.0 > 0
+        {
+            return Err(ConfigError::field(
+                "cache.memory_object_size",
+                "is larger than cache.memory_size",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Index of the default upstream.
+    pub fn default_upstream(&self) -> usize {
+        self.upstreams.iter().position(|u| u.default).unwrap_or(0)
+    }
+}
+
+/// A host name with an optional port: what clients put in front of an image name.
+fn valid_registry_name(name: &str) -> bool {
+    let (host, port) = match name.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (name, None),
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|l| {
+            !l.is_empty()
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        });
+    host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(Size::parse("256MiB"), Ok(Size(256 << 20)));
+        assert_eq!(Size::parse("1.5GB"), Ok(Size(1_500_000_000)));
+        assert_eq!(Size::parse("1024"), Ok(Size(1024)));
+        assert!(Size::parse("12 parsecs").is_err());
+        assert!(Size::parse("MiB").is_err());
+    }
+
+    #[test]
+    fn defaults_without_file() {
+        let mut c = Config::parse("").unwrap();
+        c.finish().unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:5000");
+        assert_eq!(c.upstreams[0].url(), "https://registry-1.docker.io");
+        assert!(c.upstreams[0].library_prefix());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse("upstreams:\n  - name: a.io\n    tag_ttl: soon\n").unwrap_err();
+        assert!(e.0.contains("upstreams[0].tag_ttl"), "{e}");
+        let e = Config::parse("cache:\n  memory_size: lots\n").unwrap_err();
+        assert!(e.0.contains("cache.memory_size"), "{e}");
+        let e = Config::parse("listen: nowhere\n").unwrap_err();
+        assert!(e.0.contains("listen"), "{e}");
+        let e = Config::parse("colour: blue\n").unwrap_err();
+        assert!(e.0.contains("colour"), "{e}");
+        let mut c = Config::parse("upstreams:\n  - name: a.io\n  - name: Bad_Name\n").unwrap();
+        let e = c.finish().unwrap_err();
+        assert!(e.0.starts_with("upstreams[1].name"), "{e}");
+        let mut c = Config::parse("upstreams:\n  - name: a.io\n    url: ftp://x\n").unwrap();
+        assert!(c.finish().unwrap_err().0.starts_with("upstreams[0].url"));
+    }
+
+    #[test]
+    fn registry_names() {
+        for ok in [
+            "docker.io",
+            "ghcr.io",
+            "localhost",
+            "registry.local:5000",
+            "127.0.0.1:5001",
+        ] {
+            assert!(valid_registry_name(ok), "{ok}");
+        }
+        for bad in ["", "Docker.io", "a..b", "a:0", "a:x", "a/b", "-a.io"] {
+            assert!(!valid_registry_name(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The pull API: `/v2/`, manifests, blobs and tag lists, answered through the cache.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use pier_cache::{CachedManifest, Origin, Source, TagRecord};
+use pier_oci::media_type::{self, DEFAULT_ACCEPT};
+use pier_oci::path::PathError;
+use pier_oci::reference::ReferenceError;
+use pier_oci::{ByteRange, Digest, Endpoint, ErrorCode, RangeError, Reference, RegistryError, Tag};
+
+use crate::origin::BlobOrigin;
+use crate::response::{self, Body};
+use crate::routing::Route;
+use crate::Mirror;
+
+/// Where an answer came from, attached to the response for the access log.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub cache: &'static str,
+    pub upstream: Option<Arc<str>>,
+}
+
+type Answer = Result<Response<Body>, RegistryError>;
+
+/// Answers one request.
+pub async fn handle<B>(mirror: &Mirror, req: &Request<B>) -> Response<Body> {
+    let head = req.method() == Method::HEAD;
+    match dispatch(mirror, req, head).await {
+        Ok(resp) => resp,
+        Err(e) => response::error(&e, head),
+    }
+}
+
+async fn dispatch<B>(mirror: &Mirror, req: &Request<B>, head: bool) -> Answer {
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            "pier is a read-only mirror: push and delete are not supported",
+        ));
+    }
+    let endpoint = Endpoint::parse(req.uri().path()).map_err(path_error)?;
+    let query = req.uri().query();
+    match endpoint {
+        Endpoint::Base => Ok(json(StatusCode::OK, "{}", head)),
+        Endpoint::Catalog => Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            "catalog is not served yet",
+        )
+        .with_status(404)),
+        Endpoint::Upload => Err(RegistryError::new(
+            ErrorCode::Unsupported,
+            "pier is a read-only mirror: push is not supported",
+        )),
+        Endpoint::Manifest { name, reference } => {
+            let route = mirror.route(&name, query)?;
+            let accept = accept(req.headers());
+            manifest(mirror, &route, &reference, &accept, head).await
+        }
+        Endpoint::Blob { name, digest } => {
+            let route = mirror.route(&name, query)?;
+            blob(mirror, &route, &digest, req.headers(), head).await
+        }
+        Endpoint::TagsList { name } => {
+            let route = mirror.route(&name, query)?;
+            tags_list(&route, query, head).await
+        }
+    }
+}
+
+fn path_error(e: PathError) -> RegistryError {
+    match e {
+        PathError::NotFound => {
+            RegistryError::new(ErrorCode::Unsupported, "no such registry API endpoint")
+                .with_status(404)
+        }
+        PathError::TooLong => RegistryError::new(ErrorCode::NameInvalid, "request path too long"),
+        PathError::BadDigest(e) | PathError::BadReference(ReferenceError::Digest(e)) => {
+            RegistryError::new(ErrorCode::DigestInvalid, format!("invalid digest: {e}"))
+        }
+        PathError::BadReference(e @ ReferenceError::Tag) => RegistryError::new(
+            ErrorCode::ManifestInvalid,
+            format!("invalid reference: {e}"),
+        ),
+    }
+}
+
+/// All `Accept` headers of the request as one list (Docker sends several).
+fn accept(headers: &HeaderMap) -> String {
+    let parts: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    parts.join(", ")
+}
+
+fn json(status: StatusCode, body: &'static str, head: bool) -> Response<Body> {
+    let b = response::builder(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    b.body(if head {
+        response::empty()
+    } else {
+        response::full(body)
+    })
+    .unwrap_or_else(|_| Response::new(response::empty()))
+}
+
+/// Response header telling where the answer came from: memory, disk, upstream, upstream-joined.
+pub const CACHE_HEADER: &str = "x-pier-cache";
+
+fn with_outcome(mut resp: Response<Body>, source: Source, upstream: Arc<str>) -> Response<Body> {
+    let upstream = matches!(source, Source::Upstream { .. }).then_some(upstream);
+    resp.headers_mut().insert(
+        CACHE_HEADER,
+        http::HeaderValue::from_static(source.as_str()),
+    );
+    resp.extensions_mut().insert(Outcome {
+        cache: source.as_str(),
+        upstream,
+    });
+    resp
+}
+
+// ---- manifests ----
+
+async fn manifest(
+    mirror: &Mirror,
+    route: &Route<'_>,
+    reference: &Reference,
+    accept: &str,
+    head: bool,
+) -> Answer {
+    match reference {
+        Reference::Digest(digest) => manifest_by_digest(mirror, route, digest, accept, head).await,
+        Reference::Tag(tag) => manifest_by_tag(mirror, route, tag, accept, head).await,
+    }
+}
+
+/// Digests are immutable: a cached one is answered without asking the upstream, ever.
+async fn manifest_by_digest(
+    mirror: &Mirror,
+    route: &Route<'_>,
+    digest: &Digest,
+    accept: &str,
+    head: bool,
+) -> Answer {
+    if let Some((m, source)) = mirror
+        .cache
+        .manifest(digest)
+        .await
+        .map_err(|e| response::from_io(&e))?
+    {
+        return Ok(manifest_response(route, digest, &m, source, head));
+    }
+    let reference = Reference::Digest(digest.clone());
+    let (fetched, joined) = fetch_manifest(mirror, route, &reference, accept).await;
+    let fetched = fetched.map_err(|e| response::from_upstream(&e, ErrorCode::ManifestUnknown))?;
+    if !digest.verifies(&fetched.bytes) {
+        return Err(RegistryError::new(
+            ErrorCode::Unavailable,
+            "upstream sent a manifest that does not match its digest",
+        ));
+    }
+    let m = CachedManifest {
+        bytes: fetched.bytes,
+        media_type: fetched.media_type.into(),
+    };
+    if let Err(e) = mirror.cache.put_manifest(digest, &m).await {
+        tracing::warn!(error = %e, %digest, "could not cache manifest");
+    }
+    Ok(manifest_response(
+        route,
+        digest,
+        &m,
+        Source::Upstream { joined },
+        head,
+    ))
+}
+
+/// Tags move: answered from cache within the upstream's TTL, then revalidated with a HEAD (which
+/// does not count against Docker Hub's pull limit), fetched only when the digest changed, and
+/// served stale while the upstream is unreachable, failing or rate-limiting.
+async fn manifest_by_tag(
+    mirror: &Mirror,
+    route: &Route<'_>,
+    tag: &Tag,
+    accept: &str,
+    head: bool,
+) -> Answer {
+    let upstream = route.upstream;
+    let record = mirror.cache.tag(&upstream.name, &route.repo, tag);
+    let mut cached = None;
+    if let Some(rec) = record
+        .as_ref()
+        .filter(|r| media_type::accepts(accept, &r.media_type))
+    {
+        if let Ok(digest) = rec.digest.parse::<Digest>() {
+            if let Some((m, source)) = mirror
+                .cache
+                .manifest(&digest)
+                .await
+                .map_err(|e| response::from_io(&e))?
+            {
+                cached = Some((digest, m, source, rec.clone()));
+            }
+        }
+    }
+    let reference = Reference::Tag(tag.clone());
+    if let Some((digest, m, source, rec)) = &cached {
+        if rec.age_secs(SystemTime::now()) < upstream.tag_ttl.as_secs() {
+            return Ok(manifest_response(route, digest, m, *source, head));
+        }
+        match upstream
+            .client
+            .head_manifest(&route.repo, &reference, accept)
+            .await
+        {
+            Ok(h) if h.digest == *digest => {
+                let fresh = TagRecord::new(digest, &m.media_type, SystemTime::now());
+                if let Err(e) = mirror
+                    .cache
+                    .set_tag(&upstream.name, &route.repo, tag, &fresh)
+                {
+                    tracing::warn!(error = %e, "could not record tag");
+                }
+                return Ok(manifest_response(route, digest, m, *source, head));
+            }
+            Ok(_) => {} // moved: fetch below
+            Err(e) if e.is_outage() => {
+                tracing::warn!(upstream = %upstream.name, repo = %route.repo, %tag, error = %e, "upstream unavailable; serving cached tag");
+                return Ok(manifest_response(route, digest, m, *source, head));
+            }
+            Err(e) => return Err(response::from_upstream(&e, ErrorCode::ManifestUnknown)),
+        }
+    }
+    let (fetched, joined) = fetch_manifest(mirror, route, &reference, accept).await;
+    let fetched = match (fetched, &cached) {
+        (Ok(f), _) => f,
+        (Err(e), Some((digest, m, source, _))) if e.is_outage() => {
+            tracing::warn!(upstream = %upstream.name, repo = %route.repo, %tag, error = %e, "upstream unavailable; serving cached tag");
+            return Ok(manifest_response(route, digest, m, *source, head));
+        }
+        (Err(e), _) => return Err(response::from_upstream(&e, ErrorCode::ManifestUnknown)),
+    };
+    // The digest of the bytes as served; the upstream's header, when it sent one, must agree.
+    let digest = match &fetched.digest_header {
+        Some(d) if d.verifies(&fetched.bytes) => d.clone(),
+        Some(_) => {
+            return Err(RegistryError::new(
+                ErrorCode::Unavailable,
+                "upstream manifest does not match its Docker-Content-Digest",
+            ))
+        }
+        None => Digest::sha256_of(&fetched.bytes),
+    };
+    let m = CachedManifest {
+        bytes: fetched.bytes,
+        media_type: fetched.media_type.into(),
+    };
+    if let Err(e) = mirror.cache.put_manifest(&digest, &m).await {
+        tracing::warn!(error = %e, %digest, "could not cache manifest");
+    } else {
+        let rec = TagRecord::new(&digest, &m.media_type, SystemTime::now());
+        if let Err(e) = mirror.cache.set_tag(&upstream.name, &route.repo, tag, &rec) {
+            tracing::warn!(error = %e, "could not record tag");
+        }
+    }
+    Ok(manifest_response(
+        route,
+        &digest,
+        &m,
+        Source::Upstream { joined },
+        head,
+    ))
+}
+
+/// One upstream GET per upstream, repository, reference and Accept at a time.
+async fn fetch_manifest(
+    mirror: &Mirror,
+    route: &Route<'_>,
+    reference: &Reference,
+    accept: &str,
+) -> (
+    Result<pier_upstream::Manifest, pier_upstream::UpstreamError>,
+    bool,
+) {
+    let accept = if accept.trim().is_empty() {
+        DEFAULT_ACCEPT.to_string()
+    } else {
+        accept.to_string()
+    };
+    let key = format!(
+        "{}\n{}\n{}\n{}",
+        route.upstream.name, route.repo, reference, accept
+    );
+    let (client, repo, reference) = (
+        route.upstream.client.clone(),
+        route.repo.clone(),
+        reference.clone(),
+    );
+    mirror
+        .cache
+        .fetch_manifest_once(key, move || {
+            Box::pin(async move { client.get_manifest(&repo, &reference, &accept).await })
+        })
+        .await
+}
+
+fn manifest_response(
+    route: &Route<'_>,
+    digest: &Digest,
+    m: &CachedManifest,
+    source: Source,
+    head: bool,
+) -> Response<Body> {
+    let resp = response::builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, &*m.media_type)
+        .header(header::CONTENT_LENGTH, m.bytes.len())
+        .header("docker-content-digest", digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .body(if head {
+            response::empty()
+        } else {
+            response::full(m.bytes.clone())
+        })
+        .unwrap_or_else(|_| Response::new(response::empty()));
+    with_outcome(resp, source, route.upstream.name.clone())
+}
+
+// ---- blobs ----
+
+async fn blob(
+    mirror: &Mirror,
+    route: &Route<'_>,
+    digest: &Digest,
+    headers: &HeaderMap,
+    head: bool,
+) -> Answer {
+    let range = match headers.get(header::RANGE) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| RangeError::Malformed)
+                .and_then(ByteRange::parse)
+                .map_err(range_error)?,
+        ),
+    };
+    let base = |status: StatusCode| {
+        response::builder(status)
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header("docker-content-digest", digest.to_string())
+            .header(header::ETAG, format!("\"{digest}\""))
+            .header(header::ACCEPT_RANGES, "bytes")
+    };
+    if head {
+        // Known locally (cached or filling), or asked of the upstream without downloading.
+        let (size, source) = match mirror.cache.blob_size(digest).await {
+            Some(size) => (Some(size), Source::Disk),
+            None => {
+                let size = route
+                    .upstream
+                    .client
+                    .head_blob(&route.repo, digest)
+                    .await
+                    .map_err(|e| response::from_upstream(&e, ErrorCode::BlobUnknown))?;
+                (size, Source::Upstream { joined: false })
+            }
+        };
+        let mut b = base(StatusCode::OK);
+        if let Some(size) = size {
+            b = b.header(header::CONTENT_LENGTH, size);
+        }
+        let resp = b
+            .body(response::empty())
+            .unwrap_or_else(|_| Response::new(response::empty()));
+        return Ok(with_outcome(resp, source, route.upstream.name.clone()));
+    }
+    let origin = || {
+        Arc::new(BlobOrigin {
+            upstream: route.upstream.client.clone(),
+            repo: route.repo.clone(),
+            digest: digest.clone(),
+        }) as Arc<dyn Origin>
+    };
+    let blob = mirror
+        .cache
+        .blob(digest, origin)
+        .await
+        .map_err(|e| response::from_fill(&e))?;
+    let source = blob.source;
+    let resp = match (range, blob.size) {
+        (Some(range), Some(size)) => match range.resolve(size) {
+            Ok((first, last)) => base(StatusCode::PARTIAL_CONTENT)
+                .header(
+                    header::CONTENT_RANGE,
+                    format!("bytes {first}-{last}/{size}"),
+                )
+                .header(header::CONTENT_LENGTH, last - first + 1)
+                .body(response::stream(blob.stream(first, Some(last + 1)))),
+            Err(_) => {
+                let mut e = response::error(&range_error(RangeError::Unsatisfiable), false);
+                if let Ok(v) = format!("bytes */{size}").parse() {
+                    e.headers_mut().insert(header::CONTENT_RANGE, v);
+                }
+                return Ok(e);
+            }
+        },
+        (_, size) => {
+            let mut b = base(StatusCode::OK);
+            if let Some(size) = size {
+                b = b.header(header::CONTENT_LENGTH, size);
+            }
+            b.body(response::stream(blob.stream(0, None)))
+        }
+    };
+    let resp = resp.unwrap_or_else(|_| Response::new(response::empty()));
+    Ok(with_outcome(resp, source, route.upstream.name.clone()))
+}
+
+fn range_error(e: RangeError) -> RegistryError {
+    RegistryError::new(ErrorCode::RangeInvalid, e.to_string())
+}
+
+// ---- tag lists ----
+
+async fn tags_list(route: &Route<'_>, query: Option<&str>, head: bool) -> Answer {
+    let param = |name: &str| {
+        query?
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+    };
+    let n = match param("n") {
+        Some(v) => Some(v.parse::<u32>().map_err(|_| {
+            RegistryError::new(ErrorCode::Unsupported, "n must be a non-negative integer")
+                .with_status(400)
+        })?),
+        None => None,
+    };
+    let last = param("last");
+    if last.is_some_and(|l| Tag::parse(l).is_none()) {
+        return Err(
+            RegistryError::new(ErrorCode::Unsupported, "last must be a tag").with_status(400),
+        );
+    }
+    let (body, link) = route
+        .upstream
+        .client
+        .tags_list(&route.repo, n, last)
+        .await
+        .map_err(|e| response::from_upstream(&e, ErrorCode::NameUnknown))?;
+    let mut b = response::builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if let Some(link) = link {
+        b = b.header(header::LINK, link);
+    }
+    let resp = b
+        .body(if head {
+            response::empty()
+        } else {
+            response::full(body)
+        })
+        .unwrap_or_else(|_| Response::new(response::empty()));
+    Ok(with_outcome(
+        resp,
+        Source::Upstream { joined: false },
+        route.upstream.name.clone(),
+    ))
+}

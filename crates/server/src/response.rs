@@ -1,0 +1,97 @@
+//! Response bodies and the registry's JSON errors.
+
+use std::io;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::TryStreamExt;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use pier_cache::FillError;
+use pier_oci::{ErrorCode, RegistryError};
+use pier_upstream::UpstreamError;
+
+/// The body of every response pier sends. A stream that ends in an error makes hyper close the
+/// connection before the announced `Content-Length`, so a client never takes a cut body as whole.
+pub type Body = UnsyncBoxBody<Bytes, io::Error>;
+
+pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
+pub const API_VERSION: &str = "registry/2.0";
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+pub fn stream(s: BoxStream<'static, io::Result<Bytes>>) -> Body {
+    StreamBody::new(s.map_ok(Frame::data)).boxed_unsync()
+}
+
+/// A response with the API version header every registry response carries.
+pub fn builder(status: StatusCode) -> http::response::Builder {
+    Response::builder()
+        .status(status)
+        .header(API_VERSION_HEADER, API_VERSION)
+}
+
+/// A registry error as a response (no body for HEAD, as HTTP wants).
+pub fn error(e: &RegistryError, head: bool) -> Response<Body> {
+    let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let json = e.to_json();
+    let mut b = builder(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, json.len());
+    if let Some(secs) = e.retry_after {
+        b = b.header(header::RETRY_AFTER, secs);
+    }
+    if e.status == 405 {
+        b = b.header(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+    }
+    let body = if head { empty() } else { full(json) };
+    b.body(body).unwrap_or_else(|_| Response::new(empty()))
+}
+
+/// What to tell a client when the upstream failed; `missing` is the code for "not there".
+pub fn from_upstream(e: &UpstreamError, missing: ErrorCode) -> RegistryError {
+    match e {
+        UpstreamError::NotFound => RegistryError::new(missing, "not found upstream"),
+        UpstreamError::Unauthorized(m) => {
+            RegistryError::new(ErrorCode::Denied, format!("upstream refused access: {m}"))
+        }
+        UpstreamError::RateLimited { retry_after } => RegistryError::new(
+            ErrorCode::TooManyRequests,
+            "upstream rate limit reached and nothing cached",
+        )
+        .with_retry_after(*retry_after),
+        UpstreamError::Transport(m) if m.contains("timed out") => {
+            RegistryError::new(ErrorCode::Unavailable, e.to_string()).with_status(504)
+        }
+        UpstreamError::Transport(_) | UpstreamError::Status(_) | UpstreamError::Invalid(_) => {
+            RegistryError::new(ErrorCode::Unavailable, e.to_string())
+        }
+    }
+}
+
+/// What to tell a client when a fill failed before its first byte.
+pub fn from_fill(e: &FillError) -> RegistryError {
+    match e {
+        FillError::Upstream(u) => from_upstream(u, ErrorCode::BlobUnknown),
+        FillError::DigestMismatch { .. } | FillError::SizeMismatch { .. } => RegistryError::new(
+            ErrorCode::Unavailable,
+            format!("upstream sent a bad blob: {e}"),
+        ),
+        FillError::Io(_) => RegistryError::new(ErrorCode::Unknown, e.to_string()),
+    }
+}
+
+/// A local I/O failure.
+pub fn from_io(e: &io::Error) -> RegistryError {
+    RegistryError::new(ErrorCode::Unknown, format!("cache I/O error: {e}"))
+}

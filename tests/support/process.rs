@@ -1,0 +1,119 @@
+//! Real processes under test: the Distribution registry (Debian's docker-registry), pier, skopeo.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+/// Waits until `GET http://addr/v2/` answers at all.
+pub fn wait_http(addr: &str, child: &mut Child, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited early with {status}");
+        }
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start listening on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Running {
+    pub child: Child,
+    pub addr: String,
+}
+
+impl Running {
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The CNCF Distribution registry on loopback, storing under `dir`.
+pub fn registry(dir: &Path) -> Running {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let storage = dir.join("storage");
+    std::fs::create_dir_all(&storage).expect("mkdir storage");
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            storage.display()
+        ),
+    )
+    .expect("write registry config");
+    let mut child = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start docker-registry");
+    wait_http(&addr, &mut child, "docker-registry");
+    Running { child, addr }
+}
+
+/// pier, started from the binary with `args` after `serve --listen <addr>`.
+pub fn pier(args: &[&str]) -> Running {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let log = std::env::temp_dir().join(format!("pier-test-{port}.log"));
+    let log_file = std::fs::File::create(&log).expect("create pier log");
+    let mut child = Command::new(super::pier_bin())
+        .args(["serve", "--listen", &addr])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .expect("start pier");
+    wait_http(&addr, &mut child, "pier");
+    Running { child, addr }
+}
+
+/// Runs skopeo, panicking with its output when it fails.
+pub fn skopeo(args: &[&str]) -> Output {
+    let out = Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("run skopeo");
+    assert!(
+        out.status.success(),
+        "skopeo {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs skopeo, returning its output whatever the status.
+pub fn skopeo_try(args: &[&str]) -> Output {
+    Command::new("skopeo")
+        .args(args)
+        .output()
+        .expect("run skopeo")
+}
+
+pub fn path_str(p: &Path) -> String {
+    p.to_str().expect("utf-8 path").to_string()
+}
+
+pub fn tmp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}
