@@ -212,7 +212,7 @@ async fn serve(config: Config) -> Result<(), String> {
     let mirror = Arc::new(Mirror {
         upstreams,
         default_upstream: config.default_upstream(),
-        cache,
+        cache: Arc::new(cache),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -1,1 +1,9 @@
+//! Integration tests: pier in-process against a fake upstream that misbehaves on demand.
 
+mod fake_upstream;
+mod harness;
+
+mod api;
+mod auth;
+mod fills;
+mod routing;

@@ -131,7 +131,7 @@ pub struct Cache {
     store: Arc<DiskStore>,
     memory: MemoryTier,
     fills: Fills,
-    manifest_fetches: SingleFlight<String, Result<Manifest, UpstreamError>>,
+    manifest_fetches: SingleFlight<String, Result<(Digest, CachedManifest), UpstreamError>>,
     retry: RetryPolicy,
     stats: Arc<CacheStats>,
 }
@@ -351,14 +351,47 @@ impl Cache {
         self.store.set_tag(upstream, repo, tag, record)
     }
 
-    /// Runs `fetch` once for all concurrent callers with the same `key`; returns its result and
-    /// whether this caller joined a fetch already under way.
-    pub async fn fetch_manifest_once(
-        &self,
+    /// The manifest fill: runs `fetch` once for all concurrent callers with the same `key`, checks
+    /// the bytes against `expected` (a digest reference) or the upstream's `Docker-Content-Digest`,
+    /// stores them, and records `tag` as pointing at them, all before any caller is answered, so
+    /// that a request arriving just after finds the tag recorded. Returns the digest and manifest,
+    /// and whether this caller joined a fill already under way.
+    pub async fn fill_manifest(
+        self: &Arc<Self>,
         key: String,
-        fetch: impl FnOnce() -> BoxFuture<'static, Result<Manifest, UpstreamError>>,
-    ) -> (Result<Manifest, UpstreamError>, bool) {
-        self.manifest_fetches.run(key, fetch).await
+        fetch: BoxFuture<'static, Result<Manifest, UpstreamError>>,
+        expected: Option<Digest>,
+        tag: Option<(Arc<str>, RepositoryName, Tag)>,
+    ) -> (Result<(Digest, CachedManifest), UpstreamError>, bool) {
+        let cache = self.clone();
+        self.manifest_fetches
+            .run(key, move || async move {
+                let m = fetch.await?;
+                let digest = match (expected, m.digest_header) {
+                    (Some(d), _) | (None, Some(d)) if d.verifies(&m.bytes) => d,
+                    (Some(_), _) | (None, Some(_)) => {
+                        return Err(UpstreamError::Invalid(
+                            "manifest bytes do not match their digest".into(),
+                        ))
+                    }
+                    (None, None) => Digest::sha256_of(&m.bytes),
+                };
+                let manifest = CachedManifest {
+                    bytes: m.bytes,
+                    media_type: m.media_type.into(),
+                };
+                if let Err(e) = cache.put_manifest(&digest, &manifest).await {
+                    tracing::warn!(error = %e, %digest, "could not cache manifest");
+                } else if let Some((upstream, repo, tag)) = tag {
+                    let rec =
+                        TagRecord::new(&digest, &manifest.media_type, std::time::SystemTime::now());
+                    if let Err(e) = cache.set_tag(&upstream, &repo, &tag, &rec) {
+                        tracing::warn!(error = %e, "could not record tag");
+                    }
+                }
+                Ok((digest, manifest))
+            })
+            .await
     }
 }
 

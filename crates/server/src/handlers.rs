@@ -153,29 +153,17 @@ async fn manifest_by_digest(
         .await
         .map_err(|e| response::from_io(&e))?
     {
-        return Ok(manifest_response(route, digest, &m, source, head));
+        return Ok(manifest_response(digest, &m, source, route, head));
     }
     let reference = Reference::Digest(digest.clone());
-    let (fetched, joined) = fetch_manifest(mirror, route, &reference, accept).await;
-    let fetched = fetched.map_err(|e| response::from_upstream(&e, ErrorCode::ManifestUnknown))?;
-    if !digest.verifies(&fetched.bytes) {
-        return Err(RegistryError::new(
-            ErrorCode::Unavailable,
-            "upstream sent a manifest that does not match its digest",
-        ));
-    }
-    let m = CachedManifest {
-        bytes: fetched.bytes,
-        media_type: fetched.media_type.into(),
-    };
-    if let Err(e) = mirror.cache.put_manifest(digest, &m).await {
-        tracing::warn!(error = %e, %digest, "could not cache manifest");
-    }
+    let (fetched, joined) = fill_manifest(mirror, route, &reference, accept).await;
+    let (digest, m) =
+        fetched.map_err(|e| response::from_upstream(&e, ErrorCode::ManifestUnknown))?;
     Ok(manifest_response(
-        route,
-        digest,
+        &digest,
         &m,
         Source::Upstream { joined },
+        route,
         head,
     ))
 }
@@ -211,7 +199,7 @@ async fn manifest_by_tag(
     let reference = Reference::Tag(tag.clone());
     if let Some((digest, m, source, rec)) = &cached {
         if rec.age_secs(SystemTime::now()) < upstream.tag_ttl.as_secs() {
-            return Ok(manifest_response(route, digest, m, *source, head));
+            return Ok(manifest_response(digest, m, *source, route, head));
         }
         match upstream
             .client
@@ -226,65 +214,42 @@ async fn manifest_by_tag(
                 {
                     tracing::warn!(error = %e, "could not record tag");
                 }
-                return Ok(manifest_response(route, digest, m, *source, head));
+                return Ok(manifest_response(digest, m, *source, route, head));
             }
             Ok(_) => {} // moved: fetch below
             Err(e) if e.is_outage() => {
                 tracing::warn!(upstream = %upstream.name, repo = %route.repo, %tag, error = %e, "upstream unavailable; serving cached tag");
-                return Ok(manifest_response(route, digest, m, *source, head));
+                return Ok(manifest_response(digest, m, *source, route, head));
             }
             Err(e) => return Err(response::from_upstream(&e, ErrorCode::ManifestUnknown)),
         }
     }
-    let (fetched, joined) = fetch_manifest(mirror, route, &reference, accept).await;
-    let fetched = match (fetched, &cached) {
+    let (fetched, joined) = fill_manifest(mirror, route, &reference, accept).await;
+    let (digest, m) = match (fetched, &cached) {
         (Ok(f), _) => f,
         (Err(e), Some((digest, m, source, _))) if e.is_outage() => {
             tracing::warn!(upstream = %upstream.name, repo = %route.repo, %tag, error = %e, "upstream unavailable; serving cached tag");
-            return Ok(manifest_response(route, digest, m, *source, head));
+            return Ok(manifest_response(digest, m, *source, route, head));
         }
         (Err(e), _) => return Err(response::from_upstream(&e, ErrorCode::ManifestUnknown)),
     };
-    // The digest of the bytes as served; the upstream's header, when it sent one, must agree.
-    let digest = match &fetched.digest_header {
-        Some(d) if d.verifies(&fetched.bytes) => d.clone(),
-        Some(_) => {
-            return Err(RegistryError::new(
-                ErrorCode::Unavailable,
-                "upstream manifest does not match its Docker-Content-Digest",
-            ))
-        }
-        None => Digest::sha256_of(&fetched.bytes),
-    };
-    let m = CachedManifest {
-        bytes: fetched.bytes,
-        media_type: fetched.media_type.into(),
-    };
-    if let Err(e) = mirror.cache.put_manifest(&digest, &m).await {
-        tracing::warn!(error = %e, %digest, "could not cache manifest");
-    } else {
-        let rec = TagRecord::new(&digest, &m.media_type, SystemTime::now());
-        if let Err(e) = mirror.cache.set_tag(&upstream.name, &route.repo, tag, &rec) {
-            tracing::warn!(error = %e, "could not record tag");
-        }
-    }
     Ok(manifest_response(
-        route,
         &digest,
         &m,
         Source::Upstream { joined },
+        route,
         head,
     ))
 }
 
-/// One upstream GET per upstream, repository, reference and Accept at a time.
-async fn fetch_manifest(
+/// Fetches and stores a manifest, once per upstream, repository, reference and Accept at a time.
+async fn fill_manifest(
     mirror: &Mirror,
     route: &Route<'_>,
     reference: &Reference,
     accept: &str,
 ) -> (
-    Result<pier_upstream::Manifest, pier_upstream::UpstreamError>,
+    Result<(Digest, CachedManifest), pier_upstream::UpstreamError>,
     bool,
 ) {
     let accept = if accept.trim().is_empty() {
@@ -296,24 +261,27 @@ async fn fetch_manifest(
         "{}\n{}\n{}\n{}",
         route.upstream.name, route.repo, reference, accept
     );
-    let (client, repo, reference) = (
+    let (client, repo, r) = (
         route.upstream.client.clone(),
         route.repo.clone(),
         reference.clone(),
     );
-    mirror
-        .cache
-        .fetch_manifest_once(key, move || {
-            Box::pin(async move { client.get_manifest(&repo, &reference, &accept).await })
-        })
-        .await
+    let fetch = Box::pin(async move { client.get_manifest(&repo, &r, &accept).await });
+    let (expected, tag) = match reference {
+        Reference::Digest(d) => (Some(d.clone()), None),
+        Reference::Tag(t) => (
+            None,
+            Some((route.upstream.name.clone(), route.repo.clone(), t.clone())),
+        ),
+    };
+    mirror.cache.fill_manifest(key, fetch, expected, tag).await
 }
 
 fn manifest_response(
-    route: &Route<'_>,
     digest: &Digest,
     m: &CachedManifest,
     source: Source,
+    route: &Route<'_>,
     head: bool,
 ) -> Response<Body> {
     let resp = response::builder(StatusCode::OK)

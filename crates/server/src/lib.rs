@@ -34,5 +34,5 @@ pub struct Mirror {
     pub upstreams: Vec<UpstreamEntry>,
     /// Index in `upstreams` of the one that takes names no routing rule claims.
     pub default_upstream: usize,
-    pub cache: Cache,
+    pub cache: Arc<Cache>,
 }

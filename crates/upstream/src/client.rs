@@ -205,7 +205,7 @@ impl Upstream {
         Ok(ManifestHead {
             digest,
             media_type: content_type(resp.headers()),
-            size: resp.content_length(),
+            size: content_length(resp.headers()),
         })
     }
 
@@ -247,7 +247,7 @@ impl Upstream {
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
         let resp = self.send(Method::HEAD, url, repo, HeaderMap::new()).await?;
         check_status(&resp)?;
-        Ok(resp.content_length())
+        Ok(content_length(resp.headers()))
     }
 
     /// GET the tag list, with the client's `n` and `last` passed on. Returns the JSON body and
@@ -493,6 +493,18 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
     let v = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
     let t = v.split(';').next()?.trim();
     (!t.is_empty()).then(|| t.to_string())
+}
+
+/// The `Content-Length` header itself: reqwest's `content_length()` reports the (empty) body of
+/// a HEAD response, not the header.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn header_digest(headers: &HeaderMap) -> Option<Digest> {

@@ -1,0 +1,349 @@
+//! An in-process registry for what a real one cannot do on demand: demand tokens, redirect blobs
+//! to another host, send wrong bytes, cut bodies short, go slow, and count every request.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sha2::{Digest as _, Sha256};
+
+type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+/// How the fake misbehaves. Everything off by default.
+#[derive(Default, Clone)]
+pub struct Behaviour {
+    /// Require `Authorization: Bearer <token>` from the token endpoint at /token.
+    pub require_token: bool,
+    /// Username:password the token endpoint wants (anonymous tokens when None).
+    pub token_credentials: Option<(String, String)>,
+    /// Answer blob GETs with 307 to this base URL (another host).
+    pub redirect_blobs_to: Option<String>,
+    /// Cut blob bodies after this many bytes for the first N blob GETs.
+    pub cut_after: Option<(usize, usize)>,
+    /// Pause between 64 KiB chunks of blob bodies.
+    pub chunk_delay: Option<Duration>,
+    /// Honour Range on blob GETs.
+    pub ranges: bool,
+    /// Answer every request with this status.
+    pub fail_status: Option<u16>,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub behaviour: Mutex<Behaviour>,
+    pub blobs: Mutex<HashMap<String, Bytes>>,
+    /// (repo, reference) → (media type, bytes)
+    pub manifests: Mutex<HashMap<(String, String), (String, Bytes)>>,
+    /// Every request as "METHOD path", in order.
+    pub log: Mutex<Vec<String>>,
+    /// Authorization headers seen, per request path.
+    pub auth_seen: Mutex<Vec<(String, Option<String>)>>,
+    /// Range headers seen on blob GETs.
+    pub ranges_seen: Mutex<Vec<Option<String>>>,
+    pub blob_gets: AtomicUsize,
+    pub tokens_issued: AtomicUsize,
+}
+
+pub struct FakeUpstream {
+    pub addr: SocketAddr,
+    pub state: Arc<State>,
+}
+
+impl FakeUpstream {
+    pub async fn start(behaviour: Behaviour) -> FakeUpstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind fake upstream");
+        let addr = listener.local_addr().expect("addr");
+        let state = Arc::new(State {
+            behaviour: Mutex::new(behaviour),
+            ..State::default()
+        });
+        let s = state.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let s = s.clone();
+                        async move { Ok::<_, Infallible>(handle(s, addr, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        FakeUpstream { addr, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Adds a blob; returns its digest.
+    pub fn add_blob(&self, data: impl Into<Bytes>) -> String {
+        let data = data.into();
+        let digest = format!("sha256:{}", hex(&Sha256::digest(&data)));
+        self.state
+            .blobs
+            .lock()
+            .unwrap()
+            .insert(digest.clone(), data);
+        digest
+    }
+
+    /// Serves `bytes` under `digest` although they do not hash to it.
+    pub fn add_blob_under(&self, digest: &str, data: impl Into<Bytes>) {
+        self.state
+            .blobs
+            .lock()
+            .unwrap()
+            .insert(digest.to_string(), data.into());
+    }
+
+    /// Adds a manifest under a tag and under its digest; returns the digest.
+    pub fn add_manifest(&self, repo: &str, tag: &str, media_type: &str, body: &str) -> String {
+        let bytes = Bytes::from(body.to_string());
+        let digest = format!("sha256:{}", hex(&Sha256::digest(&bytes)));
+        let mut m = self.state.manifests.lock().unwrap();
+        m.insert(
+            (repo.into(), tag.into()),
+            (media_type.into(), bytes.clone()),
+        );
+        m.insert((repo.into(), digest.clone()), (media_type.into(), bytes));
+        digest
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
+        f(&mut self.state.behaviour.lock().unwrap());
+    }
+
+    /// Requests seen whose "METHOD path" contains `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.state
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.state.log.lock().unwrap().clone()
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(body.into())
+            .map_err(|e| match e {})
+            .boxed_unsync(),
+    );
+    *r.status_mut() = status;
+    r
+}
+
+const TOKEN: &str = "tok-3f9a";
+
+async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let behaviour = state.behaviour.lock().unwrap().clone();
+    state
+        .log
+        .lock()
+        .unwrap()
+        .push(format!("{} {}", req.method(), req.uri()));
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    state
+        .auth_seen
+        .lock()
+        .unwrap()
+        .push((path.clone(), auth.clone()));
+
+    if let Some(status) = behaviour.fail_status {
+        return full(StatusCode::from_u16(status).unwrap(), "failing on purpose");
+    }
+    if path == "/token" {
+        if let Some((u, p)) = &behaviour.token_credentials {
+            let expected = format!("Basic {}", base64(&format!("{u}:{p}")));
+            if auth.as_deref() != Some(expected.as_str()) {
+                return full(StatusCode::UNAUTHORIZED, "bad credentials");
+            }
+        }
+        state.tokens_issued.fetch_add(1, Ordering::SeqCst);
+        return full(
+            StatusCode::OK,
+            format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#),
+        );
+    }
+    if path.starts_with("/cdn/") {
+        // The "other host" of a redirect: serves the blob named in the path.
+        let digest = path.trim_start_matches("/cdn/");
+        return match state.blobs.lock().unwrap().get(digest) {
+            Some(b) => full(StatusCode::OK, b.clone()),
+            None => full(StatusCode::NOT_FOUND, ""),
+        };
+    }
+    if behaviour.require_token && auth.as_deref() != Some(&format!("Bearer {TOKEN}")) {
+        let mut r = full(
+            StatusCode::UNAUTHORIZED,
+            r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
+        );
+        let challenge = format!(
+            r#"Bearer realm="http://{addr}/token",service="fake",scope="repository:x:pull""#
+        );
+        r.headers_mut()
+            .insert("www-authenticate", challenge.parse().unwrap());
+        return r;
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return full(StatusCode::NOT_FOUND, "");
+    };
+    if rest.is_empty() {
+        return full(StatusCode::OK, "{}");
+    }
+    if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
+        let m = state
+            .manifests
+            .lock()
+            .unwrap()
+            .get(&(repo.to_string(), reference.to_string()))
+            .cloned();
+        return match m {
+            Some((media_type, bytes)) => {
+                let digest = format!("sha256:{}", hex(&Sha256::digest(&bytes)));
+                let mut r = full(
+                    StatusCode::OK,
+                    if req.method() == hyper::Method::HEAD {
+                        Bytes::new()
+                    } else {
+                        bytes.clone()
+                    },
+                );
+                r.headers_mut()
+                    .insert("content-type", media_type.parse().unwrap());
+                r.headers_mut()
+                    .insert("docker-content-digest", digest.parse().unwrap());
+                r.headers_mut().insert("content-length", bytes.len().into());
+                r
+            }
+            None => full(
+                StatusCode::NOT_FOUND,
+                r#"{"errors":[{"code":"MANIFEST_UNKNOWN"}]}"#,
+            ),
+        };
+    }
+    if let Some((_repo, digest)) = rest.rsplit_once("/blobs/") {
+        let Some(data) = state.blobs.lock().unwrap().get(digest).cloned() else {
+            return full(
+                StatusCode::NOT_FOUND,
+                r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#,
+            );
+        };
+        if req.method() == hyper::Method::HEAD {
+            let mut r = full(StatusCode::OK, Bytes::new());
+            r.headers_mut().insert("content-length", data.len().into());
+            return r;
+        }
+        let n = state.blob_gets.fetch_add(1, Ordering::SeqCst);
+        let range = req
+            .headers()
+            .get("range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        state.ranges_seen.lock().unwrap().push(range.clone());
+        if let Some(base) = &behaviour.redirect_blobs_to {
+            let mut r = full(StatusCode::TEMPORARY_REDIRECT, "");
+            r.headers_mut()
+                .insert("location", format!("{base}/cdn/{digest}").parse().unwrap());
+            return r;
+        }
+        let total = data.len();
+        let start = match (&range, behaviour.ranges) {
+            (Some(r), true) => r
+                .trim_start_matches("bytes=")
+                .trim_end_matches('-')
+                .parse::<usize>()
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let cut = behaviour
+            .cut_after
+            .filter(|(_, first_n)| n < *first_n)
+            .map(|(at, _)| at);
+        let body = data.slice(start..);
+        let delay = behaviour.chunk_delay;
+        let chunks: Vec<Bytes> = body.chunks(64 * 1024).map(|c| body.slice_ref(c)).collect();
+        let mut sent = start;
+        let stream = futures_util::stream::iter(chunks).then(move |c| async move {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            c
+        });
+        let stream = stream.map(move |c| {
+            if let Some(at) = cut {
+                if sent + c.len() > at {
+                    return Err(std::io::Error::other("cut on purpose"));
+                }
+            }
+            sent += c.len();
+            Ok(Frame::data(c))
+        });
+        let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
+        if start > 0 {
+            *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+            r.headers_mut().insert(
+                "content-range",
+                format!("bytes {start}-{}/{total}", total - 1)
+                    .parse()
+                    .unwrap(),
+            );
+        }
+        r.headers_mut()
+            .insert("content-length", (total - start).into());
+        return r;
+    }
+    full(StatusCode::NOT_FOUND, "")
+}
+
+pub fn base64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            out.push(if i <= c.len() {
+                T[((n >> (18 - 6 * i)) & 63) as usize] as char
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}

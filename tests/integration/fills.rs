@@ -1,0 +1,195 @@
+//! One upstream fetch per digest, shared by every concurrent client.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::fake_upstream::{Behaviour, FakeUpstream};
+use crate::harness::{client, start, UpstreamSpec};
+
+fn data(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_clients_one_upstream_request() {
+    let up = FakeUpstream::start(Behaviour {
+        chunk_delay: Some(Duration::from_millis(5)),
+        ..Behaviour::default()
+    })
+    .await;
+    let pier = start(vec![UpstreamSpec::new("docker.io", up.url())], (0, 0)).await;
+    let body = data(2 * 1024 * 1024);
+    let digest = up.add_blob(body.clone());
+    let url = format!("{}/v2/library/app/blobs/{digest}", pier.url);
+    let c = client();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = c.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(t.await.unwrap() == body);
+    }
+    assert_eq!(up.state.blob_gets.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        pier.mirror
+            .cache
+            .stats()
+            .fills_started
+            .load(Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_client_leaving_does_not_stop_the_fill() {
+    let up = FakeUpstream::start(Behaviour {
+        chunk_delay: Some(Duration::from_millis(10)),
+        ..Behaviour::default()
+    })
+    .await;
+    let pier = start(vec![UpstreamSpec::new("docker.io", up.url())], (0, 0)).await;
+    let body = data(1024 * 1024);
+    let digest = up.add_blob(body.clone());
+    let url = format!("{}/v2/library/app/blobs/{digest}", pier.url);
+    // The first client reads one chunk and hangs up.
+    let r = client().get(&url).send().await.unwrap();
+    let mut s = r.bytes_stream();
+    assert!(s.next().await.is_some());
+    drop(s);
+    // A second client joins the same fill and gets everything.
+    let r = client().get(&url).send().await.unwrap();
+    assert!(r.bytes().await.unwrap() == body);
+    assert_eq!(up.state.blob_gets.load(Ordering::SeqCst), 1);
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(pier
+        .dir
+        .path()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_dying_mid_body_fails_every_client_and_keeps_nothing() {
+    // Cut every GET after 300 KB, and no Range support: retries cannot complete it.
+    let up = FakeUpstream::start(Behaviour {
+        cut_after: Some((300_000, usize::MAX)),
+        chunk_delay: Some(Duration::from_millis(2)),
+        ..Behaviour::default()
+    })
+    .await;
+    let pier = start(vec![UpstreamSpec::new("docker.io", up.url())], (0, 0)).await;
+    let body = data(1024 * 1024);
+    let digest = up.add_blob(body.clone());
+    let url = format!("{}/v2/library/app/blobs/{digest}", pier.url);
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let r = client().get(&url).send().await.unwrap();
+                r.bytes().await.map(|b| b.len())
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(
+            t.await.unwrap().is_err(),
+            "a client got a complete body from a broken fill"
+        );
+    }
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(!pier
+        .dir
+        .path()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .exists());
+    assert_eq!(
+        std::fs::read_dir(pier.dir.path().join("tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // The upstream heals: the next request starts a new fill.
+    up.set(|b| b.cut_after = None);
+    let before = up.state.blob_gets.load(Ordering::SeqCst);
+    let r = client().get(&url).send().await.unwrap();
+    assert!(r.bytes().await.unwrap() == body);
+    assert_eq!(up.state.blob_gets.load(Ordering::SeqCst), before + 1);
+}
+
+#[tokio::test]
+async fn broken_download_resumes_with_range() {
+    let up = FakeUpstream::start(Behaviour {
+        cut_after: Some((400_000, 1)),
+        ranges: true,
+        chunk_delay: Some(Duration::from_millis(2)),
+        ..Behaviour::default()
+    })
+    .await;
+    let pier = start(vec![UpstreamSpec::new("docker.io", up.url())], (0, 0)).await;
+    let body = data(1024 * 1024);
+    let digest = up.add_blob(body.clone());
+    let r = client()
+        .get(format!("{}/v2/library/app/blobs/{digest}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.bytes().await.unwrap() == body);
+    let ranges = up.state.ranges_seen.lock().unwrap().clone();
+    assert_eq!(ranges.len(), 2, "{ranges:?}");
+    assert_eq!(ranges[0], None);
+    let resumed_at: u64 = ranges[1]
+        .as_deref()
+        .unwrap()
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .unwrap();
+    assert!(resumed_at > 0 && resumed_at <= 400_000, "{resumed_at}");
+    assert_eq!(
+        pier.mirror
+            .cache
+            .stats()
+            .fills_resumed
+            .load(Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_manifest_requests_share_one_upstream_get() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(
+        vec![UpstreamSpec::new("docker.io", up.url())],
+        (1 << 20, 64 << 10),
+    )
+    .await;
+    up.add_manifest(
+        "library/app",
+        "1.0",
+        "application/vnd.oci.image.manifest.v1+json",
+        r#"{"schemaVersion":2}"#,
+    );
+    let url = format!("{}/v2/library/app/manifests/1.0", pier.url);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { client().get(&url).send().await.unwrap().status() })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    assert_eq!(up.count("GET /v2/library/app/manifests/1.0"), 1);
+}
