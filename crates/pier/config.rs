@@ -81,6 +81,17 @@ pub struct UpstreamSection {
     /// `nginx` means `library/nginx`. Defaults to true for docker.io only.
     #[serde(default)]
     pub library_prefix: Option<bool>,
+    /// A regular expression; tags matching it are never revalidated once cached.
+    #[serde(default)]
+    pub immutable_tags: Option<String>,
+    /// With this many pulls or fewer left in the upstream's reported rate limit, cached tags are
+    /// served without revalidation.
+    #[serde(default = "default_rate_limit_reserve")]
+    pub rate_limit_reserve: u64,
+}
+
+fn default_rate_limit_reserve() -> u64 {
+    10
 }
 
 fn default_tag_ttl() -> Duration {
@@ -140,7 +151,18 @@ impl UpstreamSection {
             connect_timeout: default_connect_timeout(),
             read_timeout: default_read_timeout(),
             library_prefix: None,
+            immutable_tags: None,
+            rate_limit_reserve: default_rate_limit_reserve(),
         }
+    }
+
+    /// `immutable_tags`, compiled.
+    pub fn immutable_tags_regex(&self) -> Result<Option<regex::Regex>, ConfigError> {
+        self.immutable_tags
+            .as_deref()
+            .map(regex::Regex::new)
+            .transpose()
+            .map_err(|e| ConfigError::field("immutable_tags", e))
     }
 
     /// The URL pier fetches from.
@@ -351,6 +373,12 @@ impl Config {
                     "timeouts must be greater than zero",
                 ));
             }
+            u.immutable_tags_regex().map_err(|e| {
+                ConfigError::field(
+                    &format!("{field}.immutable_tags"),
+                    e.0.trim_start_matches("immutable_tags: "),
+                )
+            })?;
             defaults += usize::from(u.default);
         }
         if defaults > 1 {
@@ -429,6 +457,10 @@ mod tests {
         let mut c = Config::parse("upstreams:\n  - name: a.io\n  - name: Bad_Name\n").unwrap();
         let e = c.finish().unwrap_err();
         assert!(e.0.starts_with("upstreams[1].name"), "{e}");
+        let mut c =
+            Config::parse("upstreams:\n  - name: a.io\n    immutable_tags: '^v(\\d+'\n").unwrap();
+        let e = c.finish().unwrap_err();
+        assert!(e.0.starts_with("upstreams[0].immutable_tags"), "{e}");
         let mut c = Config::parse("upstreams:\n  - name: a.io\n    url: ftp://x\n").unwrap();
         assert!(c.finish().unwrap_err().0.starts_with("upstreams[0].url"));
     }

@@ -187,12 +187,12 @@ async fn serve(config: Config) -> Result<(), String> {
     let mut upstreams = Vec::new();
     for (i, u) in config.upstreams.iter().enumerate() {
         let client = upstream_client(u, i).map_err(|e| format!("upstreams[{i}]: {e}"))?;
-        upstreams.push(UpstreamEntry {
-            name: u.name.as_str().into(),
-            client: Arc::new(client),
-            library_prefix: u.library_prefix(),
-            tag_ttl: u.tag_ttl,
-        });
+        let mut entry = UpstreamEntry::new(&u.name, Arc::new(client));
+        entry.library_prefix = u.library_prefix();
+        entry.tag_ttl = u.tag_ttl;
+        entry.immutable_tags = u.immutable_tags_regex().map_err(|e| e.to_string())?;
+        entry.rate_limit_reserve = u.rate_limit_reserve;
+        upstreams.push(entry);
     }
     let cache = Cache::open(CacheConfig {
         dir: config.cache.dir.clone(),
@@ -209,11 +209,11 @@ async fn serve(config: Config) -> Result<(), String> {
             config.cache.dir.display()
         )
     })?;
-    let mirror = Arc::new(Mirror {
+    let mirror = Arc::new(Mirror::new(
         upstreams,
-        default_upstream: config.default_upstream(),
-        cache: Arc::new(cache),
-    });
+        config.default_upstream(),
+        Arc::new(cache),
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

@@ -1,5 +1,5 @@
 //! skopeo pulls a generated two-platform image through pier from a real registry, then pulls it
-//! again with the registry stopped.
+//! again by tag with the registry stopped: pier serves the tag stale and every blob from disk.
 
 use crate::support::image;
 use crate::support::process::{path_str, pier, registry, skopeo};
@@ -23,12 +23,23 @@ fn skopeo_pulls_through_pier_and_again_with_upstream_down() {
         &format!("docker://{}/library/app:1.0", upstream.addr),
     ]);
 
+    // tag_ttl 0: every pull by tag revalidates, so the second pull below has to fall back to
+    // the cached tag when the upstream is gone.
     let cache = tmp.path().join("cache");
+    let config = tmp.path().join("mirror.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  - name: docker.io\n    url: http://{}\n    tag_ttl: 0s\n",
+            upstream.addr
+        ),
+    )
+    .expect("write config");
     let mirror = pier(&[
+        "--config",
+        &path_str(&config),
         "--cache-dir",
         &path_str(&cache),
-        "--upstream",
-        &format!("http://{}", upstream.addr),
     ]);
 
     // Pull by tag through pier; the Docker Hub convention lets "app" stand for "library/app".

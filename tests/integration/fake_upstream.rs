@@ -2,7 +2,6 @@
 //! to another host, send wrong bytes, cut bodies short, go slow, and count every request.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,8 +32,14 @@ pub struct Behaviour {
     pub chunk_delay: Option<Duration>,
     /// Honour Range on blob GETs.
     pub ranges: bool,
-    /// Answer every request with this status.
+    /// Answer every request with this status (429 comes with `Retry-After: 42`).
     pub fail_status: Option<u16>,
+    /// Close every connection without answering.
+    pub drop_connections: bool,
+    /// Never answer (pier's read timeout has to fire).
+    pub hang: bool,
+    /// Send Docker Hub's `ratelimit-remaining: N;w=21600` on manifest answers.
+    pub rate_limit_remaining: Option<u64>,
 }
 
 #[derive(Default)]
@@ -78,7 +83,26 @@ impl FakeUpstream {
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req| {
                         let s = s.clone();
-                        async move { Ok::<_, Infallible>(handle(s, addr, req).await) }
+                        async move {
+                            let b = s.behaviour.lock().unwrap().clone();
+                            if b.drop_connections {
+                                s.log.lock().unwrap().push(format!(
+                                    "DROPPED {} {}",
+                                    req.method(),
+                                    req.uri()
+                                ));
+                                return Err(std::io::Error::other("dropping the connection"));
+                            }
+                            if b.hang {
+                                s.log.lock().unwrap().push(format!(
+                                    "HUNG {} {}",
+                                    req.method(),
+                                    req.uri()
+                                ));
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                            }
+                            Ok::<_, std::io::Error>(handle(s, addr, req).await)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -183,7 +207,11 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
         .push((path.clone(), auth.clone()));
 
     if let Some(status) = behaviour.fail_status {
-        return full(StatusCode::from_u16(status).unwrap(), "failing on purpose");
+        let mut r = full(StatusCode::from_u16(status).unwrap(), "failing on purpose");
+        if status == 429 {
+            r.headers_mut().insert("retry-after", "42".parse().unwrap());
+        }
+        return r;
     }
     if path == "/token" {
         if let Some((u, p)) = &behaviour.token_credentials {
@@ -224,6 +252,39 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
     if rest.is_empty() {
         return full(StatusCode::OK, "{}");
     }
+    if let Some(repo) = rest.strip_suffix("/tags/list") {
+        let q = req.uri().query().unwrap_or("");
+        let param = |k: &str| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='))
+                .map(str::to_string)
+        };
+        let mut tags: Vec<String> = state
+            .manifests
+            .lock()
+            .unwrap()
+            .keys()
+            .filter(|(r, t)| r == repo && !t.contains(':'))
+            .map(|(_, t)| t.clone())
+            .collect();
+        if tags.is_empty() {
+            return full(
+                StatusCode::NOT_FOUND,
+                r#"{"errors":[{"code":"NAME_UNKNOWN"}]}"#,
+            );
+        }
+        tags.sort();
+        if let Some(last) = param("last") {
+            tags.retain(|t| *t > last);
+        }
+        if let Some(n) = param("n").and_then(|n| n.parse().ok()) {
+            tags.truncate(n);
+        }
+        return full(
+            StatusCode::OK,
+            serde_json::json!({ "name": repo, "tags": tags }).to_string(),
+        );
+    }
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
         let m = state
             .manifests
@@ -247,6 +308,12 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
                 r.headers_mut()
                     .insert("docker-content-digest", digest.parse().unwrap());
                 r.headers_mut().insert("content-length", bytes.len().into());
+                if let Some(n) = behaviour.rate_limit_remaining {
+                    r.headers_mut().insert(
+                        "ratelimit-remaining",
+                        format!("{n};w=21600").parse().unwrap(),
+                    );
+                }
                 r
             }
             None => full(

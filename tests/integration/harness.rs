@@ -13,6 +13,9 @@ pub struct UpstreamSpec {
     pub url: String,
     pub credentials: Option<(&'static str, &'static str)>,
     pub tag_ttl: Duration,
+    pub read_timeout: Duration,
+    pub immutable_tags: Option<regex::Regex>,
+    pub rate_limit_reserve: u64,
 }
 
 impl UpstreamSpec {
@@ -22,6 +25,9 @@ impl UpstreamSpec {
             url,
             credentials: None,
             tag_ttl: Duration::from_secs(300),
+            read_timeout: Duration::from_secs(5),
+            immutable_tags: None,
+            rate_limit_reserve: 10,
         }
     }
 }
@@ -30,15 +36,8 @@ pub struct Pier {
     pub url: String,
     pub mirror: Arc<Mirror>,
     pub dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl Drop for Pier {
-    fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
+    /// Dropping it stops the server.
+    pub _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 /// Starts pier with these upstreams (the first is the default) and memory tier settings.
@@ -64,15 +63,14 @@ pub async fn start_in(
                 }),
                 ca_file: None,
                 connect_timeout: Duration::from_secs(2),
-                read_timeout: Duration::from_secs(5),
+                read_timeout: u.read_timeout,
             })
             .expect("upstream client");
-            UpstreamEntry {
-                name: u.name.into(),
-                client: Arc::new(client),
-                library_prefix: u.name == "docker.io",
-                tag_ttl: u.tag_ttl,
-            }
+            let mut entry = UpstreamEntry::new(u.name, Arc::new(client));
+            entry.tag_ttl = u.tag_ttl;
+            entry.immutable_tags = u.immutable_tags;
+            entry.rate_limit_reserve = u.rate_limit_reserve;
+            entry
         })
         .collect();
     let cache = Cache::open(CacheConfig {
@@ -85,11 +83,7 @@ pub async fn start_in(
         },
     })
     .expect("open cache");
-    let mirror = Arc::new(Mirror {
-        upstreams: entries,
-        default_upstream: 0,
-        cache: Arc::new(cache),
-    });
+    let mirror = Arc::new(Mirror::new(entries, 0, Arc::new(cache)));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind pier");
@@ -106,7 +100,7 @@ pub async fn start_in(
         url,
         mirror,
         dir,
-        stop: Some(stop),
+        _stop: stop,
     }
 }
 

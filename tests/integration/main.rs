@@ -6,4 +6,5 @@ mod harness;
 mod api;
 mod auth;
 mod fills;
+mod freshness;
 mod routing;

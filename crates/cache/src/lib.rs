@@ -336,6 +336,14 @@ impl Cache {
         Ok(())
     }
 
+    /// Every (upstream, repository) pier holds a tag of.
+    pub async fn repositories(&self) -> io::Result<Vec<(String, String)>> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.repositories())
+            .await
+            .map_err(io::Error::other)?
+    }
+
     /// Where a tag of an upstream's repository pointed when pier last saw it.
     pub fn tag(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> Option<TagRecord> {
         self.store.tag(upstream, repo, tag)

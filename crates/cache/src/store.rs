@@ -201,6 +201,42 @@ impl DiskStore {
             .join(tag.as_str())
     }
 
+    /// Every (upstream, repository) with at least one tag recorded, unsorted. Blocking.
+    pub fn repositories(&self) -> io::Result<Vec<(String, String)>> {
+        fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
+            for entry in fs::read_dir(dir)? {
+                let entry = entry?;
+                if !entry.file_type()?.is_dir() {
+                    continue;
+                }
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name == "_tags" {
+                    out.push(prefix.to_string());
+                    continue;
+                }
+                let path = if prefix.is_empty() {
+                    name
+                } else {
+                    format!("{prefix}/{name}")
+                };
+                walk(&entry.path(), &path, out)?;
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        for upstream in fs::read_dir(self.root.join("tags"))? {
+            let upstream = upstream?;
+            if !upstream.file_type()?.is_dir() {
+                continue;
+            }
+            let name = upstream.file_name().to_string_lossy().into_owned();
+            let mut repos = Vec::new();
+            walk(&upstream.path(), "", &mut repos)?;
+            out.extend(repos.into_iter().map(|r| (name.clone(), r)));
+        }
+        Ok(out)
+    }
+
     /// Replaces a small file whole: write a temporary file, then rename it over the old one.
     fn write_atomic(&self, dest: &Path, data: &[u8]) -> io::Result<()> {
         let dir = dest
@@ -248,8 +284,19 @@ mod tests {
         let tag = Tag::parse("1.0").unwrap();
         let rec = TagRecord::new(&d, "application/json", SystemTime::now());
         store.set_tag("docker.io", &repo, &tag, &rec).unwrap();
-        assert_eq!(store.tag("docker.io", &repo, &tag), Some(rec));
+        assert_eq!(store.tag("docker.io", &repo, &tag), Some(rec.clone()));
         assert_eq!(store.tag("ghcr.io", &repo, &tag), None);
+        let repo2 = RepositoryName::parse("library/x/y").unwrap();
+        store.set_tag("ghcr.io", &repo2, &tag, &rec).unwrap();
+        let mut repos = store.repositories().unwrap();
+        repos.sort();
+        assert_eq!(
+            repos,
+            vec![
+                ("docker.io".to_string(), "library/x".to_string()),
+                ("ghcr.io".to_string(), "library/x/y".to_string())
+            ]
+        );
         // nothing left behind in tmp/
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }

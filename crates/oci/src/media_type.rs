@@ -14,6 +14,21 @@ application/vnd.docker.distribution.manifest.list.v2+json, \
 application/vnd.oci.image.manifest.v1+json, \
 application/vnd.docker.distribution.manifest.v2+json";
 
+/// The `Accept` to send upstream for a client's: the client's own when it names a manifest type,
+/// else [`DEFAULT_ACCEPT`]. A bare `*/*` would make some registries (Distribution 2.x) answer an
+/// OCI manifest with 404, as they fall back to schema 1 for clients that name no type.
+pub fn upstream_accept(client_accept: &str) -> &str {
+    let names_manifest_type = client_accept
+        .split(',')
+        .map(|part| part.split(';').next().unwrap_or("").trim())
+        .any(|t| t.starts_with("application/vnd."));
+    if names_manifest_type {
+        client_accept
+    } else {
+        DEFAULT_ACCEPT
+    }
+}
+
 /// Whether a client's `Accept` header value admits `media_type`. An empty header, `*/*` and
 /// `application/*` admit everything.
 pub fn accepts(accept: &str, media_type: &str) -> bool {
@@ -50,6 +65,14 @@ mod tests {
             DOCKER_MANIFEST_V2
         ));
         assert!(!accepts(DOCKER_MANIFEST_V2, OCI_INDEX));
+    }
+
+    #[test]
+    fn upstream_accept_fills_in_for_vague_clients() {
+        assert_eq!(upstream_accept(""), DEFAULT_ACCEPT);
+        assert_eq!(upstream_accept("*/*"), DEFAULT_ACCEPT);
+        assert_eq!(upstream_accept("application/json, */*"), DEFAULT_ACCEPT);
+        assert_eq!(upstream_accept(DOCKER_MANIFEST_V2), DOCKER_MANIFEST_V2);
     }
 
     #[test]

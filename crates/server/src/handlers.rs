@@ -1,11 +1,11 @@
 //! The pull API: `/v2/`, manifests, blobs and tag lists, answered through the cache.
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use pier_cache::{CachedManifest, Origin, Source, TagRecord};
-use pier_oci::media_type::{self, DEFAULT_ACCEPT};
+use pier_oci::media_type;
 use pier_oci::path::PathError;
 use pier_oci::reference::ReferenceError;
 use pier_oci::{ByteRange, Digest, Endpoint, ErrorCode, RangeError, Reference, RegistryError, Tag};
@@ -13,7 +13,7 @@ use pier_oci::{ByteRange, Digest, Endpoint, ErrorCode, RangeError, Reference, Re
 use crate::origin::BlobOrigin;
 use crate::response::{self, Body};
 use crate::routing::Route;
-use crate::Mirror;
+use crate::{Mirror, TagList};
 
 /// Where an answer came from, attached to the response for the access log.
 #[derive(Clone, Debug)]
@@ -44,11 +44,7 @@ async fn dispatch<B>(mirror: &Mirror, req: &Request<B>, head: bool) -> Answer {
     let query = req.uri().query();
     match endpoint {
         Endpoint::Base => Ok(json(StatusCode::OK, "{}", head)),
-        Endpoint::Catalog => Err(RegistryError::new(
-            ErrorCode::Unsupported,
-            "catalog is not served yet",
-        )
-        .with_status(404)),
+        Endpoint::Catalog => catalog(mirror, query, head).await,
         Endpoint::Upload => Err(RegistryError::new(
             ErrorCode::Unsupported,
             "pier is a read-only mirror: push is not supported",
@@ -64,7 +60,7 @@ async fn dispatch<B>(mirror: &Mirror, req: &Request<B>, head: bool) -> Answer {
         }
         Endpoint::TagsList { name } => {
             let route = mirror.route(&name, query)?;
-            tags_list(&route, query, head).await
+            tags_list(mirror, &route, query, head).await
         }
     }
 }
@@ -198,7 +194,22 @@ async fn manifest_by_tag(
     }
     let reference = Reference::Tag(tag.clone());
     if let Some((digest, m, source, rec)) = &cached {
-        if rec.age_secs(SystemTime::now()) < upstream.tag_ttl.as_secs() {
+        let fresh = rec.age_secs(SystemTime::now()) < upstream.tag_ttl.as_secs();
+        let immutable = upstream
+            .immutable_tags
+            .as_ref()
+            .is_some_and(|re| re.is_match(tag.as_str()));
+        // Spend none of the last pulls of the upstream's budget on revalidation.
+        let budget_low = upstream
+            .client
+            .rate_limit_remaining()
+            .is_some_and(|r| r <= upstream.rate_limit_reserve);
+        tracing::debug!(%tag, fresh, immutable, budget_low, age = rec.age_secs(SystemTime::now()), ttl = ?upstream.tag_ttl, "cached tag");
+        if fresh || immutable || budget_low {
+            return Ok(manifest_response(digest, m, *source, route, head));
+        }
+        if upstream.client.in_outage() {
+            tracing::warn!(upstream = %upstream.name, repo = %route.repo, %tag, "upstream down; serving cached tag");
             return Ok(manifest_response(digest, m, *source, route, head));
         }
         match upstream
@@ -252,11 +263,7 @@ async fn fill_manifest(
     Result<(Digest, CachedManifest), pier_upstream::UpstreamError>,
     bool,
 ) {
-    let accept = if accept.trim().is_empty() {
-        DEFAULT_ACCEPT.to_string()
-    } else {
-        accept.to_string()
-    };
+    let accept = media_type::upstream_accept(accept).to_string();
     let key = format!(
         "{}\n{}\n{}\n{}",
         route.upstream.name, route.repo, reference, accept
@@ -392,49 +399,137 @@ fn range_error(e: RangeError) -> RegistryError {
     RegistryError::new(ErrorCode::RangeInvalid, e.to_string())
 }
 
-// ---- tag lists ----
+// ---- tag lists and catalog ----
 
-async fn tags_list(route: &Route<'_>, query: Option<&str>, head: bool) -> Answer {
+/// Longest a tag list is answered without asking the upstream again (shorter when the
+/// upstream's `tag_ttl` is).
+const TAG_LIST_TTL: Duration = Duration::from_secs(30);
+
+/// `n` and `last` of a query string; `n` must be a number and `last` a tag (or, for the
+/// catalog, a repository name), else 400.
+fn page_params(query: Option<&str>) -> Result<(Option<u32>, Option<String>), RegistryError> {
     let param = |name: &str| {
         query?
             .split('&')
-            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
     };
-    let n = match param("n") {
-        Some(v) => Some(v.parse::<u32>().map_err(|_| {
-            RegistryError::new(ErrorCode::Unsupported, "n must be a non-negative integer")
-                .with_status(400)
-        })?),
-        None => None,
-    };
-    let last = param("last");
-    if last.is_some_and(|l| Tag::parse(l).is_none()) {
+    let bad = |m: &str| RegistryError::new(ErrorCode::Unsupported, m).with_status(400);
+    let n = param("n")
+        .map(|v| {
+            v.parse::<u32>()
+                .map_err(|_| bad("n must be a non-negative integer"))
+        })
+        .transpose()?;
+    let last = param("last").map(str::to_string);
+    if last.as_deref().is_some_and(|l| {
+        l.len() > 512
+            || !l
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-/".contains(&b))
+    }) {
+        return Err(bad("last must be a tag or repository name"));
+    }
+    Ok((n, last))
+}
+
+/// Passed to the upstream, kept briefly, and served stale while the upstream is down.
+async fn tags_list(mirror: &Mirror, route: &Route<'_>, query: Option<&str>, head: bool) -> Answer {
+    let (n, last) = page_params(query)?;
+    if last.as_deref().is_some_and(|l| Tag::parse(l).is_none()) {
         return Err(
             RegistryError::new(ErrorCode::Unsupported, "last must be a tag").with_status(400),
         );
     }
-    let (body, link) = route
-        .upstream
-        .client
-        .tags_list(&route.repo, n, last)
-        .await
-        .map_err(|e| response::from_upstream(&e, ErrorCode::NameUnknown))?;
+    let key = format!("{}\n{}\n{n:?}\n{last:?}", route.upstream.name, route.repo);
+    let kept = mirror.tag_lists.get(&key).await;
+    let (list, source) = match kept {
+        Some(list) if list.fetched.elapsed() < TAG_LIST_TTL.min(route.upstream.tag_ttl) => {
+            (list, Source::Memory)
+        }
+        kept => match route
+            .upstream
+            .client
+            .tags_list(&route.repo, n, last.as_deref())
+            .await
+        {
+            Ok((body, link)) => {
+                let list = Arc::new(TagList {
+                    fetched: Instant::now(),
+                    body,
+                    link,
+                });
+                mirror.tag_lists.insert(key, list.clone()).await;
+                (list, Source::Upstream { joined: false })
+            }
+            Err(e) => match kept {
+                Some(list) if e.is_outage() => {
+                    tracing::warn!(upstream = %route.upstream.name, repo = %route.repo, error = %e, "upstream unavailable; serving cached tag list");
+                    (list, Source::Memory)
+                }
+                _ => return Err(response::from_upstream(&e, ErrorCode::NameUnknown)),
+            },
+        },
+    };
     let mut b = response::builder(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len());
-    if let Some(link) = link {
+        .header(header::CONTENT_LENGTH, list.body.len());
+    if let Some(link) = &list.link {
         b = b.header(header::LINK, link);
     }
     let resp = b
         .body(if head {
             response::empty()
         } else {
-            response::full(body)
+            response::full(list.body.clone())
         })
         .unwrap_or_else(|_| Response::new(response::empty()));
-    Ok(with_outcome(
-        resp,
-        Source::Upstream { joined: false },
-        route.upstream.name.clone(),
-    ))
+    Ok(with_outcome(resp, source, route.upstream.name.clone()))
+}
+
+/// The repositories pier holds, named as clients name them: plain for the default upstream,
+/// `<registry>/<repository>` for the others.
+async fn catalog(mirror: &Mirror, query: Option<&str>, head: bool) -> Answer {
+    let (n, last) = page_params(query)?;
+    let default = &mirror.upstreams[mirror.default_upstream].name;
+    let mut names: Vec<String> = mirror
+        .cache
+        .repositories()
+        .await
+        .map_err(|e| response::from_io(&e))?
+        .into_iter()
+        .map(|(upstream, repo)| {
+            if *upstream == **default {
+                repo
+            } else {
+                format!("{upstream}/{repo}")
+            }
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    if let Some(last) = &last {
+        names.retain(|name| name > last);
+    }
+    let mut link = None;
+    if let Some(n) = n.map(|n| n as usize) {
+        if names.len() > n {
+            names.truncate(n);
+            if let Some(next) = names.last() {
+                link = Some(format!("</v2/_catalog?last={next}&n={n}>; rel=\"next\""));
+            }
+        }
+    }
+    let body = serde_json::json!({ "repositories": names }).to_string();
+    let mut b = response::builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if let Some(link) = link {
+        b = b.header(header::LINK, link);
+    }
+    Ok(b.body(if head {
+        response::empty()
+    } else {
+        response::full(body)
+    })
+    .unwrap_or_else(|_| Response::new(response::empty())))
 }

@@ -11,10 +11,12 @@ pub mod routing;
 mod serve;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use pier_cache::Cache;
 use pier_upstream::Upstream;
+use regex::Regex;
 
 pub use serve::{serve, ServerLimits};
 
@@ -27,6 +29,33 @@ pub struct UpstreamEntry {
     pub library_prefix: bool,
     /// How long a tag is answered from cache before pier asks the upstream again.
     pub tag_ttl: Duration,
+    /// Tags matching this (say `^v?\d+\.\d+\.\d+$`) are never revalidated once cached.
+    pub immutable_tags: Option<Regex>,
+    /// When the upstream reports this many pulls or fewer left (Docker Hub's
+    /// `ratelimit-remaining`), cached tags are served without revalidation.
+    pub rate_limit_reserve: u64,
+}
+
+impl UpstreamEntry {
+    /// An entry with the defaults: 5 minute tag TTL, no immutable tags, a reserve of 10 pulls,
+    /// and the `library/` prefix for docker.io only.
+    pub fn new(name: &str, client: Arc<Upstream>) -> Self {
+        UpstreamEntry {
+            name: name.into(),
+            client,
+            library_prefix: name == "docker.io",
+            tag_ttl: Duration::from_secs(300),
+            immutable_tags: None,
+            rate_limit_reserve: 10,
+        }
+    }
+}
+
+/// A tag list as the upstream gave it, kept to answer briefly and while the upstream is down.
+pub(crate) struct TagList {
+    pub fetched: Instant,
+    pub body: Bytes,
+    pub link: Option<String>,
 }
 
 /// Everything a request needs: the upstreams and the cache.
@@ -35,4 +64,20 @@ pub struct Mirror {
     /// Index in `upstreams` of the one that takes names no routing rule claims.
     pub default_upstream: usize,
     pub cache: Arc<Cache>,
+    pub(crate) tag_lists: moka::future::Cache<String, Arc<TagList>>,
+}
+
+impl Mirror {
+    pub fn new(upstreams: Vec<UpstreamEntry>, default_upstream: usize, cache: Arc<Cache>) -> Self {
+        assert!(
+            default_upstream < upstreams.len(),
+            "the default upstream must exist"
+        );
+        Mirror {
+            upstreams,
+            default_upstream,
+            cache,
+            tag_lists: moka::future::Cache::new(10_000),
+        }
+    }
 }

@@ -2,8 +2,9 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
@@ -90,7 +91,15 @@ pub struct Upstream {
     /// The scheme this upstream challenged with last, so the next request authenticates up front
     /// instead of collecting a 401 first.
     scheme: Mutex<Option<Challenge>>,
+    /// Docker Hub's `ratelimit-remaining` as last seen; `u64::MAX` until seen.
+    rate_limit_remaining: AtomicU64,
+    /// Set when a request failed for want of the upstream (unreachable, timeout, 5xx); cleared by
+    /// the next answer. While set, cached tags are served without first waiting on the upstream.
+    outage_until: Mutex<Option<Instant>>,
 }
+
+/// How long an upstream counts as down after a failed request, unless it answers sooner.
+pub const OUTAGE_HOLD: Duration = Duration::from_secs(10);
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -140,7 +149,35 @@ impl Upstream {
             http,
             tokens: TokenCache::default(),
             scheme: Mutex::new(None),
+            rate_limit_remaining: AtomicU64::new(u64::MAX),
+            outage_until: Mutex::new(None),
         })
+    }
+
+    /// The pull budget the upstream reported last (`ratelimit-remaining`), if it ever did.
+    pub fn rate_limit_remaining(&self) -> Option<u64> {
+        Some(self.rate_limit_remaining.load(Ordering::Relaxed)).filter(|r| *r != u64::MAX)
+    }
+
+    /// Whether a request failed for want of the upstream within the last [`OUTAGE_HOLD`], with no
+    /// answer since.
+    pub fn in_outage(&self) -> bool {
+        let until = *self.outage_until.lock().unwrap_or_else(|p| p.into_inner());
+        until.is_some_and(|u| Instant::now() < u)
+    }
+
+    /// Records how a request to the upstream went, for [`Upstream::in_outage`].
+    fn observe<T>(&self, result: &Result<T, UpstreamError>) {
+        let outage = matches!(result, Err(e) if e.is_retryable());
+        let mut until = self.outage_until.lock().unwrap_or_else(|p| p.into_inner());
+        if outage {
+            if until.is_none() {
+                tracing::warn!(upstream = %self.name, "upstream unavailable");
+            }
+            *until = Some(Instant::now() + OUTAGE_HOLD);
+        } else if until.take().is_some() {
+            tracing::info!(upstream = %self.name, "upstream answering again");
+        }
     }
 
     /// The registry name this upstream stands for.
@@ -293,8 +330,36 @@ impl Upstream {
             .map_err(|e| UpstreamError::Invalid(e.to_string()))
     }
 
-    /// Sends a request, answering one auth challenge if the upstream makes one.
+    /// Sends a request (answering one auth challenge if the upstream makes one), and notes what
+    /// the answer says about the upstream's health and rate limit.
     async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        repo: &RepositoryName,
+        headers: HeaderMap,
+    ) -> Result<Response, UpstreamError> {
+        let result = self.send_authenticated(method, url, repo, headers).await;
+        let health = match &result {
+            Ok(resp) if resp.status().is_server_error() => {
+                Err(UpstreamError::Status(resp.status().as_u16()))
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(e.clone()),
+        };
+        self.observe(&health);
+        if let Some(remaining) = result
+            .as_ref()
+            .ok()
+            .and_then(|r| rate_limit_remaining(r.headers()))
+        {
+            self.rate_limit_remaining
+                .store(remaining, Ordering::Relaxed);
+        }
+        result
+    }
+
+    async fn send_authenticated(
         &self,
         method: Method,
         url: Url,
@@ -462,11 +527,7 @@ mod base64_lite {
 }
 
 fn accept_value(accept: &str) -> HeaderValue {
-    let accept = if accept.trim().is_empty() {
-        pier_oci::media_type::DEFAULT_ACCEPT
-    } else {
-        accept
-    };
+    let accept = pier_oci::media_type::upstream_accept(accept);
     HeaderValue::from_str(accept)
         .unwrap_or_else(|_| HeaderValue::from_static(pier_oci::media_type::DEFAULT_ACCEPT))
 }
@@ -493,6 +554,12 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
     let v = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
     let t = v.split(';').next()?.trim();
     (!t.is_empty()).then(|| t.to_string())
+}
+
+/// Docker Hub's `ratelimit-remaining: 76;w=21600` → 76.
+fn rate_limit_remaining(headers: &HeaderMap) -> Option<u64> {
+    let v = headers.get("ratelimit-remaining")?.to_str().ok()?;
+    v.split(';').next()?.trim().parse().ok()
 }
 
 /// The `Content-Length` header itself: reqwest's `content_length()` reports the (empty) body of
@@ -550,6 +617,17 @@ mod tests {
         assert_eq!(parse_content_range(&h), Some((5, None)));
         h.insert(header::CONTENT_RANGE, HeaderValue::from_static("garbage"));
         assert_eq!(parse_content_range(&h), None);
+    }
+
+    #[test]
+    fn rate_limit_header() {
+        let mut h = HeaderMap::new();
+        assert_eq!(rate_limit_remaining(&h), None);
+        h.insert(
+            "ratelimit-remaining",
+            HeaderValue::from_static("76;w=21600"),
+        );
+        assert_eq!(rate_limit_remaining(&h), Some(76));
     }
 
     #[test]
