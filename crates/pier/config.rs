@@ -19,7 +19,26 @@ pub struct Config {
     pub listen: SocketAddr,
     pub cache: CacheSection,
     pub log: LogSection,
+    pub metrics: MetricsSection,
     pub upstreams: Vec<UpstreamSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// The operations listener: `/metrics`, `/healthz`, `/readyz`. `null` turns it off.
+    pub listen: Option<SocketAddr>,
+    /// Also answer `/metrics` on the registry listener.
+    pub on_main_listener: bool,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 9090))),
+            on_main_listener: false,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +129,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 5000)),
             cache: CacheSection::default(),
             log: LogSection::default(),
+            metrics: MetricsSection::default(),
             upstreams: Vec::new(),
         }
     }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use pier_cache::{Cache, CacheConfig, RetryPolicy};
-use pier_server::{Mirror, ServerLimits, UpstreamEntry};
+use pier_metrics::Metrics;
+use pier_server::{Mirror, ServerOptions, UpstreamEntry};
 use pier_upstream::{Credentials, Upstream, UpstreamConfig};
 
 use config::{Config, ConfigError, LogFormat, UpstreamSection};
@@ -52,6 +53,9 @@ struct ServeArgs {
     /// Log format: text or json
     #[arg(long, env = "PIER_LOG_FORMAT", value_parser = ["text", "json"])]
     log_format: Option<String>,
+    /// Address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9090
+    #[arg(long, env = "PIER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -72,7 +76,8 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
     let result = Config::load(file.as_deref()).and_then(|(mut config, path)| {
         config.finish()?;
         for (i, u) in config.upstreams.iter().enumerate() {
-            upstream_client(u, i).map_err(|e| ConfigError::field(&format!("upstreams[{i}]"), e))?;
+            upstream_client(u, i, Arc::new(Metrics::new()))
+                .map_err(|e| ConfigError::field(&format!("upstreams[{i}]"), e))?;
         }
         Ok((config, path))
     });
@@ -115,6 +120,9 @@ fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
             LogFormat::Text
         };
     }
+    if let Some(addr) = args.metrics_listen {
+        config.metrics.listen = Some(addr);
+    }
     if let Some(url) = &args.upstream {
         if config.upstreams.is_empty() {
             config.upstreams.push(UpstreamSection::named("docker.io"));
@@ -126,7 +134,11 @@ fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-fn upstream_client(u: &UpstreamSection, index: usize) -> Result<Upstream, String> {
+fn upstream_client(
+    u: &UpstreamSection,
+    index: usize,
+    metrics: Arc<Metrics>,
+) -> Result<Upstream, String> {
     let credentials = match (
         &u.username,
         u.password(&format!("upstreams[{index}]"))
@@ -138,14 +150,17 @@ fn upstream_client(u: &UpstreamSection, index: usize) -> Result<Upstream, String
         }),
         (None, _) => None,
     };
-    Upstream::new(UpstreamConfig {
-        name: u.name.clone(),
-        url: u.url(),
-        credentials,
-        ca_file: u.ca_file.clone(),
-        connect_timeout: u.connect_timeout,
-        read_timeout: u.read_timeout,
-    })
+    Upstream::new(
+        UpstreamConfig {
+            name: u.name.clone(),
+            url: u.url(),
+            credentials,
+            ca_file: u.ca_file.clone(),
+            connect_timeout: u.connect_timeout,
+            read_timeout: u.read_timeout,
+        },
+        metrics,
+    )
 }
 
 fn init_logging(config: &Config) {
@@ -184,9 +199,11 @@ fn run(config: Config) -> ExitCode {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
+    let metrics = Arc::new(Metrics::new());
     let mut upstreams = Vec::new();
     for (i, u) in config.upstreams.iter().enumerate() {
-        let client = upstream_client(u, i).map_err(|e| format!("upstreams[{i}]: {e}"))?;
+        let client =
+            upstream_client(u, i, metrics.clone()).map_err(|e| format!("upstreams[{i}]: {e}"))?;
         let mut entry = UpstreamEntry::new(&u.name, Arc::new(client));
         entry.library_prefix = u.library_prefix();
         entry.tag_ttl = u.tag_ttl;
@@ -194,7 +211,7 @@ async fn serve(config: Config) -> Result<(), String> {
         entry.rate_limit_reserve = u.rate_limit_reserve;
         upstreams.push(entry);
     }
-    let cache = Cache::open(CacheConfig {
+    let cache_config = CacheConfig {
         dir: config.cache.dir.clone(),
         memory_size: config.cache.memory_size.0,
         memory_object_size: config.cache.memory_object_size.0,
@@ -202,8 +219,8 @@ async fn serve(config: Config) -> Result<(), String> {
             attempts: config.cache.fill_retries,
             ..RetryPolicy::default()
         },
-    })
-    .map_err(|e| {
+    };
+    let cache = Cache::open(cache_config, metrics.clone()).map_err(|e| {
         format!(
             "cannot open cache directory {}: {e}",
             config.cache.dir.display()
@@ -213,6 +230,7 @@ async fn serve(config: Config) -> Result<(), String> {
         upstreams,
         config.default_upstream(),
         Arc::new(cache),
+        metrics,
     ));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
@@ -221,8 +239,33 @@ async fn serve(config: Config) -> Result<(), String> {
     for u in &config.upstreams {
         tracing::info!(name = %u.name, url = %u.url(), "upstream");
     }
+    // One signal stops both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(ops_addr) = config.metrics.listen {
+        let ops = tokio::net::TcpListener::bind(ops_addr)
+            .await
+            .map_err(|e| format!("cannot listen on {ops_addr} (metrics.listen): {e}"))?;
+        tracing::info!(addr = %ops_addr, "metrics and health listening");
+        let (m, rx) = (mirror.clone(), stopped.clone());
+        tokio::spawn(async move {
+            if let Err(e) = pier_server::serve_ops(ops, m, until_stopped(rx)).await {
+                tracing::error!(error = %e, "operations listener failed");
+            }
+        });
+    }
     tracing::info!(%addr, cache_dir = %config.cache.dir.display(), "pier listening");
-    pier_server::serve(listener, mirror, ServerLimits::default(), shutdown_signal())
+    let options = ServerOptions {
+        metrics_on_main: config.metrics.on_main_listener,
+        ..ServerOptions::default()
+    };
+    pier_server::serve(listener, mirror, options, until_stopped(stopped))
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!("pier stopped");

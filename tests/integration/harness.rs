@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pier_cache::{Cache, CacheConfig, RetryPolicy};
-use pier_server::{Mirror, ServerLimits, UpstreamEntry};
+use pier_metrics::Metrics;
+use pier_server::{Mirror, ServerOptions, UpstreamEntry};
 use pier_upstream::{Credentials, Upstream, UpstreamConfig};
 
 /// One upstream as a test configures it.
@@ -51,20 +52,24 @@ pub async fn start_in(
     memory: (u64, u64),
     dir: tempfile::TempDir,
 ) -> Pier {
+    let metrics = Arc::new(Metrics::new());
     let entries = upstreams
         .into_iter()
         .map(|u| {
-            let client = Upstream::new(UpstreamConfig {
-                name: u.name.into(),
-                url: u.url,
-                credentials: u.credentials.map(|(user, pass)| Credentials {
-                    username: user.into(),
-                    password: pass.into(),
-                }),
-                ca_file: None,
-                connect_timeout: Duration::from_secs(2),
-                read_timeout: u.read_timeout,
-            })
+            let client = Upstream::new(
+                UpstreamConfig {
+                    name: u.name.into(),
+                    url: u.url,
+                    credentials: u.credentials.map(|(user, pass)| Credentials {
+                        username: user.into(),
+                        password: pass.into(),
+                    }),
+                    ca_file: None,
+                    connect_timeout: Duration::from_secs(2),
+                    read_timeout: u.read_timeout,
+                },
+                metrics.clone(),
+            )
             .expect("upstream client");
             let mut entry = UpstreamEntry::new(u.name, Arc::new(client));
             entry.tag_ttl = u.tag_ttl;
@@ -73,17 +78,20 @@ pub async fn start_in(
             entry
         })
         .collect();
-    let cache = Cache::open(CacheConfig {
-        dir: dir.path().to_path_buf(),
-        memory_size: memory.0,
-        memory_object_size: memory.1,
-        retry: RetryPolicy {
-            attempts: 3,
-            base_delay: Duration::from_millis(20),
+    let cache = Cache::open(
+        CacheConfig {
+            dir: dir.path().to_path_buf(),
+            memory_size: memory.0,
+            memory_object_size: memory.1,
+            retry: RetryPolicy {
+                attempts: 3,
+                base_delay: Duration::from_millis(20),
+            },
         },
-    })
+        metrics.clone(),
+    )
     .expect("open cache");
-    let mirror = Arc::new(Mirror::new(entries, 0, Arc::new(cache)));
+    let mirror = Arc::new(Mirror::new(entries, 0, Arc::new(cache), metrics));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind pier");
@@ -91,9 +99,17 @@ pub async fn start_in(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let m = mirror.clone();
     tokio::spawn(async move {
-        let _ = pier_server::serve(listener, m, ServerLimits::default(), async {
-            let _ = stopped.await;
-        })
+        let _ = pier_server::serve(
+            listener,
+            m,
+            ServerOptions {
+                metrics_on_main: true,
+                ..ServerOptions::default()
+            },
+            async {
+                let _ = stopped.await;
+            },
+        )
         .await;
     });
     Pier {

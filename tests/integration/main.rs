@@ -8,3 +8,4 @@ mod auth;
 mod fills;
 mod freshness;
 mod routing;
+mod metrics;

@@ -17,12 +17,12 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, StreamExt};
+use pier_metrics::Metrics;
 use pier_oci::{Digest, RepositoryName, Tag};
 use pier_upstream::{Manifest, UpstreamError};
 use tokio::sync::watch;
@@ -110,20 +110,6 @@ pub struct CachedManifest {
     pub media_type: Arc<str>,
 }
 
-/// Counters the cache keeps about itself.
-#[derive(Debug, Default)]
-pub struct CacheStats {
-    /// Fills started (one per upstream download of a blob).
-    pub fills_started: AtomicU64,
-    /// Requests that joined a fill another request started.
-    pub fills_joined: AtomicU64,
-    /// Times a fill resumed a broken download.
-    pub fills_resumed: AtomicU64,
-    pub fills_failed: AtomicU64,
-    /// Bytes written by fills that verified.
-    pub fill_bytes: AtomicU64,
-}
-
 type Fills = Arc<Mutex<HashMap<Digest, Arc<Fill>>>>;
 
 /// The tiers and the fills.
@@ -133,19 +119,19 @@ pub struct Cache {
     fills: Fills,
     manifest_fetches: SingleFlight<String, Result<(Digest, CachedManifest), UpstreamError>>,
     retry: RetryPolicy,
-    stats: Arc<CacheStats>,
+    metrics: Arc<Metrics>,
 }
 
 impl Cache {
     /// Opens the cache directory (creating it; removing leftovers of interrupted fills).
-    pub fn open(config: CacheConfig) -> io::Result<Cache> {
+    pub fn open(config: CacheConfig, metrics: Arc<Metrics>) -> io::Result<Cache> {
         Ok(Cache {
             store: Arc::new(DiskStore::open(&config.dir)?),
             memory: MemoryTier::new(config.memory_size, config.memory_object_size),
             fills: Fills::default(),
             manifest_fetches: SingleFlight::default(),
             retry: config.retry,
-            stats: Arc::default(),
+            metrics,
         })
     }
 
@@ -153,13 +139,27 @@ impl Cache {
         &self.store
     }
 
-    pub fn stats(&self) -> &CacheStats {
-        &self.stats
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
-    /// The memory tier's bytes and entries.
-    pub async fn memory_usage(&self) -> (u64, u64) {
-        self.memory.usage().await
+    /// Whether the cache directory takes writes (for readiness probes).
+    pub async fn check_writable(&self) -> io::Result<()> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.check_writable())
+            .await
+            .map_err(io::Error::other)?
+    }
+
+    /// Brings the gauges that are read rather than counted (the memory tier's) up to date.
+    pub async fn update_gauges(&self) {
+        let (bytes, entries) = self.memory.usage().await;
+        self.metrics
+            .memory_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.metrics
+            .memory_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
     /// A blob from memory or disk, without going upstream.
@@ -266,7 +266,7 @@ impl Cache {
     ) -> io::Result<(Option<Arc<Fill>>, bool)> {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(fill) = fills.get(digest) {
-            self.stats.fills_joined.fetch_add(1, Ordering::Relaxed);
+            self.metrics.fill_joins.inc();
             return Ok((Some(fill.clone()), true));
         }
         // A fill removes itself from the map only after its file is in place, so a look at the
@@ -278,14 +278,14 @@ impl Cache {
         let fill = Arc::new(Fill::new(digest.clone(), file, temp));
         fills.insert(digest.clone(), fill.clone());
         drop(fills);
-        self.stats.fills_started.fetch_add(1, Ordering::Relaxed);
+        self.metrics.fills_in_flight.inc();
         tokio::spawn(run_fill(
             fill.clone(),
             origin(),
             self.store.clone(),
             self.fills.clone(),
             self.retry.clone(),
-            self.stats.clone(),
+            self.metrics.clone(),
         ));
         Ok((Some(fill), false))
     }
@@ -410,13 +410,11 @@ async fn run_fill(
     store: Arc<DiskStore>,
     fills: Fills,
     retry: RetryPolicy,
-    stats: Arc<CacheStats>,
+    metrics: Arc<Metrics>,
 ) {
     let mut result = fill.download(origin.as_ref(), &retry).await;
     if let Ok(resumes) = result {
-        stats
-            .fills_resumed
-            .fetch_add(u64::from(resumes), Ordering::Relaxed);
+        metrics.fill_resumes.inc_by(u64::from(resumes));
         let (s, f) = (store.clone(), fill.clone());
         let committed = tokio::task::spawn_blocking(move || s.commit(&f.file, &f.temp, &f.digest))
             .await
@@ -429,12 +427,15 @@ async fn run_fill(
     match result {
         Ok(_) => {
             let written = fill.progress.borrow().written;
-            stats.fill_bytes.fetch_add(written, Ordering::Relaxed);
+            metrics.fills.with_label_values(&["ok"]).inc();
+            metrics
+                .disk_bytes
+                .add(i64::try_from(written).unwrap_or(i64::MAX));
             fill.progress.send_modify(|p| p.phase = Phase::Complete);
             tracing::debug!(digest = %fill.digest, bytes = written, "fill complete");
         }
         Err(e) => {
-            stats.fills_failed.fetch_add(1, Ordering::Relaxed);
+            metrics.fills.with_label_values(&["failed"]).inc();
             tracing::warn!(digest = %fill.digest, error = %e, "fill failed; nothing kept");
             let _ = std::fs::remove_file(&fill.temp);
             fill.progress.send_modify(|p| p.phase = Phase::Failed(e));
@@ -444,6 +445,7 @@ async fn run_fill(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&fill.digest);
+    metrics.fills_in_flight.dec();
 }
 
 async fn read_whole(file: File) -> io::Result<Bytes> {

@@ -156,6 +156,17 @@ impl DiskStore {
         result
     }
 
+    /// Writes and removes a small file in `tmp/`, to show the directory takes writes.
+    pub fn check_writable(&self) -> io::Result<()> {
+        let n = self.next_temp.fetch_add(1, Ordering::Relaxed);
+        let probe = self
+            .root
+            .join("tmp")
+            .join(format!("probe-{}-{n}", std::process::id()));
+        fs::write(&probe, b"ok")?;
+        fs::remove_file(&probe)
+    }
+
     /// The media type recorded for a manifest.
     pub fn manifest_type(&self, digest: &Digest) -> Option<String> {
         fs::read_to_string(self.manifest_type_path(digest))

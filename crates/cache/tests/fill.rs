@@ -89,15 +89,18 @@ fn data(len: usize) -> Bytes {
 }
 
 fn cache(dir: &std::path::Path) -> Cache {
-    Cache::open(CacheConfig {
-        dir: dir.to_path_buf(),
-        memory_size: 0,
-        memory_object_size: 0,
-        retry: RetryPolicy {
-            attempts: 3,
-            base_delay: Duration::from_millis(10),
+    Cache::open(
+        CacheConfig {
+            dir: dir.to_path_buf(),
+            memory_size: 0,
+            memory_object_size: 0,
+            retry: RetryPolicy {
+                attempts: 3,
+                base_delay: Duration::from_millis(10),
+            },
         },
-    })
+        Arc::new(pier_metrics::Metrics::new()),
+    )
     .unwrap()
 }
 
@@ -161,7 +164,7 @@ async fn broken_download_resumes_with_offset() {
     let (got, _) = read(&cache, &digest, &origin).await.unwrap();
     assert!(got == body[..]);
     assert_eq!(*origin.offsets.lock().unwrap(), vec![0, 300_000]);
-    assert_eq!(cache.stats().fills_resumed.load(Ordering::Relaxed), 1);
+    assert_eq!(cache.metrics().fill_resumes.get(), 1);
 }
 
 #[tokio::test]

@@ -15,10 +15,14 @@ use crate::response::{self, Body};
 use crate::routing::Route;
 use crate::{Mirror, TagList};
 
-/// Where an answer came from, attached to the response for the access log.
+/// What an answer was and where it came from, attached to the response for the access log and
+/// the metrics.
 #[derive(Clone, Debug)]
 pub struct Outcome {
-    pub cache: &'static str,
+    /// `manifest`, `blob` or `tags`.
+    pub kind: &'static str,
+    pub source: Source,
+    /// The upstream that was asked, if one was.
     pub upstream: Option<Arc<str>>,
 }
 
@@ -107,14 +111,20 @@ fn json(status: StatusCode, body: &'static str, head: bool) -> Response<Body> {
 /// Response header telling where the answer came from: memory, disk, upstream, upstream-joined.
 pub const CACHE_HEADER: &str = "x-pier-cache";
 
-fn with_outcome(mut resp: Response<Body>, source: Source, upstream: Arc<str>) -> Response<Body> {
+fn with_outcome(
+    mut resp: Response<Body>,
+    kind: &'static str,
+    source: Source,
+    upstream: Arc<str>,
+) -> Response<Body> {
     let upstream = matches!(source, Source::Upstream { .. }).then_some(upstream);
     resp.headers_mut().insert(
         CACHE_HEADER,
         http::HeaderValue::from_static(source.as_str()),
     );
     resp.extensions_mut().insert(Outcome {
-        cache: source.as_str(),
+        kind,
+        source,
         upstream,
     });
     resp
@@ -204,19 +214,34 @@ async fn manifest_by_tag(
             .client
             .rate_limit_remaining()
             .is_some_and(|r| r <= upstream.rate_limit_reserve);
-        tracing::debug!(%tag, fresh, immutable, budget_low, age = rec.age_secs(SystemTime::now()), ttl = ?upstream.tag_ttl, "cached tag");
         if fresh || immutable || budget_low {
             return Ok(manifest_response(digest, m, *source, route, head));
         }
         if upstream.client.in_outage() {
-            tracing::warn!(upstream = %upstream.name, repo = %route.repo, %tag, "upstream down; serving cached tag");
-            return Ok(manifest_response(digest, m, *source, route, head));
+            return Ok(serve_stale(
+                mirror,
+                route,
+                tag,
+                &"upstream down",
+                (digest, m, *source),
+                head,
+            ));
         }
-        match upstream
+        let revalidated = upstream
             .client
             .head_manifest(&route.repo, &reference, accept)
-            .await
-        {
+            .await;
+        let result = match &revalidated {
+            Ok(h) if h.digest == *digest => "unchanged",
+            Ok(_) => "changed",
+            Err(_) => "failed",
+        };
+        mirror
+            .metrics
+            .tag_revalidations
+            .with_label_values(&[&upstream.name, result])
+            .inc();
+        match revalidated {
             Ok(h) if h.digest == *digest => {
                 let fresh = TagRecord::new(digest, &m.media_type, SystemTime::now());
                 if let Err(e) = mirror
@@ -229,8 +254,14 @@ async fn manifest_by_tag(
             }
             Ok(_) => {} // moved: fetch below
             Err(e) if e.is_outage() => {
-                tracing::warn!(upstream = %upstream.name, repo = %route.repo, %tag, error = %e, "upstream unavailable; serving cached tag");
-                return Ok(manifest_response(digest, m, *source, route, head));
+                return Ok(serve_stale(
+                    mirror,
+                    route,
+                    tag,
+                    &e,
+                    (digest, m, *source),
+                    head,
+                ));
             }
             Err(e) => return Err(response::from_upstream(&e, ErrorCode::ManifestUnknown)),
         }
@@ -239,8 +270,14 @@ async fn manifest_by_tag(
     let (digest, m) = match (fetched, &cached) {
         (Ok(f), _) => f,
         (Err(e), Some((digest, m, source, _))) if e.is_outage() => {
-            tracing::warn!(upstream = %upstream.name, repo = %route.repo, %tag, error = %e, "upstream unavailable; serving cached tag");
-            return Ok(manifest_response(digest, m, *source, route, head));
+            return Ok(serve_stale(
+                mirror,
+                route,
+                tag,
+                &e,
+                (digest, m, *source),
+                head,
+            ));
         }
         (Err(e), _) => return Err(response::from_upstream(&e, ErrorCode::ManifestUnknown)),
     };
@@ -251,6 +288,25 @@ async fn manifest_by_tag(
         route,
         head,
     ))
+}
+
+/// A cached tag answered because the upstream could not be asked: logged and counted.
+fn serve_stale(
+    mirror: &Mirror,
+    route: &Route<'_>,
+    tag: &Tag,
+    why: &dyn std::fmt::Display,
+    (digest, m, source): (&Digest, &CachedManifest, Source),
+    head: bool,
+) -> Response<Body> {
+    let upstream = &route.upstream.name;
+    tracing::warn!(%upstream, repo = %route.repo, %tag, error = %why, "serving cached tag: upstream unavailable");
+    mirror
+        .metrics
+        .stale_served
+        .with_label_values(&[upstream, "manifest"])
+        .inc();
+    manifest_response(digest, m, source, route, head)
 }
 
 /// Fetches and stores a manifest, once per upstream, repository, reference and Accept at a time.
@@ -302,7 +358,7 @@ fn manifest_response(
             response::full(m.bytes.clone())
         })
         .unwrap_or_else(|_| Response::new(response::empty()));
-    with_outcome(resp, source, route.upstream.name.clone())
+    with_outcome(resp, "manifest", source, route.upstream.name.clone())
 }
 
 // ---- blobs ----
@@ -351,7 +407,12 @@ async fn blob(
         let resp = b
             .body(response::empty())
             .unwrap_or_else(|_| Response::new(response::empty()));
-        return Ok(with_outcome(resp, source, route.upstream.name.clone()));
+        return Ok(with_outcome(
+            resp,
+            "blob",
+            source,
+            route.upstream.name.clone(),
+        ));
     }
     let origin = || {
         Arc::new(BlobOrigin {
@@ -392,7 +453,12 @@ async fn blob(
         }
     };
     let resp = resp.unwrap_or_else(|_| Response::new(response::empty()));
-    Ok(with_outcome(resp, source, route.upstream.name.clone()))
+    Ok(with_outcome(
+        resp,
+        "blob",
+        source,
+        route.upstream.name.clone(),
+    ))
 }
 
 fn range_error(e: RangeError) -> RegistryError {
@@ -463,7 +529,12 @@ async fn tags_list(mirror: &Mirror, route: &Route<'_>, query: Option<&str>, head
             }
             Err(e) => match kept {
                 Some(list) if e.is_outage() => {
-                    tracing::warn!(upstream = %route.upstream.name, repo = %route.repo, error = %e, "upstream unavailable; serving cached tag list");
+                    tracing::warn!(upstream = %route.upstream.name, repo = %route.repo, error = %e, "serving cached tag list: upstream unavailable");
+                    mirror
+                        .metrics
+                        .stale_served
+                        .with_label_values(&[&route.upstream.name, "tags"])
+                        .inc();
                     (list, Source::Memory)
                 }
                 _ => return Err(response::from_upstream(&e, ErrorCode::NameUnknown)),
@@ -483,7 +554,12 @@ async fn tags_list(mirror: &Mirror, route: &Route<'_>, query: Option<&str>, head
             response::full(list.body.clone())
         })
         .unwrap_or_else(|_| Response::new(response::empty()));
-    Ok(with_outcome(resp, source, route.upstream.name.clone()))
+    Ok(with_outcome(
+        resp,
+        "tags",
+        source,
+        route.upstream.name.clone(),
+    ))
 }
 
 /// The repositories pier holds, named as clients name them: plain for the default upstream,

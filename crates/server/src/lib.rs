@@ -5,6 +5,7 @@
 //! and every failure becomes the registry's JSON error ([`response`]).
 
 pub mod handlers;
+mod ops;
 mod origin;
 pub mod response;
 pub mod routing;
@@ -15,10 +16,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use pier_cache::Cache;
+use pier_metrics::Metrics;
 use pier_upstream::Upstream;
 use regex::Regex;
 
-pub use serve::{serve, ServerLimits};
+pub use ops::serve_ops;
+pub use serve::{serve, ServerOptions};
 
 /// One upstream as the front sees it: how clients name it and how fresh its tags must be.
 pub struct UpstreamEntry {
@@ -64,11 +67,17 @@ pub struct Mirror {
     /// Index in `upstreams` of the one that takes names no routing rule claims.
     pub default_upstream: usize,
     pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
     pub(crate) tag_lists: moka::future::Cache<String, Arc<TagList>>,
 }
 
 impl Mirror {
-    pub fn new(upstreams: Vec<UpstreamEntry>, default_upstream: usize, cache: Arc<Cache>) -> Self {
+    pub fn new(
+        upstreams: Vec<UpstreamEntry>,
+        default_upstream: usize,
+        cache: Arc<Cache>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         assert!(
             default_upstream < upstreams.len(),
             "the default upstream must exist"
@@ -77,6 +86,7 @@ impl Mirror {
             upstreams,
             default_upstream,
             cache,
+            metrics,
             tag_lists: moka::future::Cache::new(10_000),
         }
     }

@@ -1,35 +1,43 @@
-//! The accept loop: HTTP/1.1 and HTTP/2 on one listener, an access log line per request, and a
-//! graceful stop.
+//! The accept loops: HTTP/1.1 and HTTP/2 on one listener, an access log line and the request
+//! metrics per request, and a graceful stop.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http::Method;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper::Request;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use pier_cache::Source;
 use tokio::net::TcpListener;
 
 use crate::handlers::{self, Outcome};
-use crate::Mirror;
+use crate::response::Body;
+use crate::{ops, Mirror};
 
-/// Connection limits of the front.
+/// How the front serves connections.
 #[derive(Clone, Debug)]
-pub struct ServerLimits {
+pub struct ServerOptions {
     /// Longest time to receive a request's headers (slow-loris protection).
     pub header_read_timeout: Duration,
     /// How long a stop waits for requests in flight.
     pub shutdown_grace: Duration,
+    /// Also answer `/metrics` on the registry listener.
+    pub metrics_on_main: bool,
 }
 
-impl Default for ServerLimits {
+impl Default for ServerOptions {
     fn default() -> Self {
-        ServerLimits {
+        ServerOptions {
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            metrics_on_main: false,
         }
     }
 }
@@ -39,15 +47,33 @@ impl Default for ServerLimits {
 pub async fn serve(
     listener: TcpListener,
     mirror: Arc<Mirror>,
-    limits: ServerLimits,
+    options: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let metrics_on_main = options.metrics_on_main;
+    let handler = move |req: Request<Incoming>, peer: SocketAddr| {
+        let mirror = mirror.clone();
+        async move { answer(&mirror, req, peer, metrics_on_main).await }
+    };
+    accept_loop(listener, &options, shutdown, handler).await
+}
+
+/// The accept loop shared by the registry listener and the operations listener.
+pub(crate) async fn accept_loop<H, F>(
+    listener: TcpListener,
+    options: &ServerOptions,
+    shutdown: impl Future<Output = ()>,
+    handler: H,
+) -> std::io::Result<()>
+where
+    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
-    let builder = Arc::new(builder);
+        .header_read_timeout(options.header_read_timeout);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -64,15 +90,16 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let mirror = mirror.clone();
+        let handler = handler.clone();
         let service = service_fn(move |req: Request<Incoming>| {
-            let mirror = mirror.clone();
-            async move { Ok::<_, std::convert::Infallible>(logged(&mirror, req, peer).await) }
+            let response = handler(req, peer);
+            async move { Ok::<_, std::convert::Infallible>(response.await) }
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let conn = graceful.watch(
+            builder
+                .serve_connection(TokioIo::new(stream), service)
+                .into_owned(),
+        );
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
@@ -81,29 +108,95 @@ pub async fn serve(
     }
     tokio::select! {
         () = graceful.shutdown() => {}
-        () = tokio::time::sleep(limits.shutdown_grace) => tracing::warn!("requests still in flight at shutdown"),
+        () = tokio::time::sleep(options.shutdown_grace) => tracing::warn!("requests still in flight at shutdown"),
     }
     Ok(())
 }
 
-async fn logged(
+/// Answers one request of the registry listener, then counts it and writes its access log line.
+async fn answer(
     mirror: &Mirror,
     req: Request<Incoming>,
-    peer: std::net::SocketAddr,
-) -> hyper::Response<crate::response::Body> {
+    peer: SocketAddr,
+    metrics_on_main: bool,
+) -> Response<Body> {
     let started = Instant::now();
+    if metrics_on_main && req.uri().path() == "/metrics" {
+        return ops::metrics(mirror).await;
+    }
     let resp = handlers::handle(mirror, &req).await;
     let outcome = resp.extensions().get::<Outcome>().cloned();
+    let method = match *req.method() {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    };
+    let kind = outcome
+        .as_ref()
+        .map_or_else(|| path_kind(req.uri().path()), |o| o.kind);
+    let status = resp.status().as_u16();
+    let class = match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    mirror
+        .metrics
+        .requests
+        .with_label_values(&[method, kind, class])
+        .inc();
+    let resp = match &outcome {
+        Some(o) => {
+            let (result, source) = match o.source {
+                Source::Memory => ("memory_hit", "memory"),
+                Source::Disk => ("disk_hit", "disk"),
+                Source::Upstream { .. } => ("miss", "upstream"),
+            };
+            if o.kind != "tags" {
+                mirror
+                    .metrics
+                    .cache_lookups
+                    .with_label_values(&[result, o.kind])
+                    .inc();
+            }
+            // Bytes are counted as hyper takes them, so a client that leaves early counts less.
+            let served = mirror.metrics.served_bytes.with_label_values(&[source]);
+            resp.map(|body| {
+                body.map_frame(move |frame| {
+                    if let Some(data) = frame.data_ref() {
+                        served.inc_by(data.len() as u64);
+                    }
+                    frame
+                })
+                .boxed_unsync()
+            })
+        }
+        None => resp,
+    };
     tracing::info!(
         target: "pier::access",
         method = %req.method(),
         path = %req.uri().path(),
-        status = resp.status().as_u16(),
+        status,
         bytes = resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-"),
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
-        cache = outcome.as_ref().map_or("-", |o| o.cache),
+        cache = outcome.as_ref().map_or("-", |o| o.source.as_str()),
         upstream = outcome.as_ref().and_then(|o| o.upstream.as_deref()).unwrap_or("-"),
         %peer,
     );
     resp
+}
+
+/// The `kind` label of a request no handler described.
+fn path_kind(path: &str) -> &'static str {
+    match path {
+        "/v2" | "/v2/" => "base",
+        "/v2/_catalog" => "catalog",
+        p if p.contains("/manifests/") => "manifest",
+        p if p.contains("/blobs/") => "blob",
+        p if p.ends_with("/tags/list") => "tags",
+        _ => "other",
+    }
 }

@@ -3,12 +3,13 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::BoxStream;
 use futures_util::{StreamExt, TryStreamExt};
+use pier_metrics::Metrics;
 use pier_oci::{Digest, Reference, RepositoryName};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, Response, StatusCode, Url};
@@ -96,6 +97,7 @@ pub struct Upstream {
     /// Set when a request failed for want of the upstream (unreachable, timeout, 5xx); cleared by
     /// the next answer. While set, cached tags are served without first waiting on the upstream.
     outage_until: Mutex<Option<Instant>>,
+    metrics: Arc<Metrics>,
 }
 
 /// How long an upstream counts as down after a failed request, unless it answers sooner.
@@ -112,7 +114,7 @@ impl fmt::Debug for Upstream {
 
 impl Upstream {
     /// Builds the client. Fails on a URL that is not http(s) or an unreadable CA file.
-    pub fn new(config: UpstreamConfig) -> Result<Upstream, String> {
+    pub fn new(config: UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, String> {
         let url =
             Url::parse(&config.url).map_err(|e| format!("invalid URL {:?}: {e}", config.url))?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
@@ -151,6 +153,7 @@ impl Upstream {
             scheme: Mutex::new(None),
             rate_limit_remaining: AtomicU64::new(u64::MAX),
             outage_until: Mutex::new(None),
+            metrics,
         })
     }
 
@@ -195,7 +198,9 @@ impl Upstream {
         let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, accept_value(accept));
-        let mut resp = self.send(Method::GET, url, repo, headers).await?;
+        let mut resp = self
+            .send("manifest", Method::GET, url, repo, headers)
+            .await?;
         check_status(&resp)?;
         if resp
             .content_length()
@@ -211,6 +216,7 @@ impl Upstream {
                 return Err(UpstreamError::Invalid("manifest larger than 4 MiB".into()));
             }
             body.extend_from_slice(&chunk);
+            self.received(chunk.len());
         }
         let bytes = body.freeze();
         let media_type = media_type
@@ -234,7 +240,9 @@ impl Upstream {
         let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
         let mut headers = HeaderMap::new();
         headers.insert(header::ACCEPT, accept_value(accept));
-        let resp = self.send(Method::HEAD, url, repo, headers).await?;
+        let resp = self
+            .send("manifest_head", Method::HEAD, url, repo, headers)
+            .await?;
         check_status(&resp)?;
         let digest = header_digest(resp.headers()).ok_or_else(|| {
             UpstreamError::Invalid("manifest HEAD without Docker-Content-Digest".into())
@@ -260,7 +268,7 @@ impl Upstream {
                 .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
             headers.insert(header::RANGE, range);
         }
-        let resp = self.send(Method::GET, url, repo, headers).await?;
+        let resp = self.send("blob", Method::GET, url, repo, headers).await?;
         check_status(&resp)?;
         let (start, total) = if resp.status() == StatusCode::PARTIAL_CONTENT {
             parse_content_range(resp.headers())
@@ -268,9 +276,11 @@ impl Upstream {
         } else {
             (0, resp.content_length())
         };
+        let received = self.metrics.upstream_bytes.with_label_values(&[&self.name]);
         let body = resp
             .bytes_stream()
             .map_err(UpstreamError::from_reqwest)
+            .inspect_ok(move |chunk| received.inc_by(chunk.len() as u64))
             .boxed();
         Ok(BlobResponse { start, total, body })
     }
@@ -282,7 +292,9 @@ impl Upstream {
         digest: &Digest,
     ) -> Result<Option<u64>, UpstreamError> {
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
-        let resp = self.send(Method::HEAD, url, repo, HeaderMap::new()).await?;
+        let resp = self
+            .send("blob_head", Method::HEAD, url, repo, HeaderMap::new())
+            .await?;
         check_status(&resp)?;
         Ok(content_length(resp.headers()))
     }
@@ -308,7 +320,9 @@ impl Upstream {
         if url.query() == Some("") {
             url.set_query(None);
         }
-        let mut resp = self.send(Method::GET, url, repo, HeaderMap::new()).await?;
+        let mut resp = self
+            .send("tags", Method::GET, url, repo, HeaderMap::new())
+            .await?;
         check_status(&resp)?;
         let link = resp
             .headers()
@@ -321,6 +335,7 @@ impl Upstream {
                 return Err(UpstreamError::Invalid("tag list larger than 4 MiB".into()));
             }
             body.extend_from_slice(&chunk);
+            self.received(chunk.len());
         }
         Ok((body.freeze(), link))
     }
@@ -334,12 +349,26 @@ impl Upstream {
     /// the answer says about the upstream's health and rate limit.
     async fn send(
         &self,
+        kind: &'static str,
         method: Method,
         url: Url,
         repo: &RepositoryName,
         headers: HeaderMap,
     ) -> Result<Response, UpstreamError> {
+        let started = Instant::now();
         let result = self.send_authenticated(method, url, repo, headers).await;
+        self.metrics
+            .upstream_duration
+            .with_label_values(&[&self.name, kind])
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match &result {
+            Ok(r) => outcome(r.status()),
+            Err(_) => "error",
+        };
+        self.metrics
+            .upstream_requests
+            .with_label_values(&[&self.name, kind, outcome])
+            .inc();
         let health = match &result {
             Ok(resp) if resp.status().is_server_error() => {
                 Err(UpstreamError::Status(resp.status().as_u16()))
@@ -355,8 +384,20 @@ impl Upstream {
         {
             self.rate_limit_remaining
                 .store(remaining, Ordering::Relaxed);
+            self.metrics
+                .rate_limit_remaining
+                .with_label_values(&[&self.name])
+                .set(i64::try_from(remaining).unwrap_or(i64::MAX));
         }
         result
+    }
+
+    /// Counts body bytes received from this upstream.
+    fn received(&self, bytes: usize) {
+        self.metrics
+            .upstream_bytes
+            .with_label_values(&[&self.name])
+            .inc_by(bytes as u64);
     }
 
     async fn send_authenticated(
@@ -431,6 +472,24 @@ impl Upstream {
     }
 
     async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<String, UpstreamError> {
+        let result = self.request_token(realm, service, scope).await;
+        let outcome = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .token_fetches
+            .with_label_values(&[&self.name, outcome])
+            .inc();
+        if let Err(e) = &result {
+            tracing::warn!(upstream = %self.name, error = %e, "token fetch failed");
+        }
+        result
+    }
+
+    async fn request_token(
         &self,
         realm: &str,
         service: Option<&str>,
@@ -530,6 +589,18 @@ fn accept_value(accept: &str) -> HeaderValue {
     let accept = pier_oci::media_type::upstream_accept(accept);
     HeaderValue::from_str(accept)
         .unwrap_or_else(|_| HeaderValue::from_static(pier_oci::media_type::DEFAULT_ACCEPT))
+}
+
+/// The `outcome` label of an upstream answer.
+fn outcome(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        200..=299 => "ok",
+        404 => "not_found",
+        401 | 403 => "unauthorized",
+        429 => "rate_limited",
+        500..=599 => "server_error",
+        _ => "other",
+    }
 }
 
 fn check_status(resp: &Response) -> Result<(), UpstreamError> {

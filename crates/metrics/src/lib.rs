@@ -1,0 +1,255 @@
+//! pier's Prometheus metrics.
+//!
+//! One [`Metrics`] per running pier, shared by `Arc` with the upstream clients, the cache and the
+//! HTTP front, each of which records what it alone sees. Names follow Prometheus conventions
+//! (base units, `_total` on counters) and labels stay low-cardinality: method, object kind,
+//! status class, cache result, upstream name, outcome; never a repository, tag or digest.
+
+use std::fmt;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric pier exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests answered, by `method`, `kind` (manifest, blob, tags, catalog, base, other) and `status` class.
+    pub requests: IntCounterVec,
+    /// Cache lookups by `result` (memory_hit, disk_hit, miss) and `kind` (manifest, blob).
+    pub cache_lookups: IntCounterVec,
+    /// Body bytes sent to clients, by `source` (memory, disk, upstream).
+    pub served_bytes: IntCounterVec,
+    /// Body bytes received from each `upstream`.
+    pub upstream_bytes: IntCounterVec,
+    /// Upstream requests by `upstream`, `kind` (manifest, manifest_head, blob, blob_head, tags,
+    /// token) and `outcome` (ok, not_found, unauthorized, rate_limited, server_error, error).
+    pub upstream_requests: IntCounterVec,
+    /// Time until the upstream's response headers, by `upstream` and `kind`.
+    pub upstream_duration: HistogramVec,
+    /// Token fetches by `upstream` and `outcome`.
+    pub token_fetches: IntCounterVec,
+    /// Blob fills downloading now.
+    pub fills_in_flight: IntGauge,
+    /// Fills finished, by `outcome` (ok, failed).
+    pub fills: IntCounterVec,
+    /// Requests that joined a fill another request started.
+    pub fill_joins: IntCounter,
+    /// Broken downloads resumed with a Range request.
+    pub fill_resumes: IntCounter,
+    /// Cached answers served because the upstream was down, by `upstream` and `kind` (manifest, tags).
+    pub stale_served: IntCounterVec,
+    /// Tag revalidations by `upstream` and `result` (unchanged, changed, failed).
+    pub tag_revalidations: IntCounterVec,
+    /// Bytes of verified content in the disk store.
+    pub disk_bytes: IntGauge,
+    /// The disk budget (`cache.max_size`), 0 when unlimited.
+    pub disk_budget_bytes: IntGauge,
+    /// Objects removed to keep to the budget or age limit.
+    pub evictions: IntCounter,
+    /// Bytes and entries in the memory tier.
+    pub memory_bytes: IntGauge,
+    pub memory_entries: IntGauge,
+    /// The last `ratelimit-remaining` each `upstream` reported.
+    pub rate_limit_remaining: IntGaugeVec,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registered once");
+    g
+}
+
+impl Metrics {
+    /// A fresh registry with every metric at zero. (The definitions are constants, so the
+    /// `expect`s here cannot fail at run time.)
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let build_info = IntGaugeVec::new(
+            Opts::new("pier_build_info", "pier's version; always 1"),
+            &["version"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(build_info.clone()))
+            .expect("metric registered once");
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let upstream_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "pier_upstream_request_duration_seconds",
+                "Time until the upstream's response headers",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["upstream", "kind"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(upstream_duration.clone()))
+            .expect("metric registered once");
+        let rate_limit_remaining = IntGaugeVec::new(
+            Opts::new(
+                "pier_upstream_rate_limit_remaining",
+                "The pull budget each upstream reported last (ratelimit-remaining)",
+            ),
+            &["upstream"],
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(rate_limit_remaining.clone()))
+            .expect("metric registered once");
+        Metrics {
+            requests: counter_vec(
+                &r,
+                "pier_http_requests_total",
+                "Requests answered",
+                &["method", "kind", "status"],
+            ),
+            cache_lookups: counter_vec(
+                &r,
+                "pier_cache_lookups_total",
+                "Cache lookups by result (memory_hit, disk_hit, miss) and object kind",
+                &["result", "kind"],
+            ),
+            served_bytes: counter_vec(
+                &r,
+                "pier_served_bytes_total",
+                "Body bytes sent to clients, by source",
+                &["source"],
+            ),
+            upstream_bytes: counter_vec(
+                &r,
+                "pier_upstream_received_bytes_total",
+                "Body bytes received from each upstream",
+                &["upstream"],
+            ),
+            upstream_requests: counter_vec(
+                &r,
+                "pier_upstream_requests_total",
+                "Upstream requests by kind and outcome",
+                &["upstream", "kind", "outcome"],
+            ),
+            upstream_duration,
+            token_fetches: counter_vec(
+                &r,
+                "pier_upstream_token_fetches_total",
+                "Bearer token fetches by outcome",
+                &["upstream", "outcome"],
+            ),
+            fills_in_flight: gauge(&r, "pier_fills_in_flight", "Blob downloads in progress"),
+            fills: counter_vec(
+                &r,
+                "pier_fills_total",
+                "Blob downloads finished, by outcome",
+                &["outcome"],
+            ),
+            fill_joins: counter(
+                &r,
+                "pier_fill_joins_total",
+                "Requests that joined a download already in progress",
+            ),
+            fill_resumes: counter(
+                &r,
+                "pier_fill_resumes_total",
+                "Broken downloads resumed with a Range request",
+            ),
+            stale_served: counter_vec(
+                &r,
+                "pier_stale_served_total",
+                "Cached answers served because the upstream was down or rate-limiting",
+                &["upstream", "kind"],
+            ),
+            tag_revalidations: counter_vec(
+                &r,
+                "pier_tag_revalidations_total",
+                "Tag revalidations with the upstream, by result (unchanged, changed, failed)",
+                &["upstream", "result"],
+            ),
+            disk_bytes: gauge(
+                &r,
+                "pier_disk_usage_bytes",
+                "Bytes of verified content in the disk store",
+            ),
+            disk_budget_bytes: gauge(
+                &r,
+                "pier_disk_budget_bytes",
+                "The disk budget; 0 when unlimited",
+            ),
+            evictions: counter(
+                &r,
+                "pier_evictions_total",
+                "Objects removed to keep to the disk budget or age limit",
+            ),
+            memory_bytes: gauge(
+                &r,
+                "pier_memory_tier_bytes",
+                "Bytes held in the memory tier",
+            ),
+            memory_entries: gauge(
+                &r,
+                "pier_memory_tier_entries",
+                "Objects held in the memory tier",
+            ),
+            rate_limit_remaining,
+            registry: r,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// The content type of [`Metrics::encode`]'s output.
+    pub fn content_type() -> &'static str {
+        "text/plain; version=0.0.4; charset=utf-8"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposes_build_info_and_counters() {
+        let m = Metrics::new();
+        m.cache_lookups.with_label_values(&["miss", "blob"]).inc();
+        let text = m.encode();
+        assert!(text.contains("pier_build_info{version=\""), "{text}");
+        assert!(
+            text.contains("pier_cache_lookups_total{kind=\"blob\",result=\"miss\"} 1"),
+            "{text}"
+        );
+    }
+}
