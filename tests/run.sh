@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 declare -A packages=(
   [docker-registry]=docker-registry
   [skopeo]=skopeo
+  [promtool]=prometheus
 )
 missing=()
 for program in "${!packages[@]}"; do

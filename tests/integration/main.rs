@@ -7,5 +7,5 @@ mod api;
 mod auth;
 mod fills;
 mod freshness;
-mod routing;
 mod metrics;
+mod routing;

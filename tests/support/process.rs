@@ -28,6 +28,8 @@ pub fn wait_http(addr: &str, child: &mut Child, what: &str) {
 pub struct Running {
     pub child: Child,
     pub addr: String,
+    /// pier's operations listener (metrics, health), for pier processes.
+    pub ops: String,
 }
 
 impl Running {
@@ -66,17 +68,22 @@ pub fn registry(dir: &Path) -> Running {
         .spawn()
         .expect("start docker-registry");
     wait_http(&addr, &mut child, "docker-registry");
-    Running { child, addr }
+    Running {
+        child,
+        addr,
+        ops: String::new(),
+    }
 }
 
-/// pier, started from the binary with `args` after `serve --listen <addr>`.
+/// pier, started from the binary with `serve --listen <addr> --metrics-listen <ops>` and `args`.
+/// Its log goes to `pier-test-<port>.log` in the temp directory.
 pub fn pier(args: &[&str]) -> Running {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let log = std::env::temp_dir().join(format!("pier-test-{port}.log"));
+    let addr = format!("127.0.0.1:{}", free_port());
+    let ops = format!("127.0.0.1:{}", free_port());
+    let log = std::env::temp_dir().join(format!("pier-test-{}.log", addr.replace(':', "-")));
     let log_file = std::fs::File::create(&log).expect("create pier log");
     let mut child = Command::new(super::pier_bin())
-        .args(["serve", "--listen", &addr])
+        .args(["serve", "--listen", &addr, "--metrics-listen", &ops])
         .args(args)
         .env("RUST_LOG", "info")
         .stdout(Stdio::null())
@@ -84,7 +91,7 @@ pub fn pier(args: &[&str]) -> Running {
         .spawn()
         .expect("start pier");
     wait_http(&addr, &mut child, "pier");
-    Running { child, addr }
+    Running { child, addr, ops }
 }
 
 /// Runs skopeo, panicking with its output when it fails.
