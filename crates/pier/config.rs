@@ -107,6 +107,13 @@ pub struct UpstreamSection {
     /// served without revalidation.
     #[serde(default = "default_rate_limit_reserve")]
     pub rate_limit_reserve: u64,
+    /// Repository globs clients may pull (all when empty). `*` stays within a path component,
+    /// `**` crosses them.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Repository globs clients may not pull; deny wins over allow.
+    #[serde(default)]
+    pub deny: Vec<String>,
 }
 
 fn default_rate_limit_reserve() -> u64 {
@@ -173,7 +180,14 @@ impl UpstreamSection {
             library_prefix: None,
             immutable_tags: None,
             rate_limit_reserve: default_rate_limit_reserve(),
+            allow: Vec::new(),
+            deny: Vec::new(),
         }
+    }
+
+    /// `allow` and `deny`, compiled.
+    pub fn access(&self) -> Result<pier_server::RepositoryFilter, String> {
+        pier_server::RepositoryFilter::new(&self.allow, &self.deny)
     }
 
     /// `immutable_tags`, compiled.
@@ -399,6 +413,7 @@ impl Config {
                     e.0.trim_start_matches("immutable_tags: "),
                 )
             })?;
+            u.access().map_err(|e| ConfigError::field(&format!("{field}.allow/deny"), e))?;
             defaults += usize::from(u.default);
         }
         if defaults > 1 {

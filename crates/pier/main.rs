@@ -209,6 +209,7 @@ async fn serve(config: Config) -> Result<(), String> {
         entry.tag_ttl = u.tag_ttl;
         entry.immutable_tags = u.immutable_tags_regex().map_err(|e| e.to_string())?;
         entry.rate_limit_reserve = u.rate_limit_reserve;
+        entry.access = u.access()?;
         upstreams.push(entry);
     }
     let cache_config = CacheConfig {

@@ -17,6 +17,8 @@ pub struct UpstreamSpec {
     pub read_timeout: Duration,
     pub immutable_tags: Option<regex::Regex>,
     pub rate_limit_reserve: u64,
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
 }
 
 impl UpstreamSpec {
@@ -29,6 +31,8 @@ impl UpstreamSpec {
             read_timeout: Duration::from_secs(5),
             immutable_tags: None,
             rate_limit_reserve: 10,
+            allow: Vec::new(),
+            deny: Vec::new(),
         }
     }
 }
@@ -75,6 +79,7 @@ pub async fn start_in(
             entry.tag_ttl = u.tag_ttl;
             entry.immutable_tags = u.immutable_tags;
             entry.rate_limit_reserve = u.rate_limit_reserve;
+            entry.access = pier_server::RepositoryFilter::new(&u.allow, &u.deny).expect("valid globs");
             entry
         })
         .collect();

@@ -21,6 +21,7 @@ use pier_upstream::Upstream;
 use regex::Regex;
 
 pub use ops::serve_ops;
+pub use routing::RepositoryFilter;
 pub use serve::{serve, ServerOptions};
 
 /// One upstream as the front sees it: how clients name it and how fresh its tags must be.
@@ -37,6 +38,8 @@ pub struct UpstreamEntry {
     /// When the upstream reports this many pulls or fewer left (Docker Hub's
     /// `ratelimit-remaining`), cached tags are served without revalidation.
     pub rate_limit_reserve: u64,
+    /// Which repositories of this upstream clients may pull.
+    pub access: RepositoryFilter,
 }
 
 impl UpstreamEntry {
@@ -50,6 +53,7 @@ impl UpstreamEntry {
             tag_ttl: Duration::from_secs(300),
             immutable_tags: None,
             rate_limit_reserve: 10,
+            access: RepositoryFilter::default(),
         }
     }
 }

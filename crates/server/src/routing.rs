@@ -8,6 +8,7 @@
 //!
 //! A registry that is not configured is refused by name; no request leaves pier for it.
 
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use pier_oci::{ErrorCode, RegistryError, RepositoryName};
 
 use crate::{Mirror, UpstreamEntry};
@@ -70,6 +71,12 @@ impl Mirror {
         } else {
             repo
         };
+        if !upstream.access.permits(&repo) {
+            return Err(RegistryError::new(
+                ErrorCode::Denied,
+                format!("{}/{repo} is not allowed on this mirror", upstream.name),
+            ));
+        }
         Ok(Route { upstream, repo })
     }
 }
@@ -85,4 +92,72 @@ fn not_configured(registry: &str) -> RegistryError {
         ErrorCode::NameUnknown,
         format!("registry {shown:?} is not configured on this mirror"),
     )
+}
+
+/// Allow and deny lists of repository globs for one upstream, checked before anything else.
+///
+/// `*` matches within one path component (`library/*`), `**` across components (`myorg/**`).
+/// A repository is permitted when it matches no deny pattern and, if there is an allow list, at
+/// least one allow pattern. Patterns apply to the name as the upstream knows it
+/// (`library/nginx`, not `nginx`).
+#[derive(Debug, Default)]
+pub struct RepositoryFilter {
+    allow: Option<GlobSet>,
+    deny: Option<GlobSet>,
+}
+
+impl RepositoryFilter {
+    /// Builds the filter; the error names the bad pattern.
+    pub fn new(allow: &[String], deny: &[String]) -> Result<Self, String> {
+        fn set(patterns: &[String]) -> Result<Option<GlobSet>, String> {
+            if patterns.is_empty() {
+                return Ok(None);
+            }
+            let mut b = GlobSetBuilder::new();
+            for p in patterns {
+                let glob: Glob = GlobBuilder::new(p)
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| format!("{p:?} is not a glob pattern: {e}"))?;
+                b.add(glob);
+            }
+            b.build().map(Some).map_err(|e| e.to_string())
+        }
+        Ok(RepositoryFilter { allow: set(allow)?, deny: set(deny)? })
+    }
+
+    /// Whether clients may pull `repo`.
+    pub fn permits(&self, repo: &RepositoryName) -> bool {
+        let name = repo.as_str();
+        !self.deny.as_ref().is_some_and(|d| d.is_match(name))
+            && self.allow.as_ref().is_none_or(|a| a.is_match(name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> RepositoryName {
+        RepositoryName::parse(s).expect("valid name")
+    }
+
+    #[test]
+    fn allow_and_deny() {
+        let f = RepositoryFilter::new(
+            &["library/*".into(), "myorg/**".into()],
+            &["library/evil".into(), "myorg/secret/**".into()],
+        )
+        .unwrap();
+        assert!(f.permits(&name("library/nginx")));
+        assert!(!f.permits(&name("library/nginx/sub")), "* must not cross /");
+        assert!(f.permits(&name("myorg/team/app")));
+        assert!(!f.permits(&name("library/evil")));
+        assert!(!f.permits(&name("myorg/secret/x")));
+        assert!(!f.permits(&name("other/app")));
+        assert!(RepositoryFilter::default().permits(&name("any/thing")));
+        let deny_only = RepositoryFilter::new(&[], &["bad/*".into()]).unwrap();
+        assert!(deny_only.permits(&name("good/x")) && !deny_only.permits(&name("bad/x")));
+        assert!(RepositoryFilter::new(&["a/[".into()], &[]).unwrap_err().contains("a/["));
+    }
 }
