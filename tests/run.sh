@@ -10,6 +10,9 @@ declare -A packages=(
   [docker-registry]=docker-registry
   [skopeo]=skopeo
   [promtool]=prometheus
+  [dockerd]=docker.io
+  [containerd]=containerd
+  [podman]=podman
 )
 missing=()
 for program in "${!packages[@]}"; do

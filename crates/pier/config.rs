@@ -413,7 +413,8 @@ impl Config {
                     e.0.trim_start_matches("immutable_tags: "),
                 )
             })?;
-            u.access().map_err(|e| ConfigError::field(&format!("{field}.allow/deny"), e))?;
+            u.access()
+                .map_err(|e| ConfigError::field(&format!("{field}.allow/deny"), e))?;
             defaults += usize::from(u.default);
         }
         if defaults > 1 {

@@ -5,4 +5,5 @@
 mod support;
 
 mod metrics;
+mod runtimes;
 mod skopeo_pull;

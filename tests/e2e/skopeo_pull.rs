@@ -60,7 +60,7 @@ fn skopeo_pulls_through_pier_and_again_with_upstream_down() {
     );
     assert!(original == pulled, "blob bytes differ");
     assert!(
-        pulled.contains_key(index.digest.trim_start_matches("sha256:")),
+        pulled.contains_key(index.top.digest.trim_start_matches("sha256:")),
         "index digest changed"
     );
 

@@ -79,7 +79,8 @@ pub async fn start_in(
             entry.tag_ttl = u.tag_ttl;
             entry.immutable_tags = u.immutable_tags;
             entry.rate_limit_reserve = u.rate_limit_reserve;
-            entry.access = pier_server::RepositoryFilter::new(&u.allow, &u.deny).expect("valid globs");
+            entry.access =
+                pier_server::RepositoryFilter::new(&u.allow, &u.deny).expect("valid globs");
             entry
         })
         .collect();

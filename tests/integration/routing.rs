@@ -114,14 +114,27 @@ async fn allow_and_deny_lists_are_checked_before_anything_else() {
     let pier = start(vec![spec], (0, 0)).await;
     up.add_manifest("library/app", "1", M, "{}");
     assert_eq!(get(format!("{}/v2/app/manifests/1", pier.url)).await.0, 200);
-    for path in ["library/forbidden/manifests/1", "forbidden/manifests/1", "other/app/manifests/1", "other/app/tags/list"] {
-        let r = client().get(format!("{}/v2/{path}", pier.url)).send().await.unwrap();
+    for path in [
+        "library/forbidden/manifests/1",
+        "forbidden/manifests/1",
+        "other/app/manifests/1",
+        "other/app/tags/list",
+    ] {
+        let r = client()
+            .get(format!("{}/v2/{path}", pier.url))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 403, "{path}");
         let v: serde_json::Value = r.json().await.unwrap();
         assert_eq!(v["errors"][0]["code"], "DENIED");
     }
     let d = format!("sha256:{}", "1".repeat(64));
-    let r = client().get(format!("{}/v2/other/app/blobs/{d}", pier.url)).send().await.unwrap();
+    let r = client()
+        .get(format!("{}/v2/other/app/blobs/{d}", pier.url))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 403);
     assert_eq!(up.requests().len(), 1, "{:?}", up.requests());
 }

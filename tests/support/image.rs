@@ -71,8 +71,29 @@ fn layer(size: usize) -> (Vec<u8>, String) {
     (gz.finish().expect("gzip finish"), diff_id)
 }
 
+/// What a generated image is made of.
+#[derive(Clone, Debug)]
+pub struct Image {
+    /// What the tag points at: the index, or the manifest of a single-platform image.
+    pub top: Descriptor,
+    /// Per platform: architecture, manifest, config.
+    pub platforms: Vec<(String, Descriptor, Descriptor)>,
+}
+
+impl Image {
+    /// The linux/amd64 manifest and config.
+    pub fn amd64(&self) -> (&Descriptor, &Descriptor) {
+        let (_, m, c) = self
+            .platforms
+            .iter()
+            .find(|(a, _, _)| a == "amd64")
+            .expect("an amd64 image");
+        (m, c)
+    }
+}
+
 /// One platform's image manifest with its config and layers.
-fn platform_manifest(layout: &Path, arch: &str, layer_sizes: &[usize]) -> Descriptor {
+fn platform_manifest(layout: &Path, arch: &str, layer_sizes: &[usize]) -> (Descriptor, Descriptor) {
     let mut layers = Vec::new();
     let mut diff_ids = Vec::new();
     for &size in layer_sizes {
@@ -92,15 +113,20 @@ fn platform_manifest(layout: &Path, arch: &str, layer_sizes: &[usize]) -> Descri
         "config": config.json(),
         "layers": layers.iter().map(Descriptor::json).collect::<Vec<_>>(),
     });
-    put(layout, OCI_MANIFEST, manifest.to_string().as_bytes())
+    (
+        put(layout, OCI_MANIFEST, manifest.to_string().as_bytes()),
+        config,
+    )
 }
 
 /// Builds an OCI layout at `layout` whose `tag` is an index over linux/amd64 and linux/arm64,
 /// each with layers of the given sizes. Returns the index descriptor.
-pub fn two_platform_index(layout: &Path, tag: &str, layer_sizes: &[usize]) -> Descriptor {
+pub fn two_platform_index(layout: &Path, tag: &str, layer_sizes: &[usize]) -> Image {
     let mut entries = Vec::new();
+    let mut platforms = Vec::new();
     for arch in ["amd64", "arm64"] {
-        let m = platform_manifest(layout, arch, layer_sizes);
+        let (m, config) = platform_manifest(layout, arch, layer_sizes);
+        platforms.push((arch.to_string(), m.clone(), config));
         let mut e = m.json();
         e["platform"] = serde_json::json!({ "architecture": arch, "os": "linux" });
         entries.push(e);
@@ -109,14 +135,20 @@ pub fn two_platform_index(layout: &Path, tag: &str, layer_sizes: &[usize]) -> De
         serde_json::json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries });
     let index = put(layout, OCI_INDEX, index.to_string().as_bytes());
     write_index_json(layout, tag, &index);
-    index
+    Image {
+        top: index,
+        platforms,
+    }
 }
 
-/// Builds an OCI layout with a single-platform image under `tag`.
-pub fn single_image(layout: &Path, tag: &str, layer_sizes: &[usize]) -> Descriptor {
-    let m = platform_manifest(layout, "amd64", layer_sizes);
+/// Builds an OCI layout with a single-platform (linux/amd64) image under `tag`.
+pub fn single_image(layout: &Path, tag: &str, layer_sizes: &[usize]) -> Image {
+    let (m, config) = platform_manifest(layout, "amd64", layer_sizes);
     write_index_json(layout, tag, &m);
-    m
+    Image {
+        top: m.clone(),
+        platforms: vec![("amd64".into(), m, config)],
+    }
 }
 
 fn write_index_json(layout: &Path, tag: &str, top: &Descriptor) {

@@ -45,7 +45,8 @@ impl Drop for Running {
     }
 }
 
-/// The CNCF Distribution registry on loopback, storing under `dir`.
+/// The CNCF Distribution registry on loopback, storing under `dir`, its access log in
+/// `dir/registry.log` (see [`registry_requests`]).
 pub fn registry(dir: &Path) -> Running {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
@@ -55,16 +56,18 @@ pub fn registry(dir: &Path) -> Running {
     std::fs::write(
         &config,
         format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
             storage.display()
         ),
     )
     .expect("write registry config");
+    let log = std::fs::File::create(dir.join("registry.log")).expect("create registry log");
+    let log2 = log.try_clone().expect("clone log handle");
     let mut child = Command::new("docker-registry")
         .arg("serve")
         .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
         .spawn()
         .expect("start docker-registry");
     wait_http(&addr, &mut child, "docker-registry");
@@ -73,6 +76,20 @@ pub fn registry(dir: &Path) -> Running {
         addr,
         ops: String::new(),
     }
+}
+
+/// The `/v2/...` request paths a registry started with [`registry`] in `dir` has logged.
+pub fn registry_requests(dir: &Path) -> Vec<String> {
+    let log = std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default();
+    log.lines()
+        .filter_map(|l| {
+            // access log lines: ... "GET /v2/org/tool/manifests/2.0 HTTP/1.1" ...
+            let start = l.find("\"GET /v2/").or_else(|| l.find("\"HEAD /v2/"))?;
+            let rest = &l[start + 1..];
+            let end = rest.find(" HTTP/")?;
+            Some(rest[..end].to_string())
+        })
+        .collect()
 }
 
 /// pier, started from the binary with `serve --listen <addr> --metrics-listen <ops>` and `args`.

@@ -123,7 +123,10 @@ impl RepositoryFilter {
             }
             b.build().map(Some).map_err(|e| e.to_string())
         }
-        Ok(RepositoryFilter { allow: set(allow)?, deny: set(deny)? })
+        Ok(RepositoryFilter {
+            allow: set(allow)?,
+            deny: set(deny)?,
+        })
     }
 
     /// Whether clients may pull `repo`.
@@ -158,6 +161,8 @@ mod tests {
         assert!(RepositoryFilter::default().permits(&name("any/thing")));
         let deny_only = RepositoryFilter::new(&[], &["bad/*".into()]).unwrap();
         assert!(deny_only.permits(&name("good/x")) && !deny_only.permits(&name("bad/x")));
-        assert!(RepositoryFilter::new(&["a/[".into()], &[]).unwrap_err().contains("a/["));
+        assert!(RepositoryFilter::new(&["a/[".into()], &[])
+            .unwrap_err()
+            .contains("a/["));
     }
 }

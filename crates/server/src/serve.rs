@@ -178,7 +178,7 @@ async fn answer(
     tracing::info!(
         target: "pier::access",
         method = %req.method(),
-        path = %req.uri().path(),
+        path = %req.uri().path_and_query().map_or(req.uri().path(), |p| p.as_str()),
         status,
         bytes = resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-"),
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
