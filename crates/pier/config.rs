@@ -20,6 +20,7 @@ pub struct Config {
     pub cache: CacheSection,
     pub log: LogSection,
     pub metrics: MetricsSection,
+    pub admin: AdminSection,
     pub upstreams: Vec<UpstreamSection>,
 }
 
@@ -51,6 +52,25 @@ pub struct CacheSection {
     pub memory_object_size: Size,
     /// Failed attempts in a row before a blob download is given up.
     pub fill_retries: u32,
+    /// Disk budget for verified content; 0 (the default) means no limit.
+    pub max_size: Size,
+    /// Fraction of max_size at which eviction starts.
+    pub high_watermark: f64,
+    /// Fraction of max_size eviction brings usage down to.
+    pub low_watermark: f64,
+    /// Objects not used for this long are removed (off when absent).
+    #[serde(deserialize_with = "opt_duration")]
+    pub max_age: Option<Duration>,
+    /// How often access times are written back and the budget and age limit applied.
+    #[serde(deserialize_with = "duration")]
+    pub maintenance_interval: Duration,
+}
+
+/// The admin listener: cache statistics, purge, eviction. Off unless `listen` is set.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,6 +157,7 @@ impl Default for Config {
             cache: CacheSection::default(),
             log: LogSection::default(),
             metrics: MetricsSection::default(),
+            admin: AdminSection::default(),
             upstreams: Vec::new(),
         }
     }
@@ -149,6 +170,11 @@ impl Default for CacheSection {
             memory_size: Size(256 << 20),
             memory_object_size: Size(1 << 20),
             fill_retries: 3,
+            max_size: Size(0),
+            high_watermark: 0.95,
+            low_watermark: 0.85,
+            max_age: None,
+            maintenance_interval: Duration::from_secs(60),
         }
     }
 }
@@ -319,6 +345,10 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     d.deserialize_str(V)
 }
 
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
+}
+
 /// A configuration problem, naming the field.
 #[derive(Debug)]
 pub struct ConfigError(pub String);
@@ -421,6 +451,19 @@ impl Config {
             return Err(ConfigError::field(
                 "upstreams",
                 "more than one upstream has default: true",
+            ));
+        }
+        let (low, high) = (self.cache.low_watermark, self.cache.high_watermark);
+        if !(0.0 < low && low < high && high <= 1.0) {
+            return Err(ConfigError::field(
+                "cache.low_watermark",
+                format!("watermarks must satisfy 0 < low_watermark ({low}) < high_watermark ({high}) <= 1"),
+            ));
+        }
+        if self.cache.maintenance_interval.is_zero() {
+            return Err(ConfigError::field(
+                "cache.maintenance_interval",
+                "must be greater than zero",
             ));
         }
         if self.cache.memory_object_size.0 > self.cache.memory_size.0

@@ -1,7 +1,8 @@
 //! `pier`: the binary. Reads the configuration, wires the upstream clients, the cache and the HTTP
-//! front together, and runs them until SIGINT or SIGTERM.
+//! front together, and runs them until SIGINT or SIGTERM; or manages a stopped cache directory.
 
 mod config;
+mod wiring;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,10 +10,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
-use pier_cache::{Cache, CacheConfig, RetryPolicy};
 use pier_metrics::Metrics;
-use pier_server::{Mirror, ServerOptions, UpstreamEntry};
-use pier_upstream::{Credentials, Upstream, UpstreamConfig};
+use pier_server::ServerOptions;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use config::{Config, ConfigError, LogFormat, UpstreamSection};
 
@@ -33,6 +34,18 @@ enum Command {
     Serve(ServeArgs),
     /// Check a configuration file (default: mirror.yaml) and exit non-zero if it is wrong.
     CheckConfig { file: Option<PathBuf> },
+    /// Show what a stopped cache directory holds.
+    Du(DirArgs),
+    /// Apply the disk budget and age limit to a stopped cache directory.
+    Gc(DirArgs),
+    /// Remove digests (sha256:...) or repositories' tags (library/nginx, ghcr.io/org/app) from a
+    /// stopped cache directory.
+    Purge {
+        #[command(flatten)]
+        dir: DirArgs,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
 }
 
 /// Flags override the configuration file; each can also come from the environment.
@@ -56,19 +69,62 @@ struct ServeArgs {
     /// Address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9090
     #[arg(long, env = "PIER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Address of the admin listener (stats, purge, eviction), e.g. 127.0.0.1:9091
+    #[arg(long, env = "PIER_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+}
+
+/// Which cache directory an offline command works on.
+#[derive(Args)]
+struct DirArgs {
+    /// Configuration file [default: mirror.yaml in the working directory, if present]
+    #[arg(long, env = "PIER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Cache directory
+    #[arg(long, env = "PIER_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::CheckConfig { file } => check_config(file),
-        Command::Serve(args) => match load(&args) {
-            Ok(config) => run(config),
-            Err(e) => {
-                eprintln!("pier: configuration error: {e}");
-                ExitCode::from(2)
-            }
-        },
+    let (config, serving) = match &cli.command {
+        Command::CheckConfig { file } => return check_config(file.clone()),
+        Command::Serve(args) => (load_serve(args), true),
+        Command::Du(dir) | Command::Gc(dir) | Command::Purge { dir, .. } => (load_dir(dir), false),
+    };
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pier: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if serving {
+        init_logging(&config);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pier: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve(_) => serve(config).await,
+            Command::Du(_) => du(&config).await,
+            Command::Gc(_) => gc(&config).await,
+            Command::Purge { targets, .. } => purge(&config, &targets).await,
+            Command::CheckConfig { .. } => Ok(()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("pier: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -76,7 +132,7 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
     let result = Config::load(file.as_deref()).and_then(|(mut config, path)| {
         config.finish()?;
         for (i, u) in config.upstreams.iter().enumerate() {
-            upstream_client(u, i, Arc::new(Metrics::new()))
+            wiring::upstream_client(u, i, Arc::new(Metrics::new()))
                 .map_err(|e| ConfigError::field(&format!("upstreams[{i}]"), e))?;
         }
         Ok((config, path))
@@ -105,7 +161,7 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
 }
 
 /// The file, then the flags and environment on top, then the defaults and checks.
-fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+fn load_serve(args: &ServeArgs) -> Result<Config, ConfigError> {
     let (mut config, _) = Config::load(args.config.as_deref())?;
     if let Some(listen) = args.listen {
         config.listen = listen;
@@ -123,6 +179,9 @@ fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
     if let Some(addr) = args.metrics_listen {
         config.metrics.listen = Some(addr);
     }
+    if let Some(addr) = args.admin_listen {
+        config.admin.listen = Some(addr);
+    }
     if let Some(url) = &args.upstream {
         if config.upstreams.is_empty() {
             config.upstreams.push(UpstreamSection::named("docker.io"));
@@ -134,41 +193,21 @@ fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-fn upstream_client(
-    u: &UpstreamSection,
-    index: usize,
-    metrics: Arc<Metrics>,
-) -> Result<Upstream, String> {
-    let credentials = match (
-        &u.username,
-        u.password(&format!("upstreams[{index}]"))
-            .map_err(|e| e.0)?,
-    ) {
-        (Some(username), password) => Some(Credentials {
-            username: username.clone(),
-            password: password.unwrap_or_default(),
-        }),
-        (None, _) => None,
-    };
-    Upstream::new(
-        UpstreamConfig {
-            name: u.name.clone(),
-            url: u.url(),
-            credentials,
-            ca_file: u.ca_file.clone(),
-            connect_timeout: u.connect_timeout,
-            read_timeout: u.read_timeout,
-        },
-        metrics,
-    )
+fn load_dir(args: &DirArgs) -> Result<Config, ConfigError> {
+    let (mut config, _) = Config::load(args.config.as_deref())?;
+    if let Some(dir) = &args.cache_dir {
+        config.cache.dir = dir.clone();
+    }
+    config.finish()?;
+    Ok(config)
 }
 
 fn init_logging(config: &Config) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -179,85 +218,51 @@ fn init_logging(config: &Config) {
     }
 }
 
-fn run(config: Config) -> ExitCode {
-    init_logging(&config);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the runtime");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("pier: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 async fn serve(config: Config) -> Result<(), String> {
-    let metrics = Arc::new(Metrics::new());
-    let mut upstreams = Vec::new();
-    for (i, u) in config.upstreams.iter().enumerate() {
-        let client =
-            upstream_client(u, i, metrics.clone()).map_err(|e| format!("upstreams[{i}]: {e}"))?;
-        let mut entry = UpstreamEntry::new(&u.name, Arc::new(client));
-        entry.library_prefix = u.library_prefix();
-        entry.tag_ttl = u.tag_ttl;
-        entry.immutable_tags = u.immutable_tags_regex().map_err(|e| e.to_string())?;
-        entry.rate_limit_reserve = u.rate_limit_reserve;
-        entry.access = u.access()?;
-        upstreams.push(entry);
-    }
-    let cache_config = CacheConfig {
-        dir: config.cache.dir.clone(),
-        memory_size: config.cache.memory_size.0,
-        memory_object_size: config.cache.memory_object_size.0,
-        retry: RetryPolicy {
-            attempts: config.cache.fill_retries,
-            ..RetryPolicy::default()
-        },
-    };
-    let cache = Cache::open(cache_config, metrics.clone()).map_err(|e| {
-        format!(
-            "cannot open cache directory {}: {e}",
-            config.cache.dir.display()
-        )
-    })?;
-    let mirror = Arc::new(Mirror::new(
-        upstreams,
-        config.default_upstream(),
-        Arc::new(cache),
-        metrics,
-    ));
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let mirror = wiring::mirror(&config)?;
+    let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     for u in &config.upstreams {
         tracing::info!(name = %u.name, url = %u.url(), "upstream");
     }
-    // One signal stops both listeners.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // One signal stops every listener and the maintenance task.
+    let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
         let _ = stop.send(true);
     });
-    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let maintenance = tokio::spawn(
+        mirror
+            .cache
+            .clone()
+            .run_maintenance(config.cache.maintenance_interval),
+    );
     if let Some(ops_addr) = config.metrics.listen {
-        let ops = tokio::net::TcpListener::bind(ops_addr)
+        let ops = TcpListener::bind(ops_addr)
             .await
             .map_err(|e| format!("cannot listen on {ops_addr} (metrics.listen): {e}"))?;
-        tracing::info!(addr = %ops_addr, "metrics and health listening");
+        tracing::info!(addr = %ops.local_addr().map_err(|e| e.to_string())?, "metrics and health listening");
         let (m, rx) = (mirror.clone(), stopped.clone());
         tokio::spawn(async move {
             if let Err(e) = pier_server::serve_ops(ops, m, until_stopped(rx)).await {
                 tracing::error!(error = %e, "operations listener failed");
+            }
+        });
+    }
+    if let Some(admin_addr) = config.admin.listen {
+        let admin = TcpListener::bind(admin_addr)
+            .await
+            .map_err(|e| format!("cannot listen on {admin_addr} (admin.listen): {e}"))?;
+        tracing::info!(addr = %admin.local_addr().map_err(|e| e.to_string())?, "admin API listening");
+        let (m, rx) = (mirror.clone(), stopped.clone());
+        tokio::spawn(async move {
+            if let Err(e) = pier_server::serve_admin(admin, m, until_stopped(rx)).await {
+                tracing::error!(error = %e, "admin listener failed");
             }
         });
     }
@@ -266,10 +271,56 @@ async fn serve(config: Config) -> Result<(), String> {
         metrics_on_main: config.metrics.on_main_listener,
         ..ServerOptions::default()
     };
-    pier_server::serve(listener, mirror, options, until_stopped(stopped))
+    pier_server::serve(listener, mirror.clone(), options, until_stopped(stopped))
         .await
         .map_err(|e| e.to_string())?;
+    maintenance.abort();
+    mirror.cache.flush_access_times().await;
     tracing::info!("pier stopped");
+    Ok(())
+}
+
+async fn du(config: &Config) -> Result<(), String> {
+    let mirror = wiring::mirror(config)?;
+    let usage = mirror.cache.usage().await;
+    println!(
+        "{}: {} bytes in {} objects",
+        config.cache.dir.display(),
+        usage.disk_bytes,
+        usage.disk_objects
+    );
+    if usage.max_size > 0 {
+        println!(
+            "budget: {} bytes ({:.1}% used)",
+            usage.max_size,
+            100.0 * usage.disk_bytes as f64 / usage.max_size as f64
+        );
+    }
+    let repos = mirror
+        .cache
+        .repositories()
+        .await
+        .map_err(|e| e.to_string())?;
+    println!("repositories with tags: {}", repos.len());
+    Ok(())
+}
+
+async fn gc(config: &Config) -> Result<(), String> {
+    let mirror = wiring::mirror(config)?;
+    let report = mirror.evict().await.map_err(|e| e.to_string())?;
+    println!("removed {} objects, {} bytes", report.removed, report.bytes);
+    Ok(())
+}
+
+async fn purge(config: &Config, targets: &[String]) -> Result<(), String> {
+    let mirror = wiring::mirror(config)?;
+    for target in targets {
+        let purged = mirror.purge(target).await.map_err(|e| e.message)?;
+        println!(
+            "{} {}: {} removed",
+            purged.kind, purged.target, purged.removed
+        );
+    }
     Ok(())
 }
 

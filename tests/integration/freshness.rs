@@ -171,7 +171,7 @@ async fn pier_started_with_the_upstream_down_serves_its_cache() {
             .status(),
         200
     );
-    let Pier { dir, .. } = first;
+    let dir = first.stop().await;
     // A port nothing listens on.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

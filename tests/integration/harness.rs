@@ -39,10 +39,44 @@ impl UpstreamSpec {
 
 pub struct Pier {
     pub url: String,
+    /// The admin API.
+    pub admin: String,
     pub mirror: Arc<Mirror>,
     pub dir: tempfile::TempDir,
-    /// Dropping it stops the server.
-    pub _stop: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    maintenance: tokio::task::JoinHandle<()>,
+}
+
+impl Pier {
+    /// Stops the listeners and the maintenance task, waits until the cache directory is free,
+    /// and hands it back.
+    pub async fn stop(self) -> tempfile::TempDir {
+        let Pier {
+            stop,
+            tasks,
+            maintenance,
+            dir,
+            mirror,
+            ..
+        } = self;
+        let _ = stop.send(true);
+        for t in tasks {
+            let _ = t.await;
+        }
+        maintenance.abort();
+        let _ = maintenance.await;
+        // Connection tasks let go of the mirror a moment after the listener stops, and fills in
+        // progress hold the cache until they finish.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while (Arc::strong_count(&mirror) > 1 || Arc::strong_count(&mirror.cache) > 1)
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        drop(mirror);
+        dir
+    }
 }
 
 /// Starts pier with these upstreams (the first is the default) and memory tier settings.
@@ -56,25 +90,32 @@ pub async fn start_in(
     memory: (u64, u64),
     dir: tempfile::TempDir,
 ) -> Pier {
+    start_with(upstreams, memory, pier_cache::Budget::default(), dir).await
+}
+
+/// Starts pier with a disk budget, in `dir`.
+pub async fn start_with(
+    upstreams: Vec<UpstreamSpec>,
+    memory: (u64, u64),
+    budget: pier_cache::Budget,
+    dir: tempfile::TempDir,
+) -> Pier {
     let metrics = Arc::new(Metrics::new());
     let entries = upstreams
         .into_iter()
         .map(|u| {
-            let client = Upstream::new(
-                UpstreamConfig {
-                    name: u.name.into(),
-                    url: u.url,
-                    credentials: u.credentials.map(|(user, pass)| Credentials {
-                        username: user.into(),
-                        password: pass.into(),
-                    }),
-                    ca_file: None,
-                    connect_timeout: Duration::from_secs(2),
-                    read_timeout: u.read_timeout,
-                },
-                metrics.clone(),
-            )
-            .expect("upstream client");
+            let config = UpstreamConfig {
+                name: u.name.into(),
+                url: u.url,
+                credentials: u.credentials.map(|(user, pass)| Credentials {
+                    username: user.into(),
+                    password: pass.into(),
+                }),
+                ca_file: None,
+                connect_timeout: Duration::from_secs(2),
+                read_timeout: u.read_timeout,
+            };
+            let client = Upstream::new(config, metrics.clone()).expect("upstream client");
             let mut entry = UpstreamEntry::new(u.name, Arc::new(client));
             entry.tag_ttl = u.tag_ttl;
             entry.immutable_tags = u.immutable_tags;
@@ -84,45 +125,52 @@ pub async fn start_in(
             entry
         })
         .collect();
-    let cache = Cache::open(
-        CacheConfig {
-            dir: dir.path().to_path_buf(),
-            memory_size: memory.0,
-            memory_object_size: memory.1,
-            retry: RetryPolicy {
-                attempts: 3,
-                base_delay: Duration::from_millis(20),
-            },
+    let cache_config = CacheConfig {
+        dir: dir.path().to_path_buf(),
+        memory_size: memory.0,
+        memory_object_size: memory.1,
+        retry: RetryPolicy {
+            attempts: 3,
+            base_delay: Duration::from_millis(20),
         },
-        metrics.clone(),
-    )
-    .expect("open cache");
-    let mirror = Arc::new(Mirror::new(entries, 0, Arc::new(cache), metrics));
+        budget,
+    };
+    let cache = Arc::new(Cache::open(cache_config, metrics.clone()).expect("open cache"));
+    let mirror = Arc::new(Mirror::new(entries, 0, cache.clone(), metrics));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind pier");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let m = mirror.clone();
-    tokio::spawn(async move {
-        let _ = pier_server::serve(
-            listener,
-            m,
-            ServerOptions {
-                metrics_on_main: true,
-                ..ServerOptions::default()
-            },
-            async {
-                let _ = stopped.await;
-            },
-        )
-        .await;
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind admin");
+    let admin = format!("http://{}", admin_listener.local_addr().expect("addr"));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let options = ServerOptions {
+        metrics_on_main: true,
+        ..ServerOptions::default()
+    };
+    let (m, rx) = (mirror.clone(), stopped.clone());
+    let server = tokio::spawn(async move {
+        let _ = pier_server::serve(listener, m, options, until(rx)).await;
     });
+    let (m, rx) = (mirror.clone(), stopped);
+    let admin_task = tokio::spawn(async move {
+        let _ = pier_server::serve_admin(admin_listener, m, until(rx)).await;
+    });
+    // Only woken by fills past the high watermark in tests.
+    let maintenance = tokio::spawn(cache.run_maintenance(Duration::from_secs(3600)));
     Pier {
         url,
+        admin,
         mirror,
         dir,
-        _stop: stop,
+        stop,
+        tasks: vec![server, admin_task],
+        maintenance,
     }
 }
 

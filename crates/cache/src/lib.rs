@@ -7,8 +7,10 @@
 //! Manifests are small: they are fetched whole, once per key at a time ([`Cache::fetch_manifest_once`]),
 //! and stored by digest next to the blobs, with their tags recorded per upstream and repository.
 
+mod eviction;
 mod fill;
 mod flight;
+mod index;
 mod memory;
 mod reader;
 pub mod store;
@@ -27,12 +29,14 @@ use pier_oci::{Digest, RepositoryName, Tag};
 use pier_upstream::{Manifest, UpstreamError};
 use tokio::sync::watch;
 
+pub use eviction::{Budget, EvictionReport, Usage};
 pub use fill::{FillError, Origin, RetryPolicy};
 pub use flight::SingleFlight;
 pub use memory::MemoryObject;
 pub use store::{DiskStore, TagRecord};
 
 use fill::{Fill, Phase, Progress};
+use index::Index;
 use memory::MemoryTier;
 
 /// How the cache is set up.
@@ -44,6 +48,8 @@ pub struct CacheConfig {
     /// Largest object the memory tier takes.
     pub memory_object_size: u64,
     pub retry: RetryPolicy,
+    /// Disk budget and age limit.
+    pub budget: Budget,
 }
 
 /// Where an answer came from.
@@ -120,19 +126,35 @@ pub struct Cache {
     manifest_fetches: SingleFlight<String, Result<(Digest, CachedManifest), UpstreamError>>,
     retry: RetryPolicy,
     metrics: Arc<Metrics>,
+    index: Index,
+    budget: Budget,
+    /// Wakes the maintenance task when the budget is exceeded.
+    evict_now: tokio::sync::Notify,
 }
 
 impl Cache {
-    /// Opens the cache directory (creating it; removing leftovers of interrupted fills).
+    /// Opens the cache directory: creates it, removes leftovers of interrupted fills, and
+    /// indexes the blobs on disk. Fails if another pier process has the directory open.
     pub fn open(config: CacheConfig, metrics: Arc<Metrics>) -> io::Result<Cache> {
-        Ok(Cache {
-            store: Arc::new(DiskStore::open(&config.dir)?),
+        let store = DiskStore::open(&config.dir)?;
+        let index = Index::from_scan(store.scan()?);
+        let cache = Cache {
+            store: Arc::new(store),
             memory: MemoryTier::new(config.memory_size, config.memory_object_size),
             fills: Fills::default(),
             manifest_fetches: SingleFlight::default(),
             retry: config.retry,
             metrics,
-        })
+            index,
+            budget: config.budget,
+            evict_now: tokio::sync::Notify::new(),
+        };
+        cache
+            .metrics
+            .disk_budget_bytes
+            .set(i64::try_from(cache.budget.max_size).unwrap_or(i64::MAX));
+        cache.disk_usage_changed(cache.index.usage().0);
+        Ok(cache)
     }
 
     pub fn store(&self) -> &DiskStore {
@@ -165,6 +187,7 @@ impl Cache {
     /// A blob from memory or disk, without going upstream.
     pub async fn cached_blob(&self, digest: &Digest) -> io::Result<Option<Blob>> {
         if let Some(obj) = self.memory.get(digest).await {
+            self.index.touch(digest);
             return Ok(Some(Blob {
                 size: Some(obj.bytes.len() as u64),
                 source: Source::Memory,
@@ -174,6 +197,7 @@ impl Cache {
         let Some((file, len)) = self.store.open_blob(digest)? else {
             return Ok(None);
         };
+        self.index.touch(digest);
         if self.memory.admits(len) {
             let bytes = read_whole(file).await?;
             self.memory
@@ -205,7 +229,7 @@ impl Cache {
     /// or starting one with `origin`). Returns once the upstream answered, so that the size is
     /// known, or with the error that ended the fill before any byte.
     pub async fn blob(
-        &self,
+        self: &Arc<Self>,
         digest: &Digest,
         origin: impl FnOnce() -> Arc<dyn Origin>,
     ) -> Result<Blob, FillError> {
@@ -260,7 +284,7 @@ impl Cache {
 
     /// The fill for `digest`: the one running, or a new one. `None` when the blob is on disk.
     fn join_or_start(
-        &self,
+        self: &Arc<Self>,
         digest: &Digest,
         origin: impl FnOnce() -> Arc<dyn Origin>,
     ) -> io::Result<(Option<Arc<Fill>>, bool)> {
@@ -279,14 +303,7 @@ impl Cache {
         fills.insert(digest.clone(), fill.clone());
         drop(fills);
         self.metrics.fills_in_flight.inc();
-        tokio::spawn(run_fill(
-            fill.clone(),
-            origin(),
-            self.store.clone(),
-            self.fills.clone(),
-            self.retry.clone(),
-            self.metrics.clone(),
-        ));
+        tokio::spawn(run_fill(self.clone(), fill.clone(), origin()));
         Ok((Some(fill), false))
     }
 
@@ -294,6 +311,7 @@ impl Cache {
     pub async fn manifest(&self, digest: &Digest) -> io::Result<Option<(CachedManifest, Source)>> {
         if let Some(obj) = self.memory.get(digest).await {
             if let Some(media_type) = obj.media_type {
+                self.index.touch(digest);
                 return Ok(Some((
                     CachedManifest {
                         bytes: obj.bytes,
@@ -309,6 +327,7 @@ impl Cache {
         let Some((file, _)) = self.store.open_blob(digest)? else {
             return Ok(None);
         };
+        self.index.touch(digest);
         let bytes = read_whole(file).await?;
         let media_type: Arc<str> = media_type.into();
         let obj = MemoryObject {
@@ -328,6 +347,7 @@ impl Cache {
         })
         .await
         .map_err(io::Error::other)??;
+        self.stored(digest.clone(), manifest.bytes.len() as u64);
         let obj = MemoryObject {
             bytes: manifest.bytes.clone(),
             media_type: Some(manifest.media_type.clone()),
@@ -404,18 +424,12 @@ impl Cache {
 }
 
 /// The fill's task: download, commit or discard, tell the readers, leave the map.
-async fn run_fill(
-    fill: Arc<Fill>,
-    origin: Arc<dyn Origin>,
-    store: Arc<DiskStore>,
-    fills: Fills,
-    retry: RetryPolicy,
-    metrics: Arc<Metrics>,
-) {
-    let mut result = fill.download(origin.as_ref(), &retry).await;
+async fn run_fill(cache: Arc<Cache>, fill: Arc<Fill>, origin: Arc<dyn Origin>) {
+    let metrics = &cache.metrics;
+    let mut result = fill.download(origin.as_ref(), &cache.retry).await;
     if let Ok(resumes) = result {
         metrics.fill_resumes.inc_by(u64::from(resumes));
-        let (s, f) = (store.clone(), fill.clone());
+        let (s, f) = (cache.store.clone(), fill.clone());
         let committed = tokio::task::spawn_blocking(move || s.commit(&f.file, &f.temp, &f.digest))
             .await
             .map_err(io::Error::other)
@@ -428,9 +442,7 @@ async fn run_fill(
         Ok(_) => {
             let written = fill.progress.borrow().written;
             metrics.fills.with_label_values(&["ok"]).inc();
-            metrics
-                .disk_bytes
-                .add(i64::try_from(written).unwrap_or(i64::MAX));
+            cache.stored(fill.digest.clone(), written);
             fill.progress.send_modify(|p| p.phase = Phase::Complete);
             tracing::debug!(digest = %fill.digest, bytes = written, "fill complete");
         }
@@ -438,10 +450,15 @@ async fn run_fill(
             metrics.fills.with_label_values(&["failed"]).inc();
             tracing::warn!(digest = %fill.digest, error = %e, "fill failed; nothing kept");
             let _ = std::fs::remove_file(&fill.temp);
+            if matches!(&e, FillError::Io(m) if m.contains("No space left")) {
+                // Make room for the next attempt.
+                cache.evict_now.notify_one();
+            }
             fill.progress.send_modify(|p| p.phase = Phase::Failed(e));
         }
     }
-    fills
+    cache
+        .fills
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .remove(&fill.digest);

@@ -47,6 +47,10 @@ impl MemoryTier {
         }
     }
 
+    pub(crate) async fn remove(&self, digest: &Digest) {
+        self.cache.invalidate(digest).await;
+    }
+
     /// Bytes and entries held (moka's estimates, settled by pending maintenance).
     pub(crate) async fn usage(&self) -> (u64, u64) {
         self.cache.run_pending_tasks().await;

@@ -55,14 +55,38 @@ impl TagRecord {
 pub struct DiskStore {
     root: PathBuf,
     next_temp: AtomicU64,
+    /// An exclusive lock on `<root>/lock`, held while the store is open, so that two pier
+    /// processes (or `pier gc` and a running pier) never share a directory.
+    _lock: File,
+}
+
+/// One verified blob found on disk.
+#[derive(Clone, Debug)]
+pub struct StoredBlob {
+    pub digest: Digest,
+    pub size: u64,
+    /// Last access as recorded in the file's mtime, in milliseconds since the Unix epoch.
+    pub last_access: u64,
 }
 
 impl DiskStore {
     /// Opens (creating) a cache directory, and removes what crashed fills left in `tmp/`.
+    /// Fails if another process has the directory open.
     pub fn open(root: &Path) -> io::Result<DiskStore> {
         for dir in ["blobs", "manifests", "tags", "tmp"] {
             fs::create_dir_all(root.join(dir))?;
         }
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join("lock"))?;
+        lock.try_lock().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::WouldBlock,
+                format!("{} is in use by another pier process", root.display()),
+            )
+        })?;
         let mut leftovers = 0;
         for entry in fs::read_dir(root.join("tmp"))? {
             let entry = entry?;
@@ -76,7 +100,102 @@ impl DiskStore {
         Ok(DiskStore {
             root: root.to_path_buf(),
             next_temp: AtomicU64::new(0),
+            _lock: lock,
         })
+    }
+
+    /// Every verified blob on disk, with its size and recorded last access. Files whose name is
+    /// not a digest are skipped. Blocking.
+    pub fn scan(&self) -> io::Result<Vec<StoredBlob>> {
+        let mut out = Vec::new();
+        // Anything that is not <alg>/<xx>/<hex> is not pier's and is left alone.
+        let dirs = |path: &Path| -> io::Result<Vec<fs::DirEntry>> {
+            let mut out = Vec::new();
+            for entry in fs::read_dir(path)? {
+                let entry = entry?;
+                if entry.file_type()?.is_dir() {
+                    out.push(entry);
+                }
+            }
+            Ok(out)
+        };
+        for alg in dirs(&self.root.join("blobs"))? {
+            let alg_name = alg.file_name().to_string_lossy().into_owned();
+            for prefix in dirs(&alg.path())? {
+                for file in fs::read_dir(prefix.path())? {
+                    let file = file?;
+                    let name = file.file_name();
+                    let Ok(digest) =
+                        format!("{alg_name}:{}", name.to_string_lossy()).parse::<Digest>()
+                    else {
+                        continue;
+                    };
+                    let meta = file.metadata()?;
+                    let last_access = meta
+                        .modified()
+                        .ok()
+                        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_millis() as u64);
+                    out.push(StoredBlob {
+                        digest,
+                        size: meta.len(),
+                        last_access,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a blob (and its manifest media type, if it is a manifest). A reader that has the
+    /// file open keeps reading it whole: the bytes go when the last descriptor closes.
+    pub fn remove_blob(&self, digest: &Digest) -> io::Result<()> {
+        let _ = fs::remove_file(self.manifest_type_path(digest));
+        match fs::remove_file(self.blob_path(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records last access times in the files' mtimes, so the order survives a restart.
+    /// Blocking; files that vanished meanwhile are skipped.
+    pub fn record_access(&self, accesses: &[(Digest, u64)]) {
+        for (digest, millis) in accesses {
+            let time = UNIX_EPOCH + std::time::Duration::from_millis(*millis);
+            if let Ok(f) = File::options().write(true).open(self.blob_path(digest)) {
+                let _ = f.set_modified(time);
+            }
+        }
+    }
+
+    /// Forgets every tag of `upstream`'s `repo` (not of repositories below it). Returns the
+    /// digests the tags pointed at.
+    pub fn remove_tags(&self, upstream: &str, repo: &RepositoryName) -> io::Result<Vec<Digest>> {
+        let dir = self
+            .root
+            .join("tags")
+            .join(upstream)
+            .join(repo.as_str())
+            .join("_tags");
+        let mut digests = Vec::new();
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(digests),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            if let Ok(data) = fs::read(entry.path()) {
+                if let Some(d) = serde_json::from_slice::<TagRecord>(&data)
+                    .ok()
+                    .and_then(|r| r.digest.parse().ok())
+                {
+                    digests.push(d);
+                }
+            }
+        }
+        fs::remove_dir_all(&dir)?;
+        Ok(digests)
     }
 
     pub fn root(&self) -> &Path {
@@ -278,6 +397,37 @@ mod tests {
         fs::write(dir.path().join("tmp/sha256-crashed"), b"half").unwrap();
         let _store = DiskStore::open(dir.path()).unwrap();
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn scan_finds_blobs_with_recorded_access_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let d1 = Digest::sha256_of(b"one");
+        let d2 = Digest::sha256_of(b"two");
+        {
+            let store = DiskStore::open(dir.path()).unwrap();
+            store.write_blob(&d1, b"one").unwrap();
+            store.write_blob(&d2, b"two!").unwrap();
+            fs::write(dir.path().join("blobs/sha256/not-a-digest"), b"x").unwrap();
+            store.record_access(&[(d1.clone(), 1_000_000), (d2.clone(), 2_000_000)]);
+        }
+        // A second open sees the same order (and the lock was released with the first).
+        let store = DiskStore::open(dir.path()).unwrap();
+        let mut found = store.scan().unwrap();
+        found.sort_by_key(|b| b.last_access);
+        let got: Vec<(Digest, u64, u64)> = found
+            .into_iter()
+            .map(|b| (b.digest, b.size, b.last_access))
+            .collect();
+        assert_eq!(got, vec![(d1, 3, 1_000_000), (d2, 4, 2_000_000)]);
+    }
+
+    #[test]
+    fn a_directory_is_open_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = DiskStore::open(dir.path()).unwrap();
+        let err = DiskStore::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("in use"), "{err}");
     }
 
     #[test]

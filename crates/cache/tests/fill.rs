@@ -88,24 +88,27 @@ fn data(len: usize) -> Bytes {
         .into()
 }
 
-fn cache(dir: &std::path::Path) -> Cache {
-    Cache::open(
-        CacheConfig {
-            dir: dir.to_path_buf(),
-            memory_size: 0,
-            memory_object_size: 0,
-            retry: RetryPolicy {
-                attempts: 3,
-                base_delay: Duration::from_millis(10),
+fn cache(dir: &std::path::Path) -> Arc<Cache> {
+    Arc::new(
+        Cache::open(
+            CacheConfig {
+                dir: dir.to_path_buf(),
+                memory_size: 0,
+                memory_object_size: 0,
+                retry: RetryPolicy {
+                    attempts: 3,
+                    base_delay: Duration::from_millis(10),
+                },
+                budget: pier_cache::Budget::default(),
             },
-        },
-        Arc::new(pier_metrics::Metrics::new()),
+            Arc::new(pier_metrics::Metrics::new()),
+        )
+        .unwrap(),
     )
-    .unwrap()
 }
 
 async fn read(
-    cache: &Cache,
+    cache: &Arc<Cache>,
     digest: &Digest,
     origin: &Arc<FakeOrigin>,
 ) -> Result<(Vec<u8>, Source), String> {
@@ -126,7 +129,7 @@ async fn read(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_readers_share_one_download() {
     let dir = tempfile::tempdir().unwrap();
-    let cache = Arc::new(cache(dir.path()));
+    let cache = cache(dir.path());
     let body = data(3 * 1024 * 1024 + 17);
     let digest = Digest::sha256_of(&body);
     let origin = Arc::new(FakeOrigin::new(body.clone()));

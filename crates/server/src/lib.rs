@@ -4,6 +4,7 @@
 //! upstream and repository ([`routing`]), answered from the cache or through it ([`handlers`]),
 //! and every failure becomes the registry's JSON error ([`response`]).
 
+pub mod admin;
 pub mod handlers;
 mod ops;
 mod origin;
@@ -20,6 +21,7 @@ use pier_metrics::Metrics;
 use pier_upstream::Upstream;
 use regex::Regex;
 
+pub use admin::serve_admin;
 pub use ops::serve_ops;
 pub use routing::RepositoryFilter;
 pub use serve::{serve, ServerOptions};

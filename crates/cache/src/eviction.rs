@@ -1,0 +1,192 @@
+//! Keeping to the disk budget: high and low watermarks, least recently used first, an optional
+//! age limit, purges, and the maintenance task that runs them in the background.
+//!
+//! Eviction unlinks files. A reader that already has a blob open keeps its descriptor and reads
+//! the blob whole; the space returns when it closes. Fills live in `tmp/` and join the index only
+//! once committed, so a blob being filled is never a candidate.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pier_oci::{Digest, RepositoryName};
+
+use crate::index::now_millis;
+use crate::Cache;
+
+/// How much disk the cache may use, and for how long an unused object is kept.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    /// Bytes of verified content allowed on disk; 0 means no limit.
+    pub max_size: u64,
+    /// Fraction of `max_size` at which eviction starts.
+    pub high_watermark: f64,
+    /// Fraction of `max_size` eviction brings usage down to.
+    pub low_watermark: f64,
+    /// Objects not used for this long are removed whatever the usage.
+    pub max_age: Option<Duration>,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            max_size: 0,
+            high_watermark: 0.95,
+            low_watermark: 0.85,
+            max_age: None,
+        }
+    }
+}
+
+impl Budget {
+    fn high(&self) -> Option<u64> {
+        (self.max_size > 0).then(|| (self.max_size as f64 * self.high_watermark) as u64)
+    }
+
+    fn low(&self) -> u64 {
+        (self.max_size as f64 * self.low_watermark) as u64
+    }
+}
+
+/// What the cache holds, for the admin API and `pier du`.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Usage {
+    pub disk_bytes: u64,
+    pub disk_objects: usize,
+    pub max_size: u64,
+    pub memory_bytes: u64,
+    pub memory_entries: u64,
+    pub fills_in_flight: usize,
+}
+
+/// What an eviction run removed.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EvictionReport {
+    pub removed: usize,
+    pub bytes: u64,
+}
+
+impl Cache {
+    /// Records verified content that just landed on disk, and wakes eviction past the high mark.
+    pub(crate) fn stored(&self, digest: Digest, size: u64) {
+        let total = self.index.insert(digest, size);
+        self.disk_usage_changed(total);
+        if self.budget.high().is_some_and(|high| total > high) {
+            self.evict_now.notify_one();
+        }
+    }
+
+    pub(crate) fn disk_usage_changed(&self, total: u64) {
+        self.metrics
+            .disk_bytes
+            .set(i64::try_from(total).unwrap_or(i64::MAX));
+    }
+
+    /// Applies the budget now: past the high watermark, removes the least recently used objects
+    /// down to the low watermark; and removes whatever is older than the age limit.
+    pub async fn evict(&self) -> io::Result<EvictionReport> {
+        let (total, _) = self.index.usage();
+        let target = self
+            .budget
+            .high()
+            .filter(|high| total > *high)
+            .map(|_| self.budget.low());
+        let cutoff = self
+            .budget
+            .max_age
+            .map(|age| now_millis().saturating_sub(age.as_millis() as u64));
+        let victims = self.index.victims(target, cutoff);
+        if victims.is_empty() {
+            return Ok(EvictionReport::default());
+        }
+        let store = self.store.clone();
+        let digests: Vec<Digest> = victims.iter().map(|(d, _)| d.clone()).collect();
+        tokio::task::spawn_blocking(move || digests.iter().try_for_each(|d| store.remove_blob(d)))
+            .await
+            .map_err(io::Error::other)??;
+        let mut report = EvictionReport::default();
+        for (digest, size) in victims {
+            if let Some(total) = self.index.remove(&digest) {
+                self.disk_usage_changed(total);
+            }
+            report.removed += 1;
+            report.bytes += size;
+        }
+        self.metrics.evictions.inc_by(report.removed as u64);
+        tracing::info!(
+            removed = report.removed,
+            bytes = report.bytes,
+            "evicted least recently used objects"
+        );
+        Ok(report)
+    }
+
+    /// Removes one blob or manifest from disk and memory. Returns whether it was there.
+    pub async fn purge_digest(&self, digest: &Digest) -> io::Result<bool> {
+        let (store, d) = (self.store.clone(), digest.clone());
+        tokio::task::spawn_blocking(move || store.remove_blob(&d))
+            .await
+            .map_err(io::Error::other)??;
+        self.memory.remove(digest).await;
+        let was = self.index.remove(digest);
+        if let Some(total) = was {
+            self.disk_usage_changed(total);
+        }
+        Ok(was.is_some())
+    }
+
+    /// Forgets every tag of a repository, so the next pull asks the upstream. The manifests and
+    /// blobs stay until evicted: other repositories may share them. Returns how many tags went.
+    pub async fn purge_repository(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+    ) -> io::Result<usize> {
+        let (store, u, r) = (self.store.clone(), upstream.to_string(), repo.clone());
+        let digests = tokio::task::spawn_blocking(move || store.remove_tags(&u, &r))
+            .await
+            .map_err(io::Error::other)??;
+        Ok(digests.len())
+    }
+
+    /// What the cache holds now.
+    pub async fn usage(&self) -> Usage {
+        let (disk_bytes, disk_objects) = self.index.usage();
+        let (memory_bytes, memory_entries) = self.memory.usage().await;
+        let fills_in_flight = self.fills.lock().unwrap_or_else(|p| p.into_inner()).len();
+        Usage {
+            disk_bytes,
+            disk_objects,
+            max_size: self.budget.max_size,
+            memory_bytes,
+            memory_entries,
+            fills_in_flight,
+        }
+    }
+
+    /// Writes access times changed since the last call back to the files, so that the LRU order
+    /// survives a restart.
+    pub async fn flush_access_times(&self) {
+        let dirty = self.index.take_dirty();
+        if dirty.is_empty() {
+            return;
+        }
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.record_access(&dirty)).await;
+    }
+
+    /// The maintenance loop: every `interval`, or at once when a fill pushed usage past the high
+    /// watermark, writes back access times and applies the budget. Runs until the task is dropped.
+    pub async fn run_maintenance(self: Arc<Self>, interval: Duration) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = self.evict_now.notified() => {}
+            }
+            self.flush_access_times().await;
+            if let Err(e) = self.evict().await {
+                tracing::warn!(error = %e, "eviction failed");
+            }
+        }
+    }
+}

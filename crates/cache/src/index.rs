@@ -1,0 +1,189 @@
+//! The disk store's index: every blob's size and last access, in memory, so that the budget is
+//! enforced and the least recently used blobs found without walking the disk.
+//!
+//! Last access is updated in memory on every hit (no disk write). Changed times are written back
+//! to the files' mtimes in batches by the maintenance task, and read back by the scan at start-up,
+//! so the order survives a restart to within one maintenance interval.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pier_oci::Digest;
+
+use crate::store::StoredBlob;
+
+/// Milliseconds since the Unix epoch: the unit of last access.
+pub(crate) fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Entry {
+    size: u64,
+    last_access: u64,
+    /// Accessed since the last write-back.
+    dirty: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Digest, Entry>,
+    total: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Index {
+    inner: Mutex<Inner>,
+}
+
+impl Index {
+    pub(crate) fn from_scan(blobs: Vec<StoredBlob>) -> Index {
+        let mut inner = Inner::default();
+        for b in blobs {
+            inner.total += b.size;
+            inner.entries.insert(
+                b.digest,
+                Entry {
+                    size: b.size,
+                    last_access: b.last_access,
+                    dirty: false,
+                },
+            );
+        }
+        Index {
+            inner: Mutex::new(inner),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a new blob; returns the new total.
+    pub(crate) fn insert(&self, digest: Digest, size: u64) -> u64 {
+        let mut inner = self.lock();
+        let entry = Entry {
+            size,
+            last_access: now_millis(),
+            dirty: false,
+        };
+        if let Some(old) = inner.entries.insert(digest, entry) {
+            inner.total -= old.size;
+        }
+        inner.total += size;
+        inner.total
+    }
+
+    /// Marks a blob used now.
+    pub(crate) fn touch(&self, digest: &Digest) {
+        let now = now_millis();
+        let mut inner = self.lock();
+        if let Some(e) = inner.entries.get_mut(digest) {
+            if e.last_access != now {
+                e.last_access = now;
+                e.dirty = true;
+            }
+        }
+    }
+
+    /// Forgets a blob; returns the new total if it was there.
+    pub(crate) fn remove(&self, digest: &Digest) -> Option<u64> {
+        let mut inner = self.lock();
+        let e = inner.entries.remove(digest)?;
+        inner.total -= e.size;
+        Some(inner.total)
+    }
+
+    /// Bytes and objects.
+    pub(crate) fn usage(&self) -> (u64, usize) {
+        let inner = self.lock();
+        (inner.total, inner.entries.len())
+    }
+
+    /// Access times changed since the last call, to write back.
+    pub(crate) fn take_dirty(&self) -> Vec<(Digest, u64)> {
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        for (d, e) in inner.entries.iter_mut().filter(|(_, e)| e.dirty) {
+            e.dirty = false;
+            out.push((d.clone(), e.last_access));
+        }
+        out
+    }
+
+    /// What to remove, oldest access first: everything last used before `older_than` (if given),
+    /// then more until the total is at most `target` bytes.
+    pub(crate) fn victims(
+        &self,
+        target: Option<u64>,
+        older_than: Option<u64>,
+    ) -> Vec<(Digest, u64)> {
+        let inner = self.lock();
+        let mut all: Vec<(&Digest, &Entry)> = inner.entries.iter().collect();
+        all.sort_by_key(|(_, e)| e.last_access);
+        let mut total = inner.total;
+        let mut out = Vec::new();
+        for (d, e) in all {
+            let too_old = older_than.is_some_and(|cutoff| e.last_access < cutoff);
+            let over = target.is_some_and(|t| total > t);
+            if !too_old && !over {
+                break;
+            }
+            total -= e.size;
+            out.push((d.clone(), e.size));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob(n: u8, size: u64, last_access: u64) -> StoredBlob {
+        StoredBlob {
+            digest: Digest::sha256_of(&[n]),
+            size,
+            last_access,
+        }
+    }
+
+    #[test]
+    fn victims_are_least_recently_used_first_down_to_target() {
+        let idx = Index::from_scan(vec![
+            blob(1, 100, 30),
+            blob(2, 100, 10),
+            blob(3, 100, 20),
+            blob(4, 100, 40),
+        ]);
+        assert_eq!(idx.usage(), (400, 4));
+        let v: Vec<Digest> = idx
+            .victims(Some(200), None)
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        assert_eq!(v, vec![Digest::sha256_of(&[2]), Digest::sha256_of(&[3])]);
+        // A touch moves a blob to the back of the line.
+        idx.touch(&Digest::sha256_of(&[2]));
+        let v: Vec<Digest> = idx
+            .victims(Some(300), None)
+            .into_iter()
+            .map(|(d, _)| d)
+            .collect();
+        assert_eq!(v, vec![Digest::sha256_of(&[3])]);
+        assert_eq!(idx.take_dirty().len(), 1);
+        assert!(idx.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn victims_by_age() {
+        let idx = Index::from_scan(vec![blob(1, 100, 30), blob(2, 100, 10), blob(3, 100, 20)]);
+        let v = idx.victims(None, Some(25));
+        assert_eq!(v.len(), 2);
+        assert!(idx.victims(None, None).is_empty());
+        assert_eq!(idx.remove(&Digest::sha256_of(&[1])), Some(200));
+        assert_eq!(idx.insert(Digest::sha256_of(&[9]), 50), 250);
+    }
+}

@@ -1,0 +1,76 @@
+//! From a checked [`Config`] to a running [`Mirror`]: upstream clients, cache, metrics.
+
+use std::sync::Arc;
+
+use pier_cache::{Budget, Cache, CacheConfig, RetryPolicy};
+use pier_metrics::Metrics;
+use pier_server::{Mirror, UpstreamEntry};
+use pier_upstream::{Credentials, Upstream, UpstreamConfig};
+
+use crate::config::{Config, UpstreamSection};
+
+/// The client for one configured upstream. Errors say what is wrong, without the field prefix.
+pub fn upstream_client(
+    u: &UpstreamSection,
+    index: usize,
+    metrics: Arc<Metrics>,
+) -> Result<Upstream, String> {
+    let password = u
+        .password(&format!("upstreams[{index}]"))
+        .map_err(|e| e.0)?;
+    let credentials = u.username.as_ref().map(|username| Credentials {
+        username: username.clone(),
+        password: password.unwrap_or_default(),
+    });
+    let config = UpstreamConfig {
+        name: u.name.clone(),
+        url: u.url(),
+        credentials,
+        ca_file: u.ca_file.clone(),
+        connect_timeout: u.connect_timeout,
+        read_timeout: u.read_timeout,
+    };
+    Upstream::new(config, metrics)
+}
+
+/// Builds the mirror: opens (and locks) the cache directory and builds every upstream client.
+/// No request leaves pier here.
+pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
+    let metrics = Arc::new(Metrics::new());
+    let mut upstreams = Vec::new();
+    for (i, u) in config.upstreams.iter().enumerate() {
+        let client =
+            upstream_client(u, i, metrics.clone()).map_err(|e| format!("upstreams[{i}]: {e}"))?;
+        let mut entry = UpstreamEntry::new(&u.name, Arc::new(client));
+        entry.library_prefix = u.library_prefix();
+        entry.tag_ttl = u.tag_ttl;
+        entry.immutable_tags = u.immutable_tags_regex().map_err(|e| e.to_string())?;
+        entry.rate_limit_reserve = u.rate_limit_reserve;
+        entry.access = u.access()?;
+        upstreams.push(entry);
+    }
+    let c = &config.cache;
+    let cache_config = CacheConfig {
+        dir: c.dir.clone(),
+        memory_size: c.memory_size.0,
+        memory_object_size: c.memory_object_size.0,
+        retry: RetryPolicy {
+            attempts: c.fill_retries,
+            ..RetryPolicy::default()
+        },
+        budget: Budget {
+            max_size: c.max_size.0,
+            high_watermark: c.high_watermark,
+            low_watermark: c.low_watermark,
+            max_age: c.max_age,
+        },
+    };
+    let cache = Cache::open(cache_config, metrics.clone())
+        .map_err(|e| format!("cannot open cache directory {}: {e}", c.dir.display()))?;
+    Ok(Arc::new(Mirror::new(
+        upstreams,
+        config.default_upstream(),
+        Arc::new(cache),
+        metrics,
+    )))
+}

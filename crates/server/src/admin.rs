@@ -1,0 +1,139 @@
+//! Managing the cache: statistics, purges and eviction, on a listener of their own (off unless
+//! configured; put it on loopback or a management network). The same operations back the
+//! `pier du`, `pier gc` and `pier purge` commands on a stopped cache directory.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use http::{header, Method, Response, StatusCode};
+use pier_cache::{EvictionReport, Usage};
+use pier_oci::{Digest, ErrorCode, RegistryError};
+use tokio::net::TcpListener;
+
+use crate::response::{self, Body};
+use crate::serve::{accept_loop, ServerOptions};
+use crate::Mirror;
+
+/// Cache statistics: what is held and how lookups went since start.
+#[derive(Debug, serde::Serialize)]
+pub struct Stats {
+    #[serde(flatten)]
+    pub usage: Usage,
+    pub memory_hits: u64,
+    pub disk_hits: u64,
+    pub misses: u64,
+}
+
+/// What a purge removed.
+#[derive(Debug, serde::Serialize)]
+pub struct Purged {
+    /// `digest` or `repository`.
+    pub kind: &'static str,
+    pub target: String,
+    /// Objects (a digest) or tags (a repository) removed.
+    pub removed: usize,
+}
+
+impl Mirror {
+    pub async fn stats(&self) -> Stats {
+        let lookups = |result: &str| {
+            ["manifest", "blob"]
+                .iter()
+                .map(|k| {
+                    self.metrics
+                        .cache_lookups
+                        .with_label_values(&[result, k])
+                        .get()
+                })
+                .sum()
+        };
+        Stats {
+            usage: self.cache.usage().await,
+            memory_hits: lookups("memory_hit"),
+            disk_hits: lookups("disk_hit"),
+            misses: lookups("miss"),
+        }
+    }
+
+    /// Purges a digest (`sha256:...`: that blob or manifest) or a repository named as clients
+    /// name it (`library/nginx`, `ghcr.io/org/app`: its tags, so the next pull asks upstream).
+    pub async fn purge(&self, target: &str) -> Result<Purged, RegistryError> {
+        if target.contains(':') && !target.contains('/') {
+            let digest: Digest = target.parse().map_err(|e| {
+                RegistryError::new(ErrorCode::DigestInvalid, format!("invalid digest: {e}"))
+            })?;
+            let removed = self
+                .cache
+                .purge_digest(&digest)
+                .await
+                .map_err(|e| response::from_io(&e))?;
+            return Ok(Purged {
+                kind: "digest",
+                target: digest.to_string(),
+                removed: usize::from(removed),
+            });
+        }
+        let route = self.route(target, None)?;
+        let removed = self
+            .cache
+            .purge_repository(&route.upstream.name, &route.repo)
+            .await
+            .map_err(|e| response::from_io(&e))?;
+        Ok(Purged {
+            kind: "repository",
+            target: format!("{}/{}", route.upstream.name, route.repo),
+            removed,
+        })
+    }
+
+    /// Applies the disk budget and age limit now.
+    pub async fn evict(&self) -> Result<EvictionReport, RegistryError> {
+        self.cache.evict().await.map_err(|e| response::from_io(&e))
+    }
+}
+
+/// Serves the admin API on `listener` until `shutdown`:
+///
+/// - `GET /admin/stats`: [`Stats`] as JSON
+/// - `DELETE /admin/digests/<digest>`: purge one blob or manifest
+/// - `DELETE /admin/repositories/<name>`: purge a repository's tags
+/// - `POST /admin/evict`: apply the budget now
+pub async fn serve_admin(
+    listener: TcpListener,
+    mirror: Arc<Mirror>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let handler = move |req: hyper::Request<hyper::body::Incoming>, _peer| {
+        let mirror = mirror.clone();
+        async move {
+            let path = req.uri().path().to_string();
+            let result = match (req.method().clone(), path.as_str()) {
+                (Method::GET, "/admin/stats") => Ok(json(&mirror.stats().await)),
+                (Method::POST, "/admin/evict") => mirror.evict().await.map(|r| json(&r)),
+                (Method::DELETE, p) if p.starts_with("/admin/digests/") => {
+                    mirror.purge(&p["/admin/digests/".len()..]).await.map(|r| json(&r))
+                }
+                (Method::DELETE, p) if p.starts_with("/admin/repositories/") => {
+                    mirror.purge(&p["/admin/repositories/".len()..]).await.map(|r| json(&r))
+                }
+                _ => Err(RegistryError::new(
+                    ErrorCode::Unsupported,
+                    "admin API: GET /admin/stats, POST /admin/evict, DELETE /admin/digests/<digest>, DELETE /admin/repositories/<name>",
+                )
+                .with_status(404)),
+            };
+            result.unwrap_or_else(|e| response::error(&e, false))
+        }
+    };
+    accept_loop(listener, &ServerOptions::default(), shutdown, handler).await
+}
+
+fn json(value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_string_pretty(value).unwrap_or_default();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(response::full(body))
+        .unwrap_or_else(|_| Response::new(response::empty()))
+}
