@@ -150,23 +150,31 @@ impl Drop for Daemon {
     }
 }
 
-/// dockerd writes a few files outside its data root; removes those it created.
-struct DockerLeftovers(Vec<&'static str>);
+/// dockerd writes a few files outside its data root, and bind-mounts the data root onto itself;
+/// undoes what it did (after the daemon is gone: declare this before the daemon).
+struct DockerLeftovers {
+    created: Vec<&'static str>,
+    data_root: PathBuf,
+}
 
 impl DockerLeftovers {
-    fn note() -> Self {
-        DockerLeftovers(
-            ["/etc/docker/key.json", "/run/docker"]
-                .into_iter()
-                .filter(|p| !Path::new(p).exists())
-                .collect(),
-        )
+    fn note(data_root: PathBuf) -> Self {
+        let created = ["/etc/docker/key.json", "/run/docker"]
+            .into_iter()
+            .filter(|p| !Path::new(p).exists())
+            .collect();
+        DockerLeftovers { created, data_root }
     }
 }
 
 impl Drop for DockerLeftovers {
     fn drop(&mut self) {
-        for p in &self.0 {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.data_root)
+            .stderr(Stdio::null())
+            .status();
+        for p in &self.created {
             let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
         }
     }
@@ -189,7 +197,7 @@ fn docker_daemon_pulls_through_registry_mirrors() {
     let d = s.dir("docker");
     let sock = format!("unix://{}", path_str(&d.join("docker.sock")));
     let log = std::fs::File::create(d.join("dockerd.log")).expect("log");
-    let _leftovers = DockerLeftovers::note();
+    let _leftovers = DockerLeftovers::note(d.join("root"));
     let _dockerd = Daemon(
         Command::new("dockerd")
             .args([

@@ -40,7 +40,7 @@ impl Default for Budget {
 
 impl Budget {
     fn high(&self) -> Option<u64> {
-        (self.max_size > 0).then(|| (self.max_size as f64 * self.high_watermark) as u64)
+        (self.max_size > 0).then_some((self.max_size as f64 * self.high_watermark) as u64)
     }
 
     fn low(&self) -> u64 {

@@ -1,0 +1,385 @@
+//! The disk cache keeps to its budget, survives crashes and disk-full, and is managed through the
+//! admin API.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use pier_cache::Budget;
+use rand::RngCore;
+
+use crate::fake_upstream::{hex, Behaviour, FakeUpstream};
+use crate::harness::{client, start, start_with, UpstreamSpec};
+
+fn random(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    rand::thread_rng().fill_bytes(&mut v);
+    v
+}
+
+fn blob_path(dir: &std::path::Path, digest: &str) -> std::path::PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    dir.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+async fn fetch(url: &str) -> Vec<u8> {
+    let r = client().get(url).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{url}");
+    r.bytes().await.unwrap().to_vec()
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn least_recently_used_go_first_down_to_the_low_watermark() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let budget = Budget {
+        max_size: 1_000_000,
+        high_watermark: 0.95,
+        low_watermark: 0.85,
+        max_age: None,
+    };
+    let pier = start_with(
+        vec![UpstreamSpec::new("docker.io", up.url())],
+        (0, 0),
+        budget,
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    let digests: Vec<String> = (0..10).map(|_| up.add_blob(random(100_000))).collect();
+    let url = |d: &str| format!("{}/v2/app/blobs/{d}", pier.url);
+    for d in &digests[..9] {
+        fetch(&url(d)).await;
+    }
+    // 900 kB: under the high mark, nothing goes. Blob 0 is used again: now the most recent.
+    fetch(&url(&digests[0])).await;
+    assert_eq!(pier.mirror.cache.usage().await.disk_objects, 9);
+    // Blob 9 takes usage to 1 MB, past 950 kB: down to 850 kB, i.e. the two least recently used.
+    fetch(&url(&digests[9])).await;
+    until("eviction", || pier.mirror.metrics.evictions.get() == 2).await;
+    let on_disk: Vec<bool> = digests
+        .iter()
+        .map(|d| blob_path(pier.dir.path(), d).exists())
+        .collect();
+    assert_eq!(
+        on_disk,
+        [true, false, false, true, true, true, true, true, true, true]
+    );
+    let usage = pier.mirror.cache.usage().await;
+    assert_eq!((usage.disk_objects, usage.disk_bytes), (8, 800_000));
+    // An evicted blob is simply fetched again.
+    fetch(&url(&digests[1])).await;
+    assert_eq!(
+        up.state.blob_gets.load(std::sync::atomic::Ordering::SeqCst),
+        11
+    );
+}
+
+#[tokio::test]
+async fn a_reader_keeps_its_blob_while_it_is_purged() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(vec![UpstreamSpec::new("docker.io", up.url())], (0, 0)).await;
+    let body = random(4 * 1024 * 1024);
+    let digest = up.add_blob(body.clone());
+    let url = format!("{}/v2/app/blobs/{digest}", pier.url);
+    fetch(&url).await; // cached
+    let r = client().get(&url).send().await.unwrap();
+    assert_eq!(r.headers()["x-pier-cache"], "disk");
+    let mut stream = r.bytes_stream();
+    let mut got = stream.next().await.unwrap().unwrap().to_vec();
+    let purge = client()
+        .delete(format!("{}/admin/digests/{digest}", pier.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(purge.status(), 200);
+    let v: serde_json::Value = purge.json().await.unwrap();
+    assert_eq!(v["removed"], 1);
+    assert!(!blob_path(pier.dir.path(), &digest).exists());
+    while let Some(chunk) = stream.next().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(got == body, "the reader lost its blob");
+    // Gone from the cache: the next request goes upstream.
+    fetch(&url).await;
+    assert_eq!(
+        up.state.blob_gets.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
+}
+
+#[tokio::test]
+async fn admin_api_stats_purge_repository_and_age_limit() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let budget = Budget {
+        max_age: Some(Duration::from_millis(300)),
+        ..Budget::default()
+    };
+    let pier = start_with(
+        vec![UpstreamSpec::new("docker.io", up.url())],
+        (0, 0),
+        budget,
+        tempfile::tempdir().unwrap(),
+    )
+    .await;
+    up.add_manifest(
+        "library/app",
+        "1",
+        "application/vnd.oci.image.manifest.v1+json",
+        "{}",
+    );
+    let blob = up.add_blob(random(1000));
+    fetch(&format!("{}/v2/app/manifests/1", pier.url)).await;
+    fetch(&format!("{}/v2/app/blobs/{blob}", pier.url)).await;
+    fetch(&format!("{}/v2/app/blobs/{blob}", pier.url)).await;
+
+    let stats: serde_json::Value = client()
+        .get(format!("{}/admin/stats", pier.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["disk_objects"], 2, "{stats}");
+    assert_eq!(stats["disk_bytes"], 1002, "{stats}");
+    assert_eq!(stats["misses"], 2, "{stats}");
+    assert_eq!(stats["disk_hits"], 1, "{stats}");
+
+    // Purging the repository forgets its tag: the next pull asks the upstream.
+    let r = client()
+        .delete(format!("{}/admin/repositories/app", pier.admin))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        (
+            v["kind"].as_str(),
+            v["target"].as_str(),
+            v["removed"].as_u64()
+        ),
+        (Some("repository"), Some("docker.io/library/app"), Some(1))
+    );
+    fetch(&format!("{}/v2/app/manifests/1", pier.url)).await;
+    assert_eq!(up.count("GET /v2/library/app/manifests/1"), 2);
+
+    // Bad targets are refused with registry errors.
+    let r = client()
+        .delete(format!("{}/admin/digests/sha256:nope", pier.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
+    // Past max_age, an eviction run removes what was not used since.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let r = client()
+        .post(format!("{}/admin/evict", pier.admin))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["removed"], 2, "{v}");
+    assert!(!blob_path(pier.dir.path(), &blob).exists());
+}
+
+/// Every file under blobs/ hashes to its name.
+fn assert_store_verified(dir: &std::path::Path) {
+    let root = dir.join("blobs/sha256");
+    let Ok(prefixes) = std::fs::read_dir(&root) else {
+        return;
+    };
+    for prefix in prefixes {
+        for file in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let file = file.unwrap();
+            let data = std::fs::read(file.path()).unwrap();
+            let name = file.file_name().to_string_lossy().into_owned();
+            assert_eq!(
+                hex(&<sha2::Sha256 as sha2::Digest>::digest(&data)),
+                name,
+                "corrupt blob in the store"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_middle_of_a_fill_leaves_nothing_half_written() {
+    let up = FakeUpstream::start(Behaviour {
+        chunk_delay: Some(Duration::from_millis(20)),
+        ..Behaviour::default()
+    })
+    .await;
+    let body = random(3 * 1024 * 1024);
+    let digest = up.add_blob(body.clone());
+    let small = up.add_blob(random(5000));
+    let dir = tempfile::tempdir().unwrap();
+    let spawn = || {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
+            .args([
+                "serve",
+                "--listen",
+                &addr.to_string(),
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .args([
+                "--cache-dir",
+                dir.path().to_str().unwrap(),
+                "--upstream",
+                &up.url(),
+            ])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        (child, format!("http://{addr}"))
+    };
+    let (mut child, url) = spawn();
+    until_up(&url).await;
+    fetch(&format!("{url}/v2/app/blobs/{small}")).await;
+    let big = format!("{url}/v2/app/blobs/{digest}");
+    let reader =
+        tokio::spawn(async move { client().get(big).send().await.ok()?.bytes().await.ok() });
+    // Kill it once the fill has written part of the blob.
+    let tmp = dir.path().join("tmp");
+    until("a partial fill", || {
+        std::fs::read_dir(&tmp)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .any(|e| e.metadata().is_ok_and(|m| m.len() > 100_000))
+    })
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        reader.await.unwrap().is_none_or(|b| b.len() < body.len()),
+        "a killed fill completed a body"
+    );
+    assert!(!blob_path(dir.path(), &digest).exists());
+    assert_store_verified(dir.path());
+
+    // Restart: leftovers removed, nothing half-written served, the blob fetched anew.
+    let (mut child, url) = spawn();
+    until_up(&url).await;
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "leftover temporary files"
+    );
+    assert!(fetch(&format!("{url}/v2/app/blobs/{digest}")).await == body);
+    assert_eq!(
+        fetch(&format!("{url}/v2/app/blobs/{small}")).await.len(),
+        5000
+    );
+    assert_store_verified(dir.path());
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+async fn until_up(url: &str) {
+    for _ in 0..200 {
+        if client().get(format!("{url}/v2/")).send().await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("pier did not start at {url}");
+}
+
+/// A tmpfs of a few megabytes, unmounted on drop.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size}"),
+                "tmpfs",
+                dir.path().to_str().unwrap(),
+            ])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Some(SmallDisk(dir));
+        }
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("cannot mount a tmpfs (the disk-full test runs as root)");
+        }
+        eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
+        None
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn disk_full_during_a_fill_fails_cleanly_and_pier_keeps_serving() {
+    let Some(disk) = SmallDisk::mount("2m") else {
+        return;
+    };
+    let cache_dir = tempfile::Builder::new().tempdir_in(disk.0.path()).unwrap();
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start_with(
+        vec![UpstreamSpec::new("docker.io", up.url())],
+        (0, 0),
+        Budget::default(),
+        cache_dir,
+    )
+    .await;
+    let small = random(100_000);
+    let small_digest = up.add_blob(small.clone());
+    let huge_digest = up.add_blob(random(4 * 1024 * 1024));
+    assert!(fetch(&format!("{}/v2/app/blobs/{small_digest}", pier.url)).await == small);
+
+    let r = client()
+        .get(format!("{}/v2/app/blobs/{huge_digest}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let complete = r.status() == 200 && r.bytes().await.is_ok_and(|b| b.len() == 4 * 1024 * 1024);
+    assert!(!complete, "a blob larger than the disk was served whole");
+    until("the partial file to go", || {
+        std::fs::read_dir(pier.dir.path().join("tmp"))
+            .unwrap()
+            .count()
+            == 0
+    })
+    .await;
+    assert!(!blob_path(pier.dir.path(), &huge_digest).exists());
+    // What pier had, it still serves.
+    assert!(fetch(&format!("{}/v2/app/blobs/{small_digest}", pier.url)).await == small);
+    assert_eq!(
+        client()
+            .get(format!("{}/v2/", pier.url))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let dir = pier.stop().await;
+    drop(dir);
+    drop(disk);
+}
