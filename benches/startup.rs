@@ -28,7 +28,11 @@ fn main() {
         }
         // Leftovers of a crash, to be removed at start-up.
         for i in 0..100 {
-            std::fs::write(dir.path().join("tmp").join(format!("sha256-crashed-{i}")), b"half").expect("leftover");
+            std::fs::write(
+                dir.path().join("tmp").join(format!("sha256-crashed-{i}")),
+                b"half",
+            )
+            .expect("leftover");
         }
     }
     let setup = started.elapsed();
@@ -48,12 +52,15 @@ fn main() {
         if cold {
             // Needs root; the scan then reads every directory and inode from disk.
             let _ = std::process::Command::new("sync").status();
-            std::fs::write("/proc/sys/vm/drop_caches", "3").expect("drop the page cache (needs root)");
+            std::fs::write("/proc/sys/vm/drop_caches", "3")
+                .expect("drop the page cache (needs root)");
         }
         let t = Instant::now();
         let cache = Cache::open(config, Arc::new(Metrics::new())).expect("open cache");
         times.push(t.elapsed());
-        let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
         let usage = rt.block_on(cache.usage());
         assert_eq!(usage.disk_objects, blobs);
     }

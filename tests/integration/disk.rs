@@ -383,3 +383,53 @@ async fn disk_full_during_a_fill_fails_cleanly_and_pier_keeps_serving() {
     drop(dir);
     drop(disk);
 }
+
+fn pier_cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test]
+async fn du_gc_and_purge_work_on_a_stopped_cache_directory() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(vec![UpstreamSpec::new("docker.io", up.url())], (0, 0)).await;
+    let blobs: Vec<String> = (0..3).map(|_| up.add_blob(random(10_000))).collect();
+    for d in &blobs {
+        fetch(&format!("{}/v2/app/blobs/{d}", pier.url)).await;
+    }
+    let path = pier.dir.path().to_str().unwrap().to_string();
+    // While pier runs, the directory is its own.
+    let (ok, text) = pier_cli(&["du", "--cache-dir", &path]);
+    assert!(!ok && text.contains("in use"), "{text}");
+    let dir = pier.stop().await;
+
+    let (ok, text) = pier_cli(&["du", "--cache-dir", &path]);
+    assert!(ok && text.contains("30000 bytes in 3 objects"), "{text}");
+    let (ok, text) = pier_cli(&["purge", "--cache-dir", &path, &blobs[0]]);
+    assert!(ok && text.contains("removed"), "{text}");
+    assert!(!blob_path(dir.path(), &blobs[0]).exists());
+    // gc applies the configured budget: 15 kB with the default watermarks leaves one blob.
+    let config = dir.path().join("gc.yaml");
+    std::fs::write(&config, "cache:\n  max_size: 15000\n").unwrap();
+    let (ok, text) = pier_cli(&[
+        "gc",
+        "--config",
+        config.to_str().unwrap(),
+        "--cache-dir",
+        &path,
+    ]);
+    assert!(
+        ok && text.contains("removed 1 objects, 10000 bytes"),
+        "{text}"
+    );
+    let (_, text) = pier_cli(&["du", "--cache-dir", &path]);
+    assert!(text.contains("10000 bytes in 1 objects"), "{text}");
+}
