@@ -21,7 +21,31 @@ pub struct Config {
     pub log: LogSection,
     pub metrics: MetricsSection,
     pub admin: AdminSection,
+    pub warm: WarmSection,
     pub upstreams: Vec<UpstreamSection>,
+}
+
+/// Images pulled into the cache at start and on a schedule, before anyone asks.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WarmSection {
+    /// Image references as clients write them: `nginx:1.25`, `ghcr.io/org/app:v2`.
+    pub images: Vec<String>,
+    /// `os/arch[/variant]` of an index to fetch; all when empty.
+    pub platforms: Vec<String>,
+    /// How often to warm again (tags move).
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for WarmSection {
+    fn default() -> Self {
+        WarmSection {
+            images: Vec::new(),
+            platforms: Vec::new(),
+            interval: Duration::from_secs(6 * 3600),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,6 +182,7 @@ impl Default for Config {
             log: LogSection::default(),
             metrics: MetricsSection::default(),
             admin: AdminSection::default(),
+            warm: WarmSection::default(),
             upstreams: Vec::new(),
         }
     }
@@ -458,6 +483,12 @@ impl Config {
             return Err(ConfigError::field(
                 "cache.low_watermark",
                 format!("watermarks must satisfy 0 < low_watermark ({low}) < high_watermark ({high}) <= 1"),
+            ));
+        }
+        if self.warm.interval.is_zero() {
+            return Err(ConfigError::field(
+                "warm.interval",
+                "must be greater than zero",
             ));
         }
         if self.cache.maintenance_interval.is_zero() {

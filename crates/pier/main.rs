@@ -2,6 +2,7 @@
 //! front together, and runs them until SIGINT or SIGTERM; or manages a stopped cache directory.
 
 mod config;
+mod warm;
 mod wiring;
 
 use std::net::SocketAddr;
@@ -45,6 +46,21 @@ enum Command {
         dir: DirArgs,
         #[arg(required = true)]
         targets: Vec<String>,
+    },
+    /// Pull images (manifests and every blob) into the cache: through a running pier's admin API
+    /// with --admin, or directly into a stopped cache directory.
+    Warm {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// Admin API of a running pier, e.g. http://127.0.0.1:9091
+        #[arg(long, env = "PIER_ADMIN_URL")]
+        admin: Option<String>,
+        /// Only these platforms of an index (os/arch[/variant]); all when not given.
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        /// Images as clients name them: nginx:1.25, ghcr.io/org/app:v2, name@sha256:...
+        #[arg(required = true)]
+        images: Vec<String>,
     },
 }
 
@@ -90,7 +106,10 @@ fn main() -> ExitCode {
     let (config, serving) = match &cli.command {
         Command::CheckConfig { file } => return check_config(file.clone()),
         Command::Serve(args) => (load_serve(args), true),
-        Command::Du(dir) | Command::Gc(dir) | Command::Purge { dir, .. } => (load_dir(dir), false),
+        Command::Du(dir)
+        | Command::Gc(dir)
+        | Command::Purge { dir, .. }
+        | Command::Warm { dir, .. } => (load_dir(dir), false),
     };
     let config = match config {
         Ok(c) => c,
@@ -115,6 +134,12 @@ fn main() -> ExitCode {
             Command::Du(_) => du(&config).await,
             Command::Gc(_) => gc(&config).await,
             Command::Purge { targets, .. } => purge(&config, &targets).await,
+            Command::Warm {
+                admin,
+                platforms,
+                images,
+                ..
+            } => warm::run(&config, admin.as_deref(), &images, &platforms).await,
             Command::CheckConfig { .. } => Ok(()),
         }
     });
@@ -242,6 +267,15 @@ async fn serve(config: Config) -> Result<(), String> {
             .clone()
             .run_maintenance(config.cache.maintenance_interval),
     );
+    let warming = (!config.warm.images.is_empty()).then(|| {
+        let (m, w) = (mirror.clone(), config.warm.clone());
+        tokio::spawn(async move {
+            loop {
+                m.warm_all(&w.images, &w.platforms).await;
+                tokio::time::sleep(w.interval).await;
+            }
+        })
+    });
     if let Some(ops_addr) = config.metrics.listen {
         let ops = TcpListener::bind(ops_addr)
             .await
@@ -275,6 +309,9 @@ async fn serve(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     maintenance.abort();
+    if let Some(w) = warming {
+        w.abort();
+    }
     mirror.cache.flush_access_times().await;
     tracing::info!("pier stopped");
     Ok(())

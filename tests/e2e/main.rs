@@ -7,3 +7,4 @@ mod support;
 mod metrics;
 mod runtimes;
 mod skopeo_pull;
+mod warm;

@@ -98,6 +98,8 @@ impl Mirror {
 /// - `DELETE /admin/digests/<digest>`: purge one blob or manifest
 /// - `DELETE /admin/repositories/<name>`: purge a repository's tags
 /// - `POST /admin/evict`: apply the budget now
+/// - `POST /admin/warm?image=IMAGE[&image=...][&platform=os/arch]`: pull images into the cache;
+///   answers with one JSON line per object as it is done, then one report line per image
 pub async fn serve_admin(
     listener: TcpListener,
     mirror: Arc<Mirror>,
@@ -110,6 +112,7 @@ pub async fn serve_admin(
             let result = match (req.method().clone(), path.as_str()) {
                 (Method::GET, "/admin/stats") => Ok(json(&mirror.stats().await)),
                 (Method::POST, "/admin/evict") => mirror.evict().await.map(|r| json(&r)),
+                (Method::POST, "/admin/warm") => Ok(warm(mirror.clone(), req.uri().query().unwrap_or(""))),
                 (Method::DELETE, p) if p.starts_with("/admin/digests/") => {
                     mirror.purge(&p["/admin/digests/".len()..]).await.map(|r| json(&r))
                 }
@@ -126,6 +129,76 @@ pub async fn serve_admin(
         }
     };
     accept_loop(listener, &ServerOptions::default(), shutdown, handler).await
+}
+
+/// Runs a warm in its own task and streams its events as JSON lines. The warm goes on if the
+/// caller hangs up.
+fn warm(mirror: Arc<Mirror>, query: &str) -> Response<Body> {
+    let (mut images, mut platforms) = (Vec::new(), Vec::new());
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        let v = percent_decode(v);
+        match k {
+            "image" => images.push(v),
+            "platform" => platforms.push(v),
+            _ => {}
+        }
+    }
+    if images.is_empty() {
+        let e = RegistryError::new(ErrorCode::Unsupported, "give at least one image=...")
+            .with_status(400);
+        return response::error(&e, false);
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::io::Result<bytes::Bytes>>();
+    tokio::spawn(async move {
+        for image in images {
+            let send = |line: String| {
+                let _ = tx.send(Ok(bytes::Bytes::from(line + "\n")));
+            };
+            let report = mirror
+                .warm(&image, &platforms, &|event| {
+                    send(serde_json::to_string(&event).unwrap_or_default())
+                })
+                .await;
+            send(serde_json::json!({ "image": image, "report": report }).to_string());
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(response::stream(Box::pin(body)))
+        .unwrap_or_else(|_| Response::new(response::empty()))
+}
+
+/// `%xx` escapes of a query value (image references carry `/`, `:` and `@`).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (
+            b[i],
+            b.get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok()),
+        ) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (b'+', _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn json(value: &impl serde::Serialize) -> Response<Body> {

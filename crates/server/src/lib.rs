@@ -11,6 +11,7 @@ mod origin;
 pub mod response;
 pub mod routing;
 mod serve;
+pub mod warm;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
