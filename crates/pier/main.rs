@@ -35,6 +35,12 @@ enum Command {
     Serve(ServeArgs),
     /// Check a configuration file (default: mirror.yaml) and exit non-zero if it is wrong.
     CheckConfig { file: Option<PathBuf> },
+    /// Exit 0 if a health endpoint answers 2xx within 3 seconds (for container health checks,
+    /// where there is no curl).
+    Probe {
+        #[arg(default_value = "http://127.0.0.1:9090/readyz")]
+        url: String,
+    },
     /// Show what a stopped cache directory holds.
     Du(DirArgs),
     /// Apply the disk budget and age limit to a stopped cache directory.
@@ -105,6 +111,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (config, serving) = match &cli.command {
         Command::CheckConfig { file } => return check_config(file.clone()),
+        Command::Probe { url } => return probe(url),
         Command::Serve(args) => (load_serve(args), true),
         Command::Du(dir)
         | Command::Gc(dir)
@@ -140,7 +147,7 @@ fn main() -> ExitCode {
                 images,
                 ..
             } => warm::run(&config, admin.as_deref(), &images, &platforms).await,
-            Command::CheckConfig { .. } => Ok(()),
+            Command::CheckConfig { .. } | Command::Probe { .. } => Ok(()),
         }
     });
     match result {
@@ -180,6 +187,31 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
         }
         Err(e) => {
             eprintln!("pier: configuration error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn probe(url: &str) -> ExitCode {
+    let result = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map(|rt| {
+            rt.block_on(async {
+                let client = reqwest::Client::builder()
+                    .timeout(std::time::Duration::from_secs(3))
+                    .build()?;
+                client.get(url).send().await?.error_for_status()
+            })
+        });
+    match result {
+        Ok(Ok(_)) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("pier: {url}: {e}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("pier: {e}");
             ExitCode::FAILURE
         }
     }

@@ -4,6 +4,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod deploy;
 mod metrics;
 mod runtimes;
 mod skopeo_pull;

@@ -1,0 +1,139 @@
+//! The deployment files pass their tools' checks: `systemd-analyze verify` on the unit,
+//! kubernetes-validate (schemas of Kubernetes 1.37) on the manifests, hadolint on the Dockerfile,
+//! and `pier check-config` on every example configuration, including the ones inside ConfigMaps.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize as _;
+
+use crate::support::require;
+
+fn deploy(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(path)
+}
+
+fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().expect("run tool");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    if !require(&["systemd-analyze"]) {
+        return;
+    }
+    // The unit runs /usr/local/bin/pier; verify checks that the binary exists, so point it at
+    // the one just built and change nothing else.
+    let unit = std::fs::read_to_string(deploy("systemd/pier.service")).expect("unit");
+    assert!(
+        unit.contains("ProtectSystem=strict")
+            && unit.contains("NoNewPrivileges=yes")
+            && unit.contains("StateDirectory=pier")
+    );
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let copy = tmp.path().join("pier.service");
+    std::fs::write(
+        &copy,
+        unit.replace(
+            "/usr/local/bin/pier",
+            crate::support::pier_bin().to_str().expect("utf-8"),
+        ),
+    )
+    .expect("write");
+    let (ok, text) = run(Command::new("systemd-analyze").arg("verify").arg(&copy));
+    assert!(
+        ok && !text.contains("pier.service:"),
+        "systemd-analyze verify: {text}"
+    );
+}
+
+#[test]
+fn kubernetes_manifests_validate() {
+    if !require(&["kubernetes-validate"]) {
+        return;
+    }
+    for file in [
+        "namespace.yaml",
+        "regional-mirror.yaml",
+        "node-local-daemonset.yaml",
+    ] {
+        let (ok, text) = run(Command::new("kubernetes-validate")
+            .arg("--strict")
+            .arg(deploy(&format!("kubernetes/{file}"))));
+        assert!(
+            ok && !text.contains("ERROR") && text.contains("passed"),
+            "{file}: {text}"
+        );
+    }
+    // The ServiceMonitor is a CRD kubernetes-validate has no schema for: check its shape.
+    let sm: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(deploy("kubernetes/servicemonitor.yaml")).expect("read"),
+    )
+    .expect("YAML");
+    assert_eq!(sm["apiVersion"].as_str(), Some("monitoring.coreos.com/v1"));
+    assert_eq!(sm["kind"].as_str(), Some("ServiceMonitor"));
+    assert_eq!(sm["spec"]["endpoints"][0]["port"].as_str(), Some("metrics"));
+    assert_eq!(
+        sm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"].as_str(),
+        Some("pier")
+    );
+}
+
+#[test]
+fn dockerfile_lints() {
+    if !require(&["hadolint"]) {
+        return;
+    }
+    let (ok, text) = run(Command::new("hadolint").arg(deploy("docker/Dockerfile")));
+    assert!(ok, "hadolint: {text}");
+}
+
+/// Every `mirror.yaml` shipped, standalone or inside a ConfigMap, passes `pier check-config`.
+#[test]
+fn example_configurations_check() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut configs: Vec<(String, String)> = Vec::new();
+    for file in ["systemd/mirror.yaml", "compose/mirror.yaml"] {
+        configs.push((
+            file.into(),
+            std::fs::read_to_string(deploy(file)).expect("read"),
+        ));
+    }
+    configs.push((
+        "mirror.yaml".into(),
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("mirror.yaml"))
+            .expect("read"),
+    ));
+    for file in [
+        "kubernetes/regional-mirror.yaml",
+        "kubernetes/node-local-daemonset.yaml",
+    ] {
+        let text = std::fs::read_to_string(deploy(file)).expect("read");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_yaml::Value::deserialize(doc).expect("YAML");
+            if let Some(config) = v["data"]["mirror.yaml"].as_str() {
+                configs.push((format!("{file} ConfigMap"), config.to_string()));
+            }
+        }
+    }
+    assert_eq!(configs.len(), 5);
+    for (name, text) in configs {
+        let path = tmp.path().join("check.yaml");
+        std::fs::write(&path, &text).expect("write");
+        let (ok, out) = run(Command::new(crate::support::pier_bin())
+            .env("DOCKERHUB_TOKEN", "x")
+            .arg("check-config")
+            .arg(&path));
+        assert!(ok, "{name}: {out}");
+    }
+}
