@@ -331,10 +331,13 @@ http {{
                 small[(case, who)] = wrk(srv.url(path), args.wrk_seconds, head=head, accept=OCI_MANIFEST, tmp=tmp)
 
         rss = {who: srv.peak_rss_mib() for who, srv in contenders.items()}
+        print(json.dumps({"large": large, "small": {f"{c} / {w}": v for (c, w), v in small.items()},
+                          "fan_in": {f"{w} / {n}": v for (w, n), v in fan.items()}, "ttfb": ttfb, "rss": rss}),
+              file=sys.stderr)
 
         # --- the table ---
         print(f"\n### pier vs Distribution {subprocess.run(['docker-registry', '--version'], capture_output=True, text=True).stdout.split()[-1]} (proxy) vs nginx\n")
-        print(f"Machine: {os.cpu_count()} cores, {open('/proc/meminfo').readline().split()[1] // 1024 // 1024} GiB; "
+        print(f"Machine: {os.cpu_count()} cores, {int(open('/proc/meminfo').readline().split()[1]) // 1024 // 1024} GiB; "
               f"clients (curl, wrk) run on the same cores as the servers.\n")
         print("| measurement | pier | Distribution | nginx | pier/Distribution | pier/nginx |")
         print("|---|---|---|---|---|---|")

@@ -48,6 +48,8 @@ fn main() {
             memory_object_size: 1 << 20,
             retry: RetryPolicy::default(),
             budget: Budget::default(),
+            max_concurrent_fills: 0,
+            max_queued_fills: 0,
         };
         if cold {
             // Needs root; the scan then reads every directory and inode from disk.

@@ -22,7 +22,55 @@ pub struct Config {
     pub metrics: MetricsSection,
     pub admin: AdminSection,
     pub warm: WarmSection,
+    pub tls: Option<TlsSection>,
+    pub limits: LimitsSection,
     pub upstreams: Vec<UpstreamSection>,
+}
+
+/// HTTPS on the registry listener. Certificate and key are reloaded when the files change.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// PEM CA; when set, clients must present a certificate it signed (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Limits against abuse.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Longest wait for a request's headers or a TLS handshake; also the idle keep-alive limit.
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+    /// Largest request head.
+    pub max_header_size: Size,
+    /// Requests per second per client address (0: no limit), and the burst allowed.
+    pub rate_limit_per_client: f64,
+    pub rate_limit_burst: f64,
+    /// Upstream blob downloads at once (0: no limit), and how many more misses may wait.
+    pub max_concurrent_fills: usize,
+    pub max_queued_fills: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 10_000,
+            max_header_size: Size(64 * 1024),
+            rate_limit_per_client: 0.0,
+            rate_limit_burst: 200.0,
+            max_concurrent_fills: 64,
+            max_queued_fills: 4096,
+        }
+    }
 }
 
 /// Images pulled into the cache at start and on a schedule, before anyone asks.
@@ -183,6 +231,8 @@ impl Default for Config {
             metrics: MetricsSection::default(),
             admin: AdminSection::default(),
             warm: WarmSection::default(),
+            tls: None,
+            limits: LimitsSection::default(),
             upstreams: Vec::new(),
         }
     }
@@ -484,6 +534,35 @@ impl Config {
                 "cache.low_watermark",
                 format!("watermarks must satisfy 0 < low_watermark ({low}) < high_watermark ({high}) <= 1"),
             ));
+        }
+        let l = &self.limits;
+        if l.header_read_timeout.is_zero() || l.max_connections == 0 || l.max_header_size.0 < 1024 {
+            return Err(ConfigError::field(
+                "limits",
+                "header_read_timeout and max_connections must be positive, max_header_size at least 1KiB",
+            ));
+        }
+        if l.rate_limit_per_client < 0.0
+            || (l.rate_limit_per_client > 0.0 && l.rate_limit_burst < 1.0)
+        {
+            return Err(ConfigError::field(
+                "limits.rate_limit_burst",
+                "must be at least 1 when rate_limit_per_client is set",
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            for (field, path) in [
+                ("tls.cert", Some(&tls.cert)),
+                ("tls.key", Some(&tls.key)),
+                ("tls.client_ca", tls.client_ca.as_ref()),
+            ] {
+                if let Some(p) = path.filter(|p| !p.is_file()) {
+                    return Err(ConfigError::field(
+                        field,
+                        format!("{} is not a readable file", p.display()),
+                    ));
+                }
+            }
         }
         if self.warm.interval.is_zero() {
             return Err(ConfigError::field(

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
 use pier_metrics::Metrics;
-use pier_server::ServerOptions;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -277,6 +276,10 @@ fn init_logging(config: &Config) {
 
 async fn serve(config: Config) -> Result<(), String> {
     let mirror = wiring::mirror(&config)?;
+    let options = wiring::server_options(&config)?;
+    if let Some(tls) = &options.tls {
+        tokio::spawn(tls.clone().watch(std::time::Duration::from_secs(10)));
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -333,10 +336,6 @@ async fn serve(config: Config) -> Result<(), String> {
         });
     }
     tracing::info!(%addr, cache_dir = %config.cache.dir.display(), "pier listening");
-    let options = ServerOptions {
-        metrics_on_main: config.metrics.on_main_listener,
-        ..ServerOptions::default()
-    };
     pier_server::serve(listener, mirror.clone(), options, until_stopped(stopped))
         .await
         .map_err(|e| e.to_string())?;

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use pier_cache::{Budget, Cache, CacheConfig, RetryPolicy};
 use pier_metrics::Metrics;
-use pier_server::{Mirror, UpstreamEntry};
+use pier_server::limits::RateLimit;
+use pier_server::tls::{Tls, TlsFiles};
+use pier_server::{Mirror, ServerOptions, UpstreamEntry};
 use pier_upstream::{Credentials, Upstream, UpstreamConfig};
 
 use crate::config::{Config, UpstreamSection};
@@ -64,6 +66,8 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
             low_watermark: c.low_watermark,
             max_age: c.max_age,
         },
+        max_concurrent_fills: config.limits.max_concurrent_fills,
+        max_queued_fills: config.limits.max_queued_fills,
     };
     let cache = Cache::open(cache_config, metrics.clone())
         .map_err(|e| format!("cannot open cache directory {}: {e}", c.dir.display()))?;
@@ -73,4 +77,32 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
         Arc::new(cache),
         metrics,
     )))
+}
+
+/// How the registry listener serves: TLS (loaded and checked here), limits, metrics.
+pub fn server_options(config: &Config) -> Result<ServerOptions, String> {
+    let l = &config.limits;
+    let tls = match &config.tls {
+        Some(t) => Some(Arc::new(
+            Tls::load(TlsFiles {
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+                client_ca: t.client_ca.clone(),
+            })
+            .map_err(|e| format!("tls: {e}"))?,
+        )),
+        None => None,
+    };
+    Ok(ServerOptions {
+        header_read_timeout: l.header_read_timeout,
+        metrics_on_main: config.metrics.on_main_listener,
+        tls,
+        max_connections: l.max_connections,
+        max_header_bytes: usize::try_from(l.max_header_size.0).unwrap_or(usize::MAX),
+        rate_limit: (l.rate_limit_per_client > 0.0).then_some(RateLimit {
+            per_second: l.rate_limit_per_client,
+            burst: l.rate_limit_burst,
+        }),
+        ..ServerOptions::default()
+    })
 }

@@ -8,4 +8,5 @@ mod deploy;
 mod metrics;
 mod runtimes;
 mod skopeo_pull;
+mod tls;
 mod warm;

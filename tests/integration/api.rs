@@ -154,6 +154,7 @@ async fn small_blobs_move_to_the_memory_tier() {
         let r = client().get(&url).send().await.unwrap();
         sources.push(r.headers()["x-pier-cache"].to_str().unwrap().to_string());
         assert_eq!(r.bytes().await.unwrap().len(), 1000);
+        crate::harness::settle(&pier).await;
     }
     assert_eq!(sources, ["upstream", "disk", "memory"]);
     // A memory hit needs no disk: remove the file and it is still served.

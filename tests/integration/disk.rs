@@ -57,6 +57,7 @@ async fn least_recently_used_go_first_down_to_the_low_watermark() {
     let url = |d: &str| format!("{}/v2/app/blobs/{d}", pier.url);
     for d in &digests[..9] {
         fetch(&url(d)).await;
+        crate::harness::settle(&pier).await;
     }
     // 900 kB: under the high mark, nothing goes. Blob 0 is used again: now the most recent.
     fetch(&url(&digests[0])).await;
@@ -90,6 +91,7 @@ async fn a_reader_keeps_its_blob_while_it_is_purged() {
     let digest = up.add_blob(body.clone());
     let url = format!("{}/v2/app/blobs/{digest}", pier.url);
     fetch(&url).await; // cached
+    crate::harness::settle(&pier).await;
     let r = client().get(&url).send().await.unwrap();
     assert_eq!(r.headers()["x-pier-cache"], "disk");
     let mut stream = r.bytes_stream();
@@ -138,6 +140,8 @@ async fn admin_api_stats_purge_repository_and_age_limit() {
     let blob = up.add_blob(random(1000));
     fetch(&format!("{}/v2/app/manifests/1", pier.url)).await;
     fetch(&format!("{}/v2/app/blobs/{blob}", pier.url)).await;
+    crate::harness::settle(&pier).await;
+
     fetch(&format!("{}/v2/app/blobs/{blob}", pier.url)).await;
 
     let stats: serde_json::Value = client()

@@ -63,14 +63,7 @@ async fn first_client_leaving_does_not_stop_the_fill() {
     let r = client().get(&url).send().await.unwrap();
     assert!(r.bytes().await.unwrap() == body);
     assert_eq!(up.state.blob_gets.load(Ordering::SeqCst), 1);
-    let hex = digest.trim_start_matches("sha256:");
-    assert!(pier
-        .dir
-        .path()
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .exists());
+    assert!(crate::harness::wait_stored(&pier, &digest).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

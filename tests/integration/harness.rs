@@ -100,6 +100,53 @@ pub async fn start_with(
     budget: pier_cache::Budget,
     dir: tempfile::TempDir,
 ) -> Pier {
+    launch(Setup {
+        upstreams,
+        memory,
+        budget,
+        ..Setup::new(dir)
+    })
+    .await
+}
+
+/// Everything a test may set.
+pub struct Setup {
+    pub upstreams: Vec<UpstreamSpec>,
+    pub memory: (u64, u64),
+    pub budget: pier_cache::Budget,
+    pub dir: tempfile::TempDir,
+    pub options: ServerOptions,
+    pub max_concurrent_fills: usize,
+    pub max_queued_fills: usize,
+}
+
+impl Setup {
+    pub fn new(dir: tempfile::TempDir) -> Self {
+        Setup {
+            upstreams: Vec::new(),
+            memory: (0, 0),
+            budget: pier_cache::Budget::default(),
+            dir,
+            options: ServerOptions {
+                metrics_on_main: true,
+                ..ServerOptions::default()
+            },
+            max_concurrent_fills: 0,
+            max_queued_fills: 0,
+        }
+    }
+}
+
+pub async fn launch(setup: Setup) -> Pier {
+    let Setup {
+        upstreams,
+        memory,
+        budget,
+        dir,
+        options,
+        max_concurrent_fills,
+        max_queued_fills,
+    } = setup;
     let metrics = Arc::new(Metrics::new());
     let entries = upstreams
         .into_iter()
@@ -134,6 +181,8 @@ pub async fn start_with(
             base_delay: Duration::from_millis(20),
         },
         budget,
+        max_concurrent_fills,
+        max_queued_fills,
     };
     let cache = Arc::new(Cache::open(cache_config, metrics.clone()).expect("open cache"));
     let mirror = Arc::new(Mirror::new(entries, 0, cache.clone(), metrics));
@@ -148,10 +197,6 @@ pub async fn start_with(
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
-    };
-    let options = ServerOptions {
-        metrics_on_main: true,
-        ..ServerOptions::default()
     };
     let (m, rx) = (mirror.clone(), stopped.clone());
     let server = tokio::spawn(async move {
@@ -210,4 +255,34 @@ pub async fn raw_get(base_url: &str, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Waits (up to 5 s) until the blob is committed to pier's store: clients finish once the bytes
+/// verified, a moment before the commit.
+pub async fn wait_stored(pier: &Pier, digest: &str) -> bool {
+    let hex = digest.trim_start_matches("sha256:");
+    let path = pier
+        .dir
+        .path()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex);
+    for _ in 0..500 {
+        if path.exists() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Waits (up to 5 s) until no fill is in flight: every download committed or failed.
+pub async fn settle(pier: &Pier) {
+    for _ in 0..500 {
+        if pier.mirror.metrics.fills_in_flight.get() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("fills still in flight after 5 s");
 }

@@ -8,5 +8,6 @@ mod auth;
 mod disk;
 mod fills;
 mod freshness;
+mod hardening;
 mod metrics;
 mod routing;

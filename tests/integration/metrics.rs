@@ -55,6 +55,7 @@ async fn cold_pull_counts_misses_and_upstream_bytes_then_hits() {
     };
     assert_eq!(get("app/manifests/1".into()).await, body.len());
     assert_eq!(get(format!("app/blobs/{blob}")).await, 200_000);
+    crate::harness::settle(&pier).await;
     let m = scrape(&pier.url).await;
     assert_eq!(
         metric(&m, r#"pier_cache_lookups_total{kind="blob",result="miss"}"#),
@@ -94,6 +95,7 @@ async fn cold_pull_counts_misses_and_upstream_bytes_then_hits() {
     // Second pull: hits only, no upstream bytes.
     get("app/manifests/1".into()).await;
     get(format!("app/blobs/{blob}")).await;
+    crate::harness::settle(&pier).await;
     let m = scrape(&pier.url).await;
     assert_eq!(
         metric(
@@ -152,6 +154,7 @@ async fn a_fill_joined_by_ten_clients_counts_nine_joins() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), 1024 * 1024);
     }
+    crate::harness::settle(&pier).await;
     let m = scrape(&pier.url).await;
     assert_eq!(metric(&m, "pier_fill_joins_total"), 9.0);
     assert_eq!(metric(&m, r#"pier_fills_total{outcome="ok"}"#), 1.0);
@@ -178,6 +181,7 @@ async fn stale_answers_and_revalidations_are_counted() {
     client().get(&url).send().await.unwrap();
     up.set(|b| b.fail_status = Some(503));
     assert_eq!(client().get(&url).send().await.unwrap().status(), 200);
+    crate::harness::settle(&pier).await;
     let m = scrape(&pier.url).await;
     assert_eq!(
         metric(

@@ -92,6 +92,7 @@ async fn a_blob_is_stored_and_fetched_once_across_upstreams() {
     ghcr.add_blob(body.clone());
     let (s, _) = get(format!("{}/v2/library/app/blobs/{digest}", pier.url)).await;
     assert_eq!(s, 200);
+    crate::harness::settle(&pier).await;
     let r = client()
         .get(format!("{}/v2/ghcr.io/org/app/blobs/{digest}", pier.url))
         .send()

@@ -60,6 +60,8 @@ pub enum FillError {
     },
     /// Local I/O (disk full, permissions).
     Io(String),
+    /// Too many fills running and queued: try again shortly.
+    Busy,
 }
 
 impl std::fmt::Display for FillError {
@@ -76,6 +78,9 @@ impl std::fmt::Display for FillError {
                 )
             }
             FillError::Io(e) => write!(f, "cache I/O error: {e}"),
+            FillError::Busy => {
+                f.write_str("too many upstream downloads in progress; try again shortly")
+            }
         }
     }
 }
@@ -97,6 +102,8 @@ pub(crate) enum Phase {
     /// Waiting for the upstream's first answer.
     Connecting,
     Streaming,
+    /// Every byte written and the digest verified; being committed to the store.
+    Verified,
     /// Verified and in the store.
     Complete,
     Failed(FillError),

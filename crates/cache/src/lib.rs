@@ -50,6 +50,10 @@ pub struct CacheConfig {
     pub retry: RetryPolicy,
     /// Disk budget and age limit.
     pub budget: Budget,
+    /// Blob downloads running at once (0: no limit); further misses wait in a queue.
+    pub max_concurrent_fills: usize,
+    /// Misses that may wait for a download slot; beyond, requests get "busy" at once.
+    pub max_queued_fills: usize,
 }
 
 /// Where an answer came from.
@@ -130,6 +134,8 @@ pub struct Cache {
     budget: Budget,
     /// Wakes the maintenance task when the budget is exceeded.
     evict_now: tokio::sync::Notify,
+    /// Download slots, when limited, and how many fills may exist at all (running and queued).
+    fill_slots: Option<(Arc<tokio::sync::Semaphore>, usize)>,
 }
 
 impl Cache {
@@ -148,6 +154,10 @@ impl Cache {
             index,
             budget: config.budget,
             evict_now: tokio::sync::Notify::new(),
+            fill_slots: (config.max_concurrent_fills > 0).then(|| {
+                let slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_fills));
+                (slots, config.max_concurrent_fills + config.max_queued_fills)
+            }),
         };
         cache
             .metrics
@@ -240,9 +250,7 @@ impl Cache {
         {
             return Ok(blob);
         }
-        let (fill, joined) = self
-            .join_or_start(digest, origin)
-            .map_err(|e| FillError::Io(e.to_string()))?;
+        let (fill, joined) = self.join_or_start(digest, origin)?;
         let Some(fill) = fill else {
             // It landed on disk between the two looks.
             return self
@@ -287,7 +295,7 @@ impl Cache {
         self: &Arc<Self>,
         digest: &Digest,
         origin: impl FnOnce() -> Arc<dyn Origin>,
-    ) -> io::Result<(Option<Arc<Fill>>, bool)> {
+    ) -> Result<(Option<Arc<Fill>>, bool), FillError> {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(fill) = fills.get(digest) {
             self.metrics.fill_joins.inc();
@@ -298,7 +306,17 @@ impl Cache {
         if self.store.blob_len(digest).is_some() {
             return Ok((None, false));
         }
-        let (file, temp) = self.store.create_temp(digest)?;
+        if self
+            .fill_slots
+            .as_ref()
+            .is_some_and(|(_, most)| fills.len() >= *most)
+        {
+            return Err(FillError::Busy);
+        }
+        let (file, temp) = self
+            .store
+            .create_temp(digest)
+            .map_err(|e| FillError::Io(e.to_string()))?;
         let fill = Arc::new(Fill::new(digest.clone(), file, temp));
         fills.insert(digest.clone(), fill.clone());
         drop(fills);
@@ -426,25 +444,38 @@ impl Cache {
 /// The fill's task: download, commit or discard, tell the readers, leave the map.
 async fn run_fill(cache: Arc<Cache>, fill: Arc<Fill>, origin: Arc<dyn Origin>) {
     let metrics = &cache.metrics;
-    let mut result = fill.download(origin.as_ref(), &cache.retry).await;
-    if let Ok(resumes) = result {
-        metrics.fill_resumes.inc_by(u64::from(resumes));
-        let (s, f) = (cache.store.clone(), fill.clone());
-        let committed = tokio::task::spawn_blocking(move || s.commit(&f.file, &f.temp, &f.digest))
-            .await
-            .map_err(io::Error::other)
-            .and_then(|r| r);
-        if let Err(e) = committed {
-            result = Err(FillError::Io(e.to_string()));
-        }
-    }
-    match result {
-        Ok(_) => {
+    // Wait for a download slot; the fill's readers wait meanwhile (still "connecting").
+    let _slot = match &cache.fill_slots {
+        Some((slots, _)) => slots.clone().acquire_owned().await.ok(),
+        None => None,
+    };
+    match fill.download(origin.as_ref(), &cache.retry).await {
+        Ok(resumes) => {
+            metrics.fill_resumes.inc_by(u64::from(resumes));
+            // The bytes verified: readers may finish now, before the fsync of the commit.
+            fill.progress.send_modify(|p| p.phase = Phase::Verified);
             let written = fill.progress.borrow().written;
-            metrics.fills.with_label_values(&["ok"]).inc();
-            cache.stored(fill.digest.clone(), written);
-            fill.progress.send_modify(|p| p.phase = Phase::Complete);
-            tracing::debug!(digest = %fill.digest, bytes = written, "fill complete");
+            let (s, f) = (cache.store.clone(), fill.clone());
+            let committed =
+                tokio::task::spawn_blocking(move || s.commit(&f.file, &f.temp, &f.digest))
+                    .await
+                    .map_err(io::Error::other)
+                    .and_then(|r| r);
+            match committed {
+                Ok(()) => {
+                    metrics.fills.with_label_values(&["ok"]).inc();
+                    cache.stored(fill.digest.clone(), written);
+                    fill.progress.send_modify(|p| p.phase = Phase::Complete);
+                    tracing::debug!(digest = %fill.digest, bytes = written, "fill complete");
+                }
+                Err(e) => {
+                    // The clients got verified bytes; only the cache goes without.
+                    metrics.fills.with_label_values(&["failed"]).inc();
+                    tracing::warn!(digest = %fill.digest, error = %e, "verified blob could not be stored");
+                    let _ = std::fs::remove_file(&fill.temp);
+                    cache.evict_now.notify_one();
+                }
+            }
         }
         Err(e) => {
             metrics.fills.with_label_values(&["failed"]).inc();

@@ -44,7 +44,9 @@ pub(crate) fn file_range(
             let p = rx.borrow_and_update().clone();
             let (avail, end) = match &p.phase {
                 Phase::Failed(e) => return Some((Err(io::Error::other(e.to_string())), s)),
-                Phase::Complete => (p.written, s.end.unwrap_or(p.written).min(p.written)),
+                Phase::Verified | Phase::Complete => {
+                    (p.written, s.end.unwrap_or(p.written).min(p.written))
+                }
                 // The blob's last byte goes out only after its digest verified, so a client never
                 // receives a complete body with wrong bytes.
                 _ => (

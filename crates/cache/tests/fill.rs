@@ -100,6 +100,8 @@ fn cache(dir: &std::path::Path) -> Arc<Cache> {
                     base_delay: Duration::from_millis(10),
                 },
                 budget: pier_cache::Budget::default(),
+                max_concurrent_fills: 0,
+                max_queued_fills: 0,
             },
             Arc::new(pier_metrics::Metrics::new()),
         )
@@ -148,7 +150,14 @@ async fn hundred_readers_share_one_download() {
     }
     assert_eq!(origin.calls.load(Ordering::SeqCst), 1);
     assert!(joined >= 90, "only {joined} readers joined the fill");
-    // The blob is now on disk and served from there, without the origin.
+    // The blob is now on disk (readers finish once it verified, the commit follows) and served
+    // from there, without the origin.
+    for _ in 0..500 {
+        if cache.store().open_blob(&digest).unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let (got, source) = read(&cache, &digest, &origin).await.unwrap();
     assert_eq!((got.len(), source), (body.len(), Source::Disk));
     assert_eq!(origin.calls.load(Ordering::SeqCst), 1);

@@ -6,11 +6,13 @@
 
 pub mod admin;
 pub mod handlers;
+pub mod limits;
 mod ops;
 mod origin;
 pub mod response;
 pub mod routing;
 mod serve;
+pub mod tls;
 pub mod warm;
 
 use std::sync::Arc;

@@ -88,6 +88,9 @@ pub fn from_fill(e: &FillError) -> RegistryError {
             format!("upstream sent a bad blob: {e}"),
         ),
         FillError::Io(_) => RegistryError::new(ErrorCode::Unknown, e.to_string()),
+        FillError::Busy => {
+            RegistryError::new(ErrorCode::TooManyRequests, e.to_string()).with_retry_after(Some(1))
+        }
     }
 }
 

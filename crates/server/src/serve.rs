@@ -17,19 +17,33 @@ use hyper_util::server::graceful::GracefulShutdown;
 use pier_cache::Source;
 use tokio::net::TcpListener;
 
+use pier_oci::{ErrorCode, RegistryError};
+use tokio::sync::Semaphore;
+
 use crate::handlers::{self, Outcome};
-use crate::response::Body;
+use crate::limits::{RateLimit, RateLimiter};
+use crate::response::{self, Body};
+use crate::tls::Tls;
 use crate::{ops, Mirror};
 
-/// How the front serves connections.
+/// How the front serves connections, and the limits that keep strangers from exhausting it.
 #[derive(Clone, Debug)]
 pub struct ServerOptions {
-    /// Longest time to receive a request's headers (slow-loris protection).
+    /// Longest time to receive a request's headers, and to finish a TLS handshake (slow-loris
+    /// protection). It also bounds how long an idle keep-alive connection is kept.
     pub header_read_timeout: Duration,
     /// How long a stop waits for requests in flight.
     pub shutdown_grace: Duration,
     /// Also answer `/metrics` on the registry listener.
     pub metrics_on_main: bool,
+    /// HTTPS; plain HTTP when `None`.
+    pub tls: Option<Arc<Tls>>,
+    /// Connections served at once; further ones are closed at once.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Requests per second per client address; 429 beyond.
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for ServerOptions {
@@ -38,6 +52,10 @@ impl Default for ServerOptions {
             header_read_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
             metrics_on_main: false,
+            tls: None,
+            max_connections: 10_000,
+            max_header_bytes: 64 * 1024,
+            rate_limit: None,
         }
     }
 }
@@ -51,14 +69,28 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let metrics_on_main = options.metrics_on_main;
+    let limiter = options.rate_limit.map(|l| Arc::new(RateLimiter::new(l)));
     let handler = move |req: Request<Incoming>, peer: SocketAddr| {
-        let mirror = mirror.clone();
-        async move { answer(&mirror, req, peer, metrics_on_main).await }
+        let (mirror, limiter) = (mirror.clone(), limiter.clone());
+        async move {
+            if let Some(Err(wait)) = limiter.as_ref().map(|l| l.check(peer.ip())) {
+                let e =
+                    RegistryError::new(ErrorCode::TooManyRequests, "request rate limit reached")
+                        .with_retry_after(Some(wait));
+                mirror
+                    .metrics
+                    .requests
+                    .with_label_values(&["other", "other", "4xx"])
+                    .inc();
+                return response::error(&e, req.method() == Method::HEAD);
+            }
+            answer(&mirror, req, peer, metrics_on_main).await
+        }
     };
     accept_loop(listener, &options, shutdown, handler).await
 }
 
-/// The accept loop shared by the registry listener and the operations listener.
+/// The accept loop shared by every listener.
 pub(crate) async fn accept_loop<H, F>(
     listener: TcpListener,
     options: &ServerOptions,
@@ -73,8 +105,18 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(options.header_read_timeout);
+        .header_read_timeout(options.header_read_timeout)
+        .max_buf_size(options.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(options.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(options.header_read_timeout)
+        .keep_alive_timeout(options.header_read_timeout);
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Semaphore::new(options.max_connections));
+    let acceptor = options.tls.as_ref().map(|t| t.acceptor());
+    let handshake_timeout = options.header_read_timeout;
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -89,19 +131,53 @@ where
             },
             () = &mut shutdown => break,
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing a new connection");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let response = handler(req, peer);
             async move { Ok::<_, std::convert::Infallible>(response.await) }
         });
-        let conn = graceful.watch(
-            builder
-                .serve_connection(TokioIo::new(stream), service)
-                .into_owned(),
-        );
+        let (builder, acceptor) = (builder.clone(), acceptor.clone());
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let _permit = permit;
+            let result = match acceptor {
+                None => {
+                    watcher
+                        .watch(
+                            builder
+                                .serve_connection(TokioIo::new(stream), service)
+                                .into_owned(),
+                        )
+                        .await
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            watcher
+                                .watch(
+                                    builder
+                                        .serve_connection(TokioIo::new(tls), service)
+                                        .into_owned(),
+                                )
+                                .await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
