@@ -5,15 +5,16 @@ docker-registry, loaded with generated blobs and an image).
 
 Measures
   1. warm large blob: throughput with 1 and 16 concurrent clients (curl);
-  2. warm small requests with 64 connections (wrk): manifest GET and HEAD by tag and by digest,
-     and a 1 KiB blob: requests per second and p99 latency;
+  2. warm small requests with 64 connections (wrk; ApacheBench for HEAD, which wrk mishandles):
+     manifest GET and HEAD by tag and by digest, and a 1 KiB blob: requests per second and p99
+     latency;
   3. cold fan-in: N = 1, 10, 100 clients on one cold 100 MiB blob: upstream requests and bytes,
      time until the last client finishes;
   4. cold time to first byte through each proxy, against direct from the upstream;
   5. peak RSS (VmHWM) of each server over 1-4;
 and prints a markdown table with the ratios pier/Distribution and pier/nginx.
 
-Needs: docker-registry, nginx, wrk, curl (Debian packages), and pier built with
+Needs: docker-registry, nginx, wrk, apache2-utils, curl (Debian packages), and pier built with
 `cargo build --release`. Run as root (nginx reads the temporary directory as root):
 
     python3 benches/compare.py [--large-mib 1024] [--wrk-seconds 8]
@@ -162,15 +163,22 @@ def upstream_log(path):
     return out
 
 
+def ab_head(url, seconds, accept):
+    """HEAD load with ApacheBench (wrk waits for a body after a HEAD's Content-Length)."""
+    args = ["ab", "-q", "-k", "-i", "-c", "64", "-t", str(seconds), "-n", "10000000", "-H", f"Accept: {accept}", url]
+    out = subprocess.run(args, capture_output=True, text=True).stdout
+    rps = float(re.search(r"Requests per second:\s+([\d.]+)", out)[1])
+    p99 = float(re.search(r"\n\s+99%\s+(\d+)", out)[1])
+    non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
+    return rps, p99, int(non2xx[1]) if non2xx else 0
+
+
 def wrk(url, seconds, head=False, accept=None, tmp="."):
+    if head:
+        return ab_head(url, seconds, accept)
     args = ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency"]
     if accept:
         args += ["-H", f"Accept: {accept}"]
-    if head:
-        script = os.path.join(tmp, "head.lua")
-        with open(script, "w") as f:
-            f.write('wrk.method = "HEAD"\n')
-        args += ["-s", script]
     out = subprocess.run(args + [url], capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
@@ -190,9 +198,9 @@ def main():
     ap.add_argument("--wrk-seconds", type=int, default=8)
     ap.add_argument("--fan-in", default="1,10,100")
     args = ap.parse_args()
-    for tool in ["docker-registry", "nginx", "wrk", "curl"]:
+    for tool in ["docker-registry", "nginx", "wrk", "ab", "curl"]:
         if not shutil.which(tool):
-            sys.exit(f"{tool} is not installed (apt-get install docker-registry nginx wrk curl)")
+            sys.exit(f"{tool} is not installed (apt-get install docker-registry nginx wrk apache2-utils curl)")
     if not os.path.exists(PIER):
         sys.exit("build pier first: cargo build --release")
     fan_in = [int(n) for n in args.fan_in.split(",")]

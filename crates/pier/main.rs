@@ -339,6 +339,11 @@ async fn serve(config: Config) -> Result<(), String> {
     pier_server::serve(listener, mirror.clone(), options, until_stopped(stopped))
         .await
         .map_err(|e| e.to_string())?;
+    // Let fills that were being committed finish, so that what clients received is kept.
+    mirror
+        .cache
+        .wait_for_fills(None, std::time::Duration::from_secs(10))
+        .await;
     maintenance.abort();
     if let Some(w) = warming {
         w.abort();

@@ -164,6 +164,24 @@ impl Cache {
         }
     }
 
+    /// Waits until no fill is in flight (each committed or failed), or only the fill of `digest`
+    /// when given; at most `limit`. Clients finish reading once a blob verified, a moment before
+    /// it is committed. Returns whether they finished.
+    pub async fn wait_for_fills(&self, digest: Option<&Digest>, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        let busy = || {
+            let fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
+            digest.map_or(!fills.is_empty(), |d| fills.contains_key(d))
+        };
+        while busy() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Writes access times changed since the last call back to the files, so that the LRU order
     /// survives a restart.
     pub async fn flush_access_times(&self) {

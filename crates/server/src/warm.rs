@@ -227,7 +227,18 @@ impl Mirror {
                         e.cached = true;
                     } else {
                         match internal(self, Method::GET, &path, false).await {
-                            Ok(answer) => e.fetched_bytes = answer.len,
+                            Ok(answer) => {
+                                e.fetched_bytes = answer.len;
+                                // A reader finishes once the blob verified; warm means stored.
+                                if let Ok(d) = digest.parse() {
+                                    self.cache
+                                        .wait_for_fills(
+                                            Some(&d),
+                                            std::time::Duration::from_secs(600),
+                                        )
+                                        .await;
+                                }
+                            }
                             Err(err) => e.error = Some(err),
                         }
                     }
