@@ -23,6 +23,7 @@ pub struct Config {
     pub admin: AdminSection,
     pub warm: WarmSection,
     pub tls: Option<TlsSection>,
+    pub auth: Option<AuthSection>,
     pub limits: LimitsSection,
     pub upstreams: Vec<UpstreamSection>,
 }
@@ -38,6 +39,26 @@ pub struct TlsSection {
     /// PEM CA; when set, clients must present a certificate it signed (mTLS).
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+}
+
+/// Client authentication: users from an htpasswd file (bcrypt), Basic or the registry token flow.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    pub htpasswd: PathBuf,
+    /// Pulls without credentials allowed.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// Lifetime of the tokens pier issues.
+    #[serde(default = "default_token_ttl", deserialize_with = "duration")]
+    pub token_ttl: Duration,
+    /// Per user, the `<registry>/<repository>` globs they may pull (users not listed: all).
+    #[serde(default)]
+    pub users: std::collections::HashMap<String, Vec<String>>,
+}
+
+fn default_token_ttl() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// Limits against abuse.
@@ -232,6 +253,7 @@ impl Default for Config {
             admin: AdminSection::default(),
             warm: WarmSection::default(),
             tls: None,
+            auth: None,
             limits: LimitsSection::default(),
             upstreams: Vec::new(),
         }
@@ -549,6 +571,14 @@ impl Config {
                 "limits.rate_limit_burst",
                 "must be at least 1 when rate_limit_per_client is set",
             ));
+        }
+        if let Some(auth) = &self.auth {
+            if auth.token_ttl.is_zero() {
+                return Err(ConfigError::field(
+                    "auth.token_ttl",
+                    "must be greater than zero",
+                ));
+            }
         }
         if let Some(tls) = &self.tls {
             for (field, path) in [

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use pier_cache::{Budget, Cache, CacheConfig, RetryPolicy};
 use pier_metrics::Metrics;
+use pier_server::auth::{Auth, AuthConfig};
 use pier_server::limits::RateLimit;
 use pier_server::tls::{Tls, TlsFiles};
 use pier_server::{Mirror, ServerOptions, UpstreamEntry};
@@ -93,7 +94,20 @@ pub fn server_options(config: &Config) -> Result<ServerOptions, String> {
         )),
         None => None,
     };
+    let auth = match &config.auth {
+        Some(a) => Some(Arc::new(
+            Auth::load(&AuthConfig {
+                htpasswd: a.htpasswd.clone(),
+                anonymous: a.anonymous,
+                token_ttl: a.token_ttl,
+                rules: a.users.clone(),
+            })
+            .map_err(|e| format!("auth: {e}"))?,
+        )),
+        None => None,
+    };
     Ok(ServerOptions {
+        auth,
         header_read_timeout: l.header_read_timeout,
         metrics_on_main: config.metrics.on_main_listener,
         tls,

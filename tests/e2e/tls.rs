@@ -1,5 +1,6 @@
-//! skopeo pulls through pier over HTTPS, trusting a CA the test generates; pier ignores the
-//! credentials a client offers when it did not ask for any.
+//! skopeo pulls through pier over HTTPS, trusting a CA the test generates: with client
+//! authentication off (pier ignores the credentials a client offers unasked) and on (skopeo's
+//! --creds through pier's token flow).
 
 use crate::support::image;
 use crate::support::process::{path_str, pier, registry, skopeo, skopeo_try};
@@ -69,6 +70,62 @@ fn skopeo_pulls_over_https_with_a_private_ca() {
         skopeo(&args);
         assert!(image::blobs(&tmp.path().join(format!("out{i}"))) == image::blobs(&layout));
     }
+    // With client authentication on, skopeo needs --creds: it follows pier's token flow.
+    std::fs::write(
+        tmp.path().join("htpasswd"),
+        format!("alice:{}\n", bcrypt::hash("alice-pw", 4).expect("bcrypt")),
+    )
+    .expect("htpasswd");
+    let auth_config = tmp.path().join("auth.yaml");
+    std::fs::write(
+        &auth_config,
+        format!(
+            "tls:\n  cert: {}\n  key: {}\nauth:\n  htpasswd: {}\nupstreams:\n  - name: docker.io\n    url: http://{}\n",
+            path_str(&tmp.path().join("tls.pem")),
+            path_str(&tmp.path().join("tls.key")),
+            path_str(&tmp.path().join("htpasswd")),
+            upstream.addr
+        ),
+    )
+    .expect("config");
+    let guarded = pier(&[
+        "--config",
+        &path_str(&auth_config),
+        "--cache-dir",
+        &path_str(&tmp.path().join("cache2")),
+    ]);
+    let src2 = format!("docker://{}/library/app:1", guarded.addr);
+    let out = skopeo_try(&["inspect", "--cert-dir", &certs, "--tls-verify=true", &src2]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success()
+            && (err.contains("401")
+                || err.contains("unauthorized")
+                || err.contains("authentication required")),
+        "pulled without credentials: {err}"
+    );
+    let dest = format!("oci:{}:1", path_str(&tmp.path().join("out-auth")));
+    skopeo(&[
+        "copy",
+        "--src-cert-dir",
+        &certs,
+        "--src-tls-verify=true",
+        "--src-creds",
+        "alice:alice-pw",
+        &src2,
+        &dest,
+    ]);
+    assert!(image::blobs(&tmp.path().join("out-auth")) == image::blobs(&layout));
+    let out = skopeo_try(&[
+        "inspect",
+        "--cert-dir",
+        &certs,
+        "--creds",
+        "alice:wrong",
+        &src2,
+    ]);
+    assert!(!out.status.success(), "pulled with a wrong password");
+
     // Without the CA, the certificate is not trusted: TLS is really on.
     let out = skopeo_try(&["inspect", "--tls-verify=true", &src]);
     let err = String::from_utf8_lossy(&out.stderr);

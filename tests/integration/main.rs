@@ -5,6 +5,7 @@ mod harness;
 
 mod api;
 mod auth;
+mod client_auth;
 mod disk;
 mod fills;
 mod freshness;

@@ -5,6 +5,7 @@
 //! and every failure becomes the registry's JSON error ([`response`]).
 
 pub mod admin;
+pub mod auth;
 pub mod handlers;
 pub mod limits;
 mod ops;

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use pier_oci::{ErrorCode, RegistryError};
 use tokio::sync::Semaphore;
 
+use crate::auth::{self, Auth};
 use crate::handlers::{self, Outcome};
 use crate::limits::{RateLimit, RateLimiter};
 use crate::response::{self, Body};
@@ -44,6 +45,9 @@ pub struct ServerOptions {
     pub max_header_bytes: usize,
     /// Requests per second per client address; 429 beyond.
     pub rate_limit: Option<RateLimit>,
+    /// Client authentication; when `None`, every pull is anonymous and Authorization headers
+    /// are ignored.
+    pub auth: Option<Arc<Auth>>,
 }
 
 impl Default for ServerOptions {
@@ -56,6 +60,7 @@ impl Default for ServerOptions {
             max_connections: 10_000,
             max_header_bytes: 64 * 1024,
             rate_limit: None,
+            auth: None,
         }
     }
 }
@@ -70,8 +75,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let metrics_on_main = options.metrics_on_main;
     let limiter = options.rate_limit.map(|l| Arc::new(RateLimiter::new(l)));
+    let (auth, tls) = (options.auth.clone(), options.tls.is_some());
     let handler = move |req: Request<Incoming>, peer: SocketAddr| {
-        let (mirror, limiter) = (mirror.clone(), limiter.clone());
+        let (mirror, limiter, auth) = (mirror.clone(), limiter.clone(), auth.clone());
         async move {
             if let Some(Err(wait)) = limiter.as_ref().map(|l| l.check(peer.ip())) {
                 let e =
@@ -83,6 +89,19 @@ pub async fn serve(
                     .with_label_values(&["other", "other", "4xx"])
                     .inc();
                 return response::error(&e, req.method() == Method::HEAD);
+            }
+            if let Some(auth) = &auth {
+                if req.uri().path() == "/auth/token" {
+                    return auth::token_endpoint(auth, &mirror, &req);
+                }
+                if let Some(refused) = auth::gate(auth, &mirror, &req, tls) {
+                    mirror
+                        .metrics
+                        .requests
+                        .with_label_values(&["other", "other", "4xx"])
+                        .inc();
+                    return refused;
+                }
             }
             answer(&mirror, req, peer, metrics_on_main).await
         }
