@@ -320,3 +320,35 @@ async fn wrong_bytes_from_upstream_are_never_served_whole_or_kept() {
         2
     );
 }
+
+#[tokio::test]
+async fn oversized_upstream_manifest_is_refused_and_not_kept() {
+    let (up, pier) = setup().await;
+    let huge = format!(
+        "{{\"schemaVersion\":2,\"pad\":\"{}\"}}",
+        "x".repeat(5 * 1024 * 1024)
+    );
+    let digest = up.add_manifest("library/app", "huge", DOCKER_V2, &huge);
+    let r = client()
+        .get(format!("{}/v2/app/manifests/huge", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(
+        v["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("4 MiB"),
+        "{v}"
+    );
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(!pier
+        .dir
+        .path()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+        .exists());
+}

@@ -12,3 +12,4 @@ mod freshness;
 mod hardening;
 mod metrics;
 mod routing;
+mod secrets;
