@@ -4,7 +4,7 @@
 //! [`Cache::blob`] is the whole lookup: memory, then disk, then the fill in progress for that
 //! digest, or a new fill. Every concurrent request for a digest joins the same fill and streams
 //! the bytes as they land in its file; bytes whose digest does not verify never reach the store.
-//! Manifests are small: they are fetched whole, once per key at a time ([`Cache::fetch_manifest_once`]),
+//! Manifests are small: they are fetched whole, once per key at a time ([`Cache::fill_manifest`]),
 //! and stored by digest next to the blobs, with their tags recorded per upstream and repository.
 
 mod eviction;

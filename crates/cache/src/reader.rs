@@ -11,8 +11,11 @@ use tokio::sync::watch;
 
 use crate::fill::{Phase, Progress};
 
-/// Size of one read; large enough that a read costs little per byte, small enough to start fast.
-const CHUNK: u64 = 256 * 1024;
+/// Size of one read while following a fill: small enough that readers keep close behind it.
+const FOLLOW_CHUNK: u64 = 256 * 1024;
+/// Size of one read of a complete file: large, so that the blocking-pool hop and the allocation
+/// of each read cost little per byte.
+const FILE_CHUNK: u64 = 1024 * 1024;
 
 /// A stream of the bytes `[start, end)` of `file`. With `progress`, bytes are read only once the
 /// fill wrote them, and the stream ends in an error if the fill fails.
@@ -64,7 +67,8 @@ pub(crate) fn file_range(
         if s.pos >= end {
             return None;
         }
-        let len = avail.min(end).saturating_sub(s.pos).min(CHUNK);
+        let chunk = if s.progress.is_some() { FOLLOW_CHUNK } else { FILE_CHUNK };
+        let len = avail.min(end).saturating_sub(s.pos).min(chunk);
         let (file, pos) = (s.file.clone(), s.pos);
         let read = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
             let mut buf = vec![0u8; len as usize];
