@@ -146,3 +146,40 @@ async fn unrequested_client_authorization_is_ignored() {
         .iter()
         .all(|(_, a)| a.is_none()));
 }
+
+#[tokio::test]
+async fn basic_challenge_is_answered_with_the_configured_credentials() {
+    let up = FakeUpstream::start(Behaviour {
+        require_basic: Some(("mirror".into(), "basic-pw".into())),
+        ..Behaviour::default()
+    })
+    .await;
+    let mut spec = UpstreamSpec::new("docker.io", up.url());
+    spec.credentials = Some(("mirror", "basic-pw"));
+    let pier = start(vec![spec], (0, 0)).await;
+    up.add_manifest(
+        "library/app",
+        "1",
+        "application/vnd.oci.image.manifest.v1+json",
+        "{}",
+    );
+    let blob = up.add_blob(vec![3u8; 1000]);
+    for path in ["app/manifests/1".to_string(), format!("app/blobs/{blob}")] {
+        let r = client()
+            .get(format!("{}/v2/{path}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    // After the first challenge pier sends Basic up front: one 401 in all.
+    let unauthorized = up
+        .state
+        .auth_seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, a)| a.is_none())
+        .count();
+    assert_eq!(unauthorized, 1);
+}

@@ -24,6 +24,8 @@ pub struct Behaviour {
     pub require_token: bool,
     /// Username:password the token endpoint wants (anonymous tokens when None).
     pub token_credentials: Option<(String, String)>,
+    /// Require these Basic credentials on every registry request (a Basic challenge).
+    pub require_basic: Option<(String, String)>,
     /// Answer blob GETs with 307 to this base URL (another host).
     pub redirect_blobs_to: Option<String>,
     /// Cut blob bodies after this many bytes for the first N blob GETs.
@@ -233,6 +235,17 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
             Some(b) => full(StatusCode::OK, b.clone()),
             None => full(StatusCode::NOT_FOUND, ""),
         };
+    }
+    if let Some((u, p)) = &behaviour.require_basic {
+        if auth.as_deref() != Some(format!("Basic {}", base64(&format!("{u}:{p}"))).as_str()) {
+            let mut r = full(
+                StatusCode::UNAUTHORIZED,
+                r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
+            );
+            r.headers_mut()
+                .insert("www-authenticate", r#"Basic realm="fake""#.parse().unwrap());
+            return r;
+        }
     }
     if behaviour.require_token && auth.as_deref() != Some(&format!("Bearer {TOKEN}")) {
         let mut r = full(

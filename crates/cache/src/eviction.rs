@@ -146,6 +146,8 @@ impl Cache {
         let digests = tokio::task::spawn_blocking(move || store.remove_tags(&u, &r))
             .await
             .map_err(io::Error::other)??;
+        // A rare operation: forget every remembered tag rather than track which are this repo's.
+        self.tags.invalidate_all();
         Ok(digests.len())
     }
 

@@ -134,6 +134,8 @@ pub struct Cache {
     budget: Budget,
     /// Wakes the maintenance task when the budget is exceeded.
     evict_now: tokio::sync::Notify,
+    /// Tag records by `<upstream>/<repo>:<tag>`, so that a tag lookup reads no file.
+    tags: moka::future::Cache<String, TagRecord>,
     /// Download slots, when limited, and how many fills may exist at all (running and queued).
     fill_slots: Option<(Arc<tokio::sync::Semaphore>, usize)>,
 }
@@ -154,6 +156,7 @@ impl Cache {
             index,
             budget: config.budget,
             evict_now: tokio::sync::Notify::new(),
+            tags: moka::future::Cache::new(100_000),
             fill_slots: (config.max_concurrent_fills > 0).then(|| {
                 let slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_fills));
                 (slots, config.max_concurrent_fills + config.max_queued_fills)
@@ -383,18 +386,30 @@ impl Cache {
     }
 
     /// Where a tag of an upstream's repository pointed when pier last saw it.
-    pub fn tag(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> Option<TagRecord> {
-        self.store.tag(upstream, repo, tag)
+    /// Answered from memory when pier saw the tag since it started, else from its file.
+    pub async fn tag(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> Option<TagRecord> {
+        let key = tag_key(upstream, repo, tag);
+        if let Some(rec) = self.tags.get(&key).await {
+            return Some(rec);
+        }
+        let rec = self.store.tag(upstream, repo, tag)?;
+        self.tags.insert(key, rec.clone()).await;
+        Some(rec)
     }
 
-    pub fn set_tag(
+    /// Records where a tag points, on disk and in memory.
+    pub async fn set_tag(
         &self,
         upstream: &str,
         repo: &RepositoryName,
         tag: &Tag,
         record: &TagRecord,
     ) -> io::Result<()> {
-        self.store.set_tag(upstream, repo, tag, record)
+        self.store.set_tag(upstream, repo, tag, record)?;
+        self.tags
+            .insert(tag_key(upstream, repo, tag), record.clone())
+            .await;
+        Ok(())
     }
 
     /// The manifest fill: runs `fetch` once for all concurrent callers with the same `key`, checks
@@ -431,7 +446,7 @@ impl Cache {
                 } else if let Some((upstream, repo, tag)) = tag {
                     let rec =
                         TagRecord::new(&digest, &manifest.media_type, std::time::SystemTime::now());
-                    if let Err(e) = cache.set_tag(&upstream, &repo, &tag, &rec) {
+                    if let Err(e) = cache.set_tag(&upstream, &repo, &tag, &rec).await {
                         tracing::warn!(error = %e, "could not record tag");
                     }
                 }
@@ -439,6 +454,10 @@ impl Cache {
             })
             .await
     }
+}
+
+fn tag_key(upstream: &str, repo: &RepositoryName, tag: &Tag) -> String {
+    format!("{upstream}/{repo}:{tag}")
 }
 
 /// The fill's task: download, commit or discard, tell the readers, leave the map.

@@ -67,7 +67,11 @@ pub(crate) fn file_range(
         if s.pos >= end {
             return None;
         }
-        let chunk = if s.progress.is_some() { FOLLOW_CHUNK } else { FILE_CHUNK };
+        let chunk = if s.progress.is_some() {
+            FOLLOW_CHUNK
+        } else {
+            FILE_CHUNK
+        };
         let len = avail.min(end).saturating_sub(s.pos).min(chunk);
         let (file, pos) = (s.file.clone(), s.pos);
         let read = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {

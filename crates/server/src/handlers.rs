@@ -185,7 +185,7 @@ async fn manifest_by_tag(
     head: bool,
 ) -> Answer {
     let upstream = route.upstream;
-    let record = mirror.cache.tag(&upstream.name, &route.repo, tag);
+    let record = mirror.cache.tag(&upstream.name, &route.repo, tag).await;
     let mut cached = None;
     if let Some(rec) = record
         .as_ref()
@@ -247,6 +247,7 @@ async fn manifest_by_tag(
                 if let Err(e) = mirror
                     .cache
                     .set_tag(&upstream.name, &route.repo, tag, &fresh)
+                    .await
                 {
                     tracing::warn!(error = %e, "could not record tag");
                 }
