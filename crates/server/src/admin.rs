@@ -202,11 +202,8 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn json(value: &impl serde::Serialize) -> Response<Body> {
-    let body = serde_json::to_string_pretty(value).unwrap_or_default();
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len())
-        .body(response::full(body))
-        .unwrap_or_else(|_| Response::new(response::empty()))
+    response::json(
+        serde_json::to_string_pretty(value).unwrap_or_default(),
+        false,
+    )
 }

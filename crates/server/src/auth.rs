@@ -425,7 +425,7 @@ mod tests {
 
 // ---- the HTTP side: challenges, the gate in front of the handlers, the token endpoint ----
 
-use http::{header, Request, Response, StatusCode};
+use http::{header, Request, Response};
 use pier_oci::{Endpoint, ErrorCode, RegistryError};
 
 use crate::response::{self, Body};
@@ -564,14 +564,8 @@ pub(crate) fn token_endpoint<B>(auth: &Auth, mirror: &Mirror, req: &Request<B>) 
         .collect();
     let (token, expires_in) = auth.issue_token(&who, granted);
     let issued_at = humantime_rfc3339(SystemTime::now());
-    let body = serde_json::json!({ "token": token, "access_token": token, "expires_in": expires_in, "issued_at": issued_at })
-        .to_string();
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len())
-        .body(response::full(body))
-        .unwrap_or_else(|_| Response::new(response::empty()))
+    let body = serde_json::json!({ "token": token, "access_token": token, "expires_in": expires_in, "issued_at": issued_at });
+    response::json(body.to_string(), false)
 }
 
 /// RFC 3339 UTC timestamp, seconds precision.

@@ -47,7 +47,7 @@ async fn dispatch<B>(mirror: &Mirror, req: &Request<B>, head: bool) -> Answer {
     let endpoint = Endpoint::parse(req.uri().path()).map_err(path_error)?;
     let query = req.uri().query();
     match endpoint {
-        Endpoint::Base => Ok(json(StatusCode::OK, "{}", head)),
+        Endpoint::Base => Ok(response::json("{}", head)),
         Endpoint::Catalog => catalog(mirror, query, head).await,
         Endpoint::Upload => Err(RegistryError::new(
             ErrorCode::Unsupported,
@@ -94,18 +94,6 @@ fn accept(headers: &HeaderMap) -> String {
         .filter_map(|v| v.to_str().ok())
         .collect();
     parts.join(", ")
-}
-
-fn json(status: StatusCode, body: &'static str, head: bool) -> Response<Body> {
-    let b = response::builder(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len());
-    b.body(if head {
-        response::empty()
-    } else {
-        response::full(body)
-    })
-    .unwrap_or_else(|_| Response::new(response::empty()))
 }
 
 /// Response header telling where the answer came from: memory, disk, upstream, upstream-joined.

@@ -41,6 +41,16 @@ pub fn builder(status: StatusCode) -> http::response::Builder {
         .header(API_VERSION_HEADER, API_VERSION)
 }
 
+/// A JSON document as a 200 response (no body for HEAD).
+pub fn json(body: impl Into<Bytes>, head: bool) -> Response<Body> {
+    let body: Bytes = body.into();
+    builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(if head { empty() } else { full(body) })
+        .unwrap_or_else(|_| Response::new(empty()))
+}
+
 /// A registry error as a response (no body for HEAD, as HTTP wants).
 pub fn error(e: &RegistryError, head: bool) -> Response<Body> {
     let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -15,9 +15,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use pier_cache::Source;
-use tokio::net::TcpListener;
-
 use pier_oci::{ErrorCode, RegistryError};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::auth::{self, Auth};
@@ -86,7 +85,11 @@ pub async fn serve(
                 mirror
                     .metrics
                     .requests
-                    .with_label_values(&["other", "other", "4xx"])
+                    .with_label_values(&[
+                        method_label(req.method()),
+                        path_kind(req.uri().path()),
+                        "4xx",
+                    ])
                     .inc();
                 return response::error(&e, req.method() == Method::HEAD);
             }
@@ -98,7 +101,11 @@ pub async fn serve(
                     mirror
                         .metrics
                         .requests
-                        .with_label_values(&["other", "other", "4xx"])
+                        .with_label_values(&[
+                            method_label(req.method()),
+                            path_kind(req.uri().path()),
+                            "4xx",
+                        ])
                         .inc();
                     return refused;
                 }
@@ -221,11 +228,7 @@ async fn answer(
     }
     let resp = handlers::handle(mirror, &req).await;
     let outcome = resp.extensions().get::<Outcome>().cloned();
-    let method = match *req.method() {
-        Method::GET => "GET",
-        Method::HEAD => "HEAD",
-        _ => "other",
-    };
+    let method = method_label(req.method());
     let kind = outcome
         .as_ref()
         .map_or_else(|| path_kind(req.uri().path()), |o| o.kind);
@@ -282,6 +285,15 @@ async fn answer(
         %peer,
     );
     resp
+}
+
+/// The `method` label: GET, HEAD or other (methods come from strangers: keep the label bounded).
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        _ => "other",
+    }
 }
 
 /// The `kind` label of a request no handler described.
