@@ -2,6 +2,7 @@
 
 use std::fs::File;
 use std::io;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
@@ -73,11 +74,21 @@ pub(crate) fn file_range(
             FILE_CHUNK
         };
         let len = avail.min(end).saturating_sub(s.pos).min(chunk);
-        let (file, pos) = (s.file.clone(), s.pos);
+        let (file, pos, following) = (s.file.clone(), s.pos, s.progress.is_some());
         let read = tokio::task::spawn_blocking(move || -> io::Result<Bytes> {
-            let mut buf = vec![0u8; len as usize];
-            let n = file.read_at(&mut buf, pos)?;
-            buf.truncate(n);
+            let mut buf = Vec::with_capacity(len as usize);
+            if following {
+                // The fill's descriptor is shared by all its readers: positional reads.
+                buf.resize(len as usize, 0);
+                let n = file.read_at(&mut buf, pos)?;
+                buf.truncate(n);
+            } else {
+                // A complete file opened for this stream alone: read into the buffer's
+                // uninitialised capacity, sparing a memset per chunk.
+                let mut f = &*file;
+                f.seek(SeekFrom::Start(pos))?;
+                f.take(len).read_to_end(&mut buf)?;
+            }
             Ok(Bytes::from(buf))
         })
         .await
