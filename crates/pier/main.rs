@@ -277,8 +277,21 @@ fn init_logging(config: &Config) {
 async fn serve(config: Config) -> Result<(), String> {
     let mirror = wiring::mirror(&config)?;
     let options = wiring::server_options(&config)?;
-    if let Some(tls) = &options.tls {
-        tokio::spawn(tls.clone().watch(std::time::Duration::from_secs(10)));
+    match &options.tls {
+        Some(tls) => {
+            tokio::spawn(tls.clone().watch(std::time::Duration::from_secs(10)));
+        }
+        // SIGHUP would otherwise end the process.
+        None => {
+            tokio::spawn(async {
+                let hangup = tokio::signal::unix::SignalKind::hangup();
+                if let Ok(mut s) = tokio::signal::unix::signal(hangup) {
+                    while s.recv().await.is_some() {
+                        tracing::info!("SIGHUP: nothing to reload (no tls section)");
+                    }
+                }
+            });
+        }
     }
     let listener = TcpListener::bind(config.listen)
         .await

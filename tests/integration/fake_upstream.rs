@@ -42,6 +42,8 @@ pub struct Behaviour {
     pub hang: bool,
     /// Send Docker Hub's `ratelimit-remaining: N;w=21600` on manifest answers.
     pub rate_limit_remaining: Option<u64>,
+    /// Pause before answering a manifest request.
+    pub manifest_delay: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -299,6 +301,9 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
         );
     }
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
+        if let Some(d) = behaviour.manifest_delay {
+            tokio::time::sleep(d).await;
+        }
         let m = state
             .manifests
             .lock()

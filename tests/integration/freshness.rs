@@ -313,3 +313,41 @@ async fn catalog_lists_what_pier_holds() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["repositories"], serde_json::json!(["library/app"]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_revalidations_share_one_head() {
+    let (up, pier) = with_ttl(Duration::ZERO, |_| {}).await;
+    let a = up.add_manifest("library/app", "latest", M, r#"{"v":"a"}"#);
+    assert_eq!(
+        digest_of(&pier, "app/manifests/latest").await,
+        (200, a.clone())
+    );
+    up.set(|b| b.manifest_delay = Some(Duration::from_millis(300)));
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let url = format!("{}/v2/app/manifests/latest", pier.url);
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                (
+                    r.status().as_u16(),
+                    r.headers()["docker-content-digest"]
+                        .to_str()
+                        .unwrap()
+                        .to_string(),
+                )
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), (200, a.clone()));
+    }
+    assert_eq!(up.count("HEAD /v2/library/app/manifests/latest"), 1);
+    assert_eq!(
+        pier.mirror
+            .metrics
+            .tag_revalidations
+            .with_label_values(&["docker.io", "unchanged"])
+            .get(),
+        1
+    );
+}

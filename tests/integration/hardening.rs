@@ -479,3 +479,79 @@ async fn a_slow_reader_does_not_hold_back_the_fill() {
     crate::harness::settle(&pier).await;
     drop(stalled);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate_at_once() {
+    let old = Pki::new();
+    let (cert, key) = old.issue("server", &["127.0.0.1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("mirror.yaml");
+    std::fs::write(
+        &config,
+        format!("tls:\n  cert: {}\n  key: {}\nupstreams:\n  - name: docker.io\n    url: http://127.0.0.1:9\n", cert.display(), key.display()),
+    )
+    .unwrap();
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args([
+            "serve",
+            "--config",
+            config.to_str().unwrap(),
+            "--cache-dir",
+            dir.path().join("cache").to_str().unwrap(),
+        ])
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("https://{addr}/v2/");
+    let mut up = false;
+    for _ in 0..200 {
+        if old.client().build().unwrap().get(&url).send().await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(up, "pier did not start with TLS");
+    let new = Pki::new();
+    let (c2, k2) = new.issue("server", &["127.0.0.1"]);
+    std::fs::copy(&k2, &key).unwrap();
+    std::fs::copy(&c2, &cert).unwrap();
+    let started = std::time::Instant::now();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let mut reloaded = false;
+    // Well before the 10 s file check: it is the signal that did it.
+    while started.elapsed() < Duration::from_secs(3) {
+        if new
+            .client()
+            .build()
+            .unwrap()
+            .get(&url)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let alive = child.try_wait().unwrap().is_none();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(alive, "SIGHUP stopped pier");
+    assert!(reloaded, "the certificate was not reloaded on SIGHUP");
+}

@@ -215,20 +215,36 @@ async fn manifest_by_tag(
                 head,
             ));
         }
-        let revalidated = upstream
-            .client
-            .head_manifest(&route.repo, &reference, accept)
+        let key = format!(
+            "{}\n{}\n{tag}\n{}",
+            upstream.name,
+            route.repo,
+            media_type::upstream_accept(accept)
+        );
+        let (client, repo, r, a) = (
+            upstream.client.clone(),
+            route.repo.clone(),
+            reference.clone(),
+            accept.to_string(),
+        );
+        let (revalidated, joined) = mirror
+            .revalidations
+            .run(key, move || async move {
+                client.head_manifest(&repo, &r, &a).await
+            })
             .await;
         let result = match &revalidated {
             Ok(h) if h.digest == *digest => "unchanged",
             Ok(_) => "changed",
             Err(_) => "failed",
         };
-        mirror
-            .metrics
-            .tag_revalidations
-            .with_label_values(&[&upstream.name, result])
-            .inc();
+        if !joined {
+            mirror
+                .metrics
+                .tag_revalidations
+                .with_label_values(&[&upstream.name, result])
+                .inc();
+        }
         match revalidated {
             Ok(h) if h.digest == *digest => {
                 let fresh = TagRecord::new(digest, &m.media_type, SystemTime::now());

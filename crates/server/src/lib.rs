@@ -20,9 +20,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use pier_cache::Cache;
+use pier_cache::{Cache, SingleFlight};
 use pier_metrics::Metrics;
-use pier_upstream::Upstream;
+use pier_upstream::{ManifestHead, Upstream, UpstreamError};
 use regex::Regex;
 
 pub use admin::serve_admin;
@@ -79,6 +79,8 @@ pub struct Mirror {
     pub cache: Arc<Cache>,
     pub metrics: Arc<Metrics>,
     pub(crate) tag_lists: moka::future::Cache<String, Arc<TagList>>,
+    /// Tag revalidations under way: concurrent requests for a tag past its TTL share one HEAD.
+    pub(crate) revalidations: SingleFlight<String, Result<ManifestHead, UpstreamError>>,
 }
 
 impl Mirror {
@@ -98,6 +100,7 @@ impl Mirror {
             cache,
             metrics,
             tag_lists: moka::future::Cache::new(10_000),
+            revalidations: SingleFlight::default(),
         }
     }
 }
