@@ -137,3 +137,46 @@ fn example_configurations_check() {
         assert!(ok, "{name}: {out}");
     }
 }
+
+/// No container engine here to run `docker compose config`: check the file's shape, and that
+/// every file it mounts or builds from exists in the repository.
+#[test]
+fn compose_file_refers_to_files_that_exist() {
+    let path = deploy("compose/docker-compose.yml");
+    let compose: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(&path).expect("read")).expect("YAML");
+    let base = path.parent().expect("dir");
+    for service in ["pier", "prometheus", "grafana"] {
+        assert!(
+            compose["services"][service].is_mapping(),
+            "service {service} missing"
+        );
+    }
+    let build = &compose["services"]["pier"]["build"];
+    let context = base.join(build["context"].as_str().expect("context"));
+    assert!(context
+        .join(build["dockerfile"].as_str().expect("dockerfile"))
+        .is_file());
+    let mut mounts = 0;
+    for (_, service) in compose["services"].as_mapping().expect("services") {
+        for volume in service["volumes"].as_sequence().into_iter().flatten() {
+            let source = volume
+                .as_str()
+                .expect("short volume syntax")
+                .split(':')
+                .next()
+                .expect("source");
+            if source.starts_with('.') {
+                assert!(
+                    base.join(source).exists(),
+                    "{source} is mounted but does not exist"
+                );
+                mounts += 1;
+            }
+        }
+    }
+    assert!(
+        mounts >= 5,
+        "expected the config, alerts and dashboard mounts"
+    );
+}
