@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use crate::support::process::{path_str, pier, registry, skopeo};
+use crate::support::process::{path_str, pier, push_image, registry, skopeo};
 use crate::support::{http_get, image, require};
 
 #[test]
@@ -16,12 +16,12 @@ fn live_metrics_pass_promtool() {
     let layout = tmp.path().join("src");
     image::single_image(&layout, "1", &[100_000]);
     let upstream = registry(&tmp.path().join("registry"));
-    skopeo(&[
-        "copy",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:1", path_str(&layout)),
-        &format!("docker://{}/library/app:1", upstream.addr),
-    ]);
+    push_image(
+        &layout,
+        "1",
+        &format!("{}/library/app:1", upstream.addr),
+        false,
+    );
     let mirror = pier(&[
         "--cache-dir",
         &path_str(&tmp.path().join("cache")),

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::support::image::{self, Image};
-use crate::support::process::{path_str, pier, registry, registry_requests, skopeo, Running};
+use crate::support::process::{path_str, pier, push_image, registry, registry_requests, Running};
 use crate::support::require;
 
 /// Two registries loaded with one image each, and pier in front of both.
@@ -32,13 +32,13 @@ impl Scenario {
         let ghcr = registry(&tmp.path().join("ghcr"));
         let app = image::two_platform_index(&tmp.path().join("app"), "1.0", &[200_000, 1_000_000]);
         let tool = image::single_image(&tmp.path().join("tool"), "2.0", &[300_000]);
-        push(
+        push_image(
             &tmp.path().join("app"),
             "1.0",
             &format!("{}/library/app:1.0", hub.addr),
             true,
         );
-        push(
+        push_image(
             &tmp.path().join("tool"),
             "2.0",
             &format!("{}/org/tool:2.0", ghcr.addr),
@@ -112,17 +112,6 @@ impl Scenario {
             assert!(ghcr.is_empty(), "ghcr.io reached: {ghcr:?}");
         }
     }
-}
-
-fn push(layout: &Path, tag: &str, dest: &str, all: bool) {
-    let src = format!("oci:{}:{tag}", path_str(layout));
-    let dst = format!("docker://{dest}");
-    let mut args = vec!["copy", "--dest-tls-verify=false"];
-    if all {
-        args.push("--all");
-    }
-    args.extend([src.as_str(), dst.as_str()]);
-    skopeo(&args);
 }
 
 fn run(cmd: &mut Command) -> Output {

@@ -2,7 +2,7 @@
 //! again by tag with the registry stopped: pier serves the tag stale and every blob from disk.
 
 use crate::support::image;
-use crate::support::process::{path_str, pier, registry, skopeo};
+use crate::support::process::{path_str, pier, push_image, registry, skopeo};
 use crate::support::require;
 
 #[test]
@@ -15,13 +15,12 @@ fn skopeo_pulls_through_pier_and_again_with_upstream_down() {
     let index = image::two_platform_index(&layout, "1.0", &[300_000, 2_500_000]);
 
     let mut upstream = registry(&tmp.path().join("registry"));
-    skopeo(&[
-        "copy",
-        "--all",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:1.0", path_str(&layout)),
-        &format!("docker://{}/library/app:1.0", upstream.addr),
-    ]);
+    push_image(
+        &layout,
+        "1.0",
+        &format!("{}/library/app:1.0", upstream.addr),
+        true,
+    );
 
     // tag_ttl 0: every pull by tag revalidates, so the second pull below has to fall back to
     // the cached tag when the upstream is gone.

@@ -3,7 +3,7 @@
 //! --creds through pier's token flow).
 
 use crate::support::image;
-use crate::support::process::{path_str, pier, registry, skopeo, skopeo_try};
+use crate::support::process::{path_str, pier, push_image, registry, skopeo, skopeo_try};
 use crate::support::require;
 
 #[test]
@@ -31,12 +31,12 @@ fn skopeo_pulls_over_https_with_a_private_ca() {
     let layout = tmp.path().join("src");
     image::single_image(&layout, "1", &[200_000]);
     let upstream = registry(&tmp.path().join("registry"));
-    skopeo(&[
-        "copy",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:1", path_str(&layout)),
-        &format!("docker://{}/library/app:1", upstream.addr),
-    ]);
+    push_image(
+        &layout,
+        "1",
+        &format!("{}/library/app:1", upstream.addr),
+        false,
+    );
     let config = tmp.path().join("mirror.yaml");
     std::fs::write(
         &config,

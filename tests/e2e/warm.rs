@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use crate::support::image;
-use crate::support::process::{path_str, pier, registry, skopeo};
+use crate::support::process::{path_str, pier, push_image, registry, skopeo};
 use crate::support::{free_port, require};
 
 fn pier_cli(args: &[&str]) -> (bool, String) {
@@ -38,13 +38,12 @@ fn warm_a_stopped_cache_then_pull_with_the_upstream_down() {
     let layout = tmp.path().join("src");
     let img = image::two_platform_index(&layout, "1.0", &[150_000, 600_000]);
     let mut upstream = registry(&tmp.path().join("registry"));
-    skopeo(&[
-        "copy",
-        "--all",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:1.0", path_str(&layout)),
-        &format!("docker://{}/library/app:1.0", upstream.addr),
-    ]);
+    push_image(
+        &layout,
+        "1.0",
+        &format!("{}/library/app:1.0", upstream.addr),
+        true,
+    );
     let cache = tmp.path().join("cache");
     let config = tmp.path().join("mirror.yaml");
     std::fs::write(
@@ -111,13 +110,12 @@ fn warm_through_the_admin_api_one_platform() {
     let layout = tmp.path().join("src");
     let img = image::two_platform_index(&layout, "1.0", &[100_000]);
     let mut upstream = registry(&tmp.path().join("registry"));
-    skopeo(&[
-        "copy",
-        "--all",
-        "--dest-tls-verify=false",
-        &format!("oci:{}:1.0", path_str(&layout)),
-        &format!("docker://{}/library/app:1.0", upstream.addr),
-    ]);
+    push_image(
+        &layout,
+        "1.0",
+        &format!("{}/library/app:1.0", upstream.addr),
+        true,
+    );
     let cache = tmp.path().join("cache");
     let admin = format!("127.0.0.1:{}", free_port());
     let mirror = pier(&[

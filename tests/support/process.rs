@@ -111,6 +111,19 @@ pub fn pier(args: &[&str]) -> Running {
     Running { child, addr, ops }
 }
 
+/// Pushes the image `tag` of an OCI layout to `dest` (`host:port/repo:tag`) with skopeo; `all`
+/// pushes every platform of an index.
+pub fn push_image(layout: &Path, tag: &str, dest: &str, all: bool) {
+    let src = format!("oci:{}:{tag}", path_str(layout));
+    let dst = format!("docker://{dest}");
+    let mut args = vec!["copy", "--dest-tls-verify=false"];
+    if all {
+        args.push("--all");
+    }
+    args.extend([src.as_str(), dst.as_str()]);
+    skopeo(&args);
+}
+
 /// Runs skopeo, panicking with its output when it fails.
 pub fn skopeo(args: &[&str]) -> Output {
     let out = Command::new("skopeo")
