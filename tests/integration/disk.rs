@@ -227,27 +227,15 @@ async fn kill_9_in_the_middle_of_a_fill_leaves_nothing_half_written() {
     let small = up.add_blob(random(5000));
     let dir = tempfile::tempdir().unwrap();
     let spawn = || {
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
-            .args([
-                "serve",
-                "--listen",
-                &addr.to_string(),
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-            .args([
-                "--cache-dir",
-                dir.path().to_str().unwrap(),
-                "--upstream",
-                &up.url(),
-            ])
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let (mut cmd, addr) = crate::harness::pier_binary(&[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--cache-dir",
+            dir.path().to_str().unwrap(),
+            "--upstream",
+            &up.url(),
+        ]);
+        let child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
         (child, format!("http://{addr}"))
     };
     let (mut child, url) = spawn();

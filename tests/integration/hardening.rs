@@ -491,27 +491,16 @@ async fn sighup_reloads_the_certificate_at_once() {
         format!("tls:\n  cert: {}\n  key: {}\nupstreams:\n  - name: docker.io\n    url: http://127.0.0.1:9\n", cert.display(), key.display()),
     )
     .unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--cache-dir",
-            dir.path().join("cache").to_str().unwrap(),
-        ])
-        .args([
-            "--listen",
-            &addr.to_string(),
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let cache = dir.path().join("cache");
+    let (mut cmd, addr) = crate::harness::pier_binary(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut child = cmd.stderr(std::process::Stdio::null()).spawn().unwrap();
     let url = format!("https://{addr}/v2/");
     let mut up = false;
     for _ in 0..200 {

@@ -286,3 +286,15 @@ pub async fn settle(pier: &Pier) {
     }
     panic!("fills still in flight after 5 s");
 }
+
+/// The pier binary, ready to `serve` on a free loopback port with `args` after it; the caller
+/// adds the environment and output it wants. Returns the command and the registry address.
+pub fn pier_binary(args: &[&str]) -> (std::process::Command, std::net::SocketAddr) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_pier"));
+    cmd.args(["serve", "--listen", &addr.to_string()])
+        .args(args);
+    (cmd, addr)
+}

@@ -32,29 +32,21 @@ async fn upstream_credentials_do_not_leak() {
         ),
     )
     .unwrap();
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     let ops = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
     let log = dir.path().join("pier.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
-        .args([
-            "serve",
-            "--config",
-            config.to_str().unwrap(),
-            "--cache-dir",
-            dir.path().join("cache").to_str().unwrap(),
-        ])
-        .args([
-            "--listen",
-            &addr.to_string(),
-            "--metrics-listen",
-            &ops.to_string(),
-        ])
+    let (cache, ops_addr) = (dir.path().join("cache"), ops.to_string());
+    let (mut cmd, addr) = crate::harness::pier_binary(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--metrics-listen",
+        &ops_addr,
+    ]);
+    let mut child = cmd
         .env("PIER_TEST_UPSTREAM_PASSWORD", PASSWORD)
         .env("RUST_LOG", "debug")
         .stderr(std::fs::File::create(&log).unwrap())
