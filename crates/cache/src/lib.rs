@@ -282,15 +282,17 @@ impl Cache {
     }
 
     /// The size of a blob pier has or is filling, without going upstream.
-    pub async fn blob_size(&self, digest: &Digest) -> Option<u64> {
+    pub async fn blob_size(&self, digest: &Digest) -> Option<(u64, Source)> {
         if let Some(obj) = self.memory.get(digest).await {
-            return Some(obj.bytes.len() as u64);
+            return Some((obj.bytes.len() as u64, Source::Memory));
         }
         if let Some(len) = self.store.blob_len(digest) {
-            return Some(len);
+            return Some((len, Source::Disk));
         }
+        // Being filled: known, but not cached yet (the fill may still fail).
         let fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
-        fills.get(digest).and_then(|f| f.progress.borrow().total)
+        let total = fills.get(digest).and_then(|f| f.progress.borrow().total)?;
+        Some((total, Source::Upstream { joined: true }))
     }
 
     /// The fill for `digest`: the one running, or a new one. `None` when the blob is on disk.

@@ -394,7 +394,7 @@ async fn blob(
     if head {
         // Known locally (cached or filling), or asked of the upstream without downloading.
         let (size, source) = match mirror.cache.blob_size(digest).await {
-            Some(size) => (Some(size), Source::Disk),
+            Some((size, source)) => (Some(size), source),
             None => {
                 let size = route
                     .upstream
