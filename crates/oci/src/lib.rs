@@ -9,6 +9,7 @@ pub mod error;
 pub mod media_type;
 pub mod name;
 pub mod path;
+pub mod query;
 pub mod range;
 pub mod reference;
 
@@ -16,5 +17,6 @@ pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use error::{ErrorCode, RegistryError};
 pub use name::{NameError, RepositoryName};
 pub use path::{Endpoint, PathError};
+pub use query::Query;
 pub use range::{ByteRange, RangeError};
 pub use reference::{Reference, Tag};
