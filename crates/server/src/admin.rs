@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use http::{header, Method, Response, StatusCode};
 use pier_cache::{EvictionReport, Usage};
-use pier_oci::{Digest, ErrorCode, RegistryError};
+use pier_oci::{Digest, ErrorCode, Query, RegistryError};
 use tokio::net::TcpListener;
 
 use crate::response::{self, Body};
@@ -134,15 +134,16 @@ pub async fn serve_admin(
 /// Runs a warm in its own task and streams its events as JSON lines. The warm goes on if the
 /// caller hangs up.
 fn warm(mirror: Arc<Mirror>, query: &str) -> Response<Body> {
-    let (mut images, mut platforms) = (Vec::new(), Vec::new());
-    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
-        let v = percent_decode(v);
-        match k {
-            "image" => images.push(v),
-            "platform" => platforms.push(v),
-            _ => {}
-        }
-    }
+    // Image references carry `/`, `:` and `@`, which clients may percent-encode.
+    let query = Query::parse(query);
+    let nonempty = |key| {
+        query
+            .all(key)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let (images, platforms) = (nonempty("image"), nonempty("platform"));
     if images.is_empty() {
         let e = RegistryError::new(ErrorCode::Unsupported, "give at least one image=...")
             .with_status(400);
@@ -170,35 +171,6 @@ fn warm(mirror: Arc<Mirror>, query: &str) -> Response<Body> {
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(response::stream(Box::pin(body)))
         .unwrap_or_else(|_| Response::new(response::empty()))
-}
-
-/// `%xx` escapes of a query value (image references carry `/`, `:` and `@`).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match (
-            b[i],
-            b.get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok()),
-        ) {
-            (b'%', Some(v)) => {
-                out.push(v);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn json(value: &impl serde::Serialize) -> Response<Body> {

@@ -9,7 +9,7 @@
 //! A registry that is not configured is refused by name; no request leaves pier for it.
 
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
-use pier_oci::{ErrorCode, RegistryError, RepositoryName};
+use pier_oci::{ErrorCode, Query, RegistryError, RepositoryName};
 
 use crate::{Mirror, UpstreamEntry};
 
@@ -33,9 +33,9 @@ fn looks_like_registry(component: &str) -> bool {
     component.contains('.') || component.contains(':') || component == "localhost"
 }
 
-/// The `ns` parameter of a query string, if any.
-fn ns_param(query: Option<&str>) -> Option<&str> {
-    query?.split('&').find_map(|kv| kv.strip_prefix("ns="))
+/// The `ns` parameter of a query string (decoded), if any.
+fn ns_param(query: Option<&str>) -> Option<String> {
+    Query::parse_opt(query).get("ns").map(str::to_string)
 }
 
 impl Mirror {
@@ -54,7 +54,8 @@ impl Mirror {
             },
             _ => match ns_param(query) {
                 Some(ns) => (
-                    self.upstream_named(ns).ok_or_else(|| not_configured(ns))?,
+                    self.upstream_named(&ns)
+                        .ok_or_else(|| not_configured(&ns))?,
                     raw_name,
                 ),
                 None => (&self.upstreams[self.default_upstream], raw_name),
@@ -143,6 +144,18 @@ mod tests {
 
     fn name(s: &str) -> RepositoryName {
         RepositoryName::parse(s).expect("valid name")
+    }
+
+    #[test]
+    fn ns_parameter_is_decoded_and_matched_by_whole_key() {
+        assert_eq!(ns_param(Some("ns=ghcr.io")).as_deref(), Some("ghcr.io"));
+        assert_eq!(
+            ns_param(Some("n=1&ns=registry.example%3A5000&ns=other")).as_deref(),
+            Some("registry.example:5000")
+        );
+        assert_eq!(ns_param(Some("nsx=ghcr.io")), None);
+        assert_eq!(ns_param(Some("")), None);
+        assert_eq!(ns_param(None), None);
     }
 
     #[test]
