@@ -2,8 +2,9 @@
 //! anonymous pulls on or off.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pier_server::auth::{Auth, AuthConfig};
 use pier_server::ServerOptions;
@@ -14,9 +15,18 @@ use crate::harness::{client, error_code, launch, Pier, Setup, UpstreamSpec};
 const M: &str = "application/vnd.oci.image.manifest.v1+json";
 
 async fn setup(anonymous: bool) -> (tempfile::TempDir, FakeUpstream, Pier) {
+    let (dir, up, pier, _) = setup_with(anonymous, 4).await;
+    (dir, up, pier)
+}
+
+/// pier with users alice and bob, their hashes of this bcrypt cost; also hands back the `Auth`.
+async fn setup_with(
+    anonymous: bool,
+    cost: u32,
+) -> (tempfile::TempDir, FakeUpstream, Pier, Arc<Auth>) {
     let dir = tempfile::tempdir().unwrap();
-    let hash = bcrypt::hash("alice-pw", 4).unwrap();
-    let bob = bcrypt::hash("bob-pw", 4).unwrap();
+    let hash = bcrypt::hash("alice-pw", cost).unwrap();
+    let bob = bcrypt::hash("bob-pw", cost).unwrap();
     std::fs::write(
         dir.path().join("htpasswd"),
         format!("alice:{hash}\nbob:{bob}\n"),
@@ -32,6 +42,7 @@ async fn setup(anonymous: bool) -> (tempfile::TempDir, FakeUpstream, Pier) {
         )]),
     })
     .unwrap();
+    let auth = Arc::new(auth);
     let up = FakeUpstream::start(Behaviour::default()).await;
     for repo in ["library/app", "library/allowed"] {
         up.add_manifest(repo, "1", M, "{}");
@@ -39,11 +50,11 @@ async fn setup(anonymous: bool) -> (tempfile::TempDir, FakeUpstream, Pier) {
     let mut s = Setup::new(tempfile::tempdir().unwrap());
     s.upstreams = vec![UpstreamSpec::new("docker.io", up.url())];
     s.options = ServerOptions {
-        auth: Some(Arc::new(auth)),
+        auth: Some(auth.clone()),
         ..ServerOptions::default()
     };
     let pier = launch(s).await;
-    (dir, up, pier)
+    (dir, up, pier, auth)
 }
 
 #[tokio::test]
@@ -209,4 +220,77 @@ async fn anonymous_pulls_when_allowed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+}
+
+/// bcrypt runs on the blocking pool, never on the async workers: with a single worker thread, a
+/// flood of requests with different wrong passwords (each one a bcrypt check) does not hold up a
+/// user whose password was verified before, nor an anonymous pull. Were bcrypt run on the
+/// worker, the pulls would be answered only after (nearly) every check of the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_flood_of_wrong_passwords_does_not_hold_up_other_pulls() {
+    const FLOOD: usize = 50;
+    // A cost that makes each check take tens of milliseconds (bcrypt doubles per step).
+    let started = Instant::now();
+    let (_d, _up, pier, auth) = setup_with(true, 7).await;
+    eprintln!("two bcrypt hashes of cost 7: {:?}", started.elapsed());
+    let url = format!("{}/v2/app/manifests/1", pier.url);
+    let pull = |user: Option<(&str, &str)>| {
+        let r = client().get(&url);
+        let r = match user {
+            Some((u, p)) => r.basic_auth(u, Some(p)),
+            None => r,
+        };
+        async move { r.send().await.unwrap().status().as_u16() }
+    };
+    // alice's password is verified once, and remembered.
+    assert_eq!(pull(Some(("alice", "alice-pw"))).await, 200);
+    assert_eq!(auth.password_checks(), 1);
+
+    let done = Arc::new(AtomicUsize::new(0));
+    let flood: Vec<_> = (0..FLOOD)
+        .map(|i| {
+            let (url, done) = (url.clone(), done.clone());
+            tokio::spawn(async move {
+                let r = client()
+                    .get(&url)
+                    .basic_auth("alice", Some(format!("wrong-{i}")))
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() == 401 {
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+                let retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (r.status().as_u16(), retry_after)
+            })
+        })
+        .collect();
+    // Until bcrypt is at work on the flood. (The test body runs on a thread of its own, not on
+    // the runtime's worker: sleeping it holds up nothing.)
+    while auth.password_checks() < 2 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (verified, anonymous) = tokio::join!(pull(Some(("alice", "alice-pw"))), pull(None));
+    let finished_meanwhile = done.load(Ordering::SeqCst);
+    eprintln!("{finished_meanwhile} of {FLOOD} password checks answered before the pulls");
+    assert_eq!((verified, anonymous), (200, 200));
+    assert!(
+        finished_meanwhile < FLOOD / 2,
+        "the pulls waited for {finished_meanwhile} of {FLOOD} password checks"
+    );
+    let mut checked = 0;
+    for f in flood {
+        match f.await.unwrap() {
+            (401, _) => checked += 1,
+            // More than may wait for a turn: asked to come back, not told the password is wrong.
+            (429, retry_after) => assert_eq!(retry_after.as_deref(), Some("1")),
+            other => panic!("a wrong password was answered {other:?}"),
+        }
+    }
+    assert!(checked > 0);
+    // The remembered password needed no second check; each wrong one needed one.
+    assert_eq!(auth.password_checks(), 1 + checked as u64);
 }

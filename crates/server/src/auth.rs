@@ -10,10 +10,22 @@
 //!
 //! With authentication off (no `auth` section), pier ignores any Authorization header: the Docker
 //! daemon offers its Docker Hub credentials to a mirror that never asked for them.
+//!
+//! bcrypt is slow on purpose (tens of milliseconds a check), so it never runs on the async
+//! workers: each check runs on the blocking pool, at most one per CPU at once. Outcomes are
+//! remembered by a keyed fingerprint of user and password: a pair that verified for five minutes
+//! (a pull makes many requests), a pair that failed for thirty seconds (a client retrying a wrong
+//! password costs one check, not one per request). A check that finds every CPU's turn taken
+//! waits for one, in order of arrival, with at most [`WAITING_PER_CPU`] per CPU waiting; past
+//! that, a request with credentials that are not remembered is answered 429 `TOOMANYREQUESTS`
+//! with `Retry-After: 1`. So under a flood of different wrong passwords a user is asked to retry
+//! rather than told that their password is wrong, and users whose credentials are remembered,
+//! token holders and anonymous pulls are not held up at all.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -21,7 +33,8 @@ use base64::Engine;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use hmac::{Hmac, Mac};
 use http::HeaderMap;
-use sha2::{Digest as _, Sha256};
+use sha2::Sha256;
+use tokio::sync::Semaphore;
 
 /// How clients authenticate.
 #[derive(Clone, Debug)]
@@ -67,6 +80,18 @@ pub enum Credentials {
     },
     /// Credentials that did not check out.
     Invalid,
+    /// Basic credentials that could not be checked now: too many password checks are running
+    /// and waiting. Answered with 429 and `Retry-After`, not as wrong credentials.
+    Busy,
+}
+
+/// What a password check found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PasswordCheck {
+    Valid,
+    Invalid,
+    /// Too many checks running and waiting: not checked.
+    Busy,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -86,8 +111,16 @@ pub struct Auth {
     rules: HashMap<String, GlobSet>,
     key: [u8; 32],
     /// Basic credentials that verified recently: bcrypt is slow on purpose, pulls make many
-    /// requests. Keyed by a hash of user and password.
-    verified: Mutex<HashMap<[u8; 32], Instant>>,
+    /// requests. Keyed by a fingerprint of user and password.
+    verified: Arc<Remembered>,
+    /// Basic credentials that failed recently, so that retrying them costs no bcrypt.
+    rejected: Arc<Remembered>,
+    /// bcrypt checks running at once, on the blocking pool.
+    running: Arc<Semaphore>,
+    /// bcrypt checks running or waiting for their turn; beyond, requests are told to retry.
+    admitted: Arc<Semaphore>,
+    /// bcrypt checks run since start.
+    bcrypt_runs: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Auth {
@@ -101,6 +134,61 @@ impl std::fmt::Debug for Auth {
 
 /// How long a verified password is remembered.
 const VERIFIED_FOR: Duration = Duration::from_secs(300);
+
+/// How long a wrong password is remembered.
+const REJECTED_FOR: Duration = Duration::from_secs(30);
+
+/// Most user and password pairs remembered, verified and rejected each.
+const REMEMBERED_MAX: usize = 10_000;
+
+/// Password checks that may wait for a turn, per CPU (one check runs per CPU at once).
+pub const WAITING_PER_CPU: usize = 32;
+
+/// A keyed fingerprint of a user and password pair.
+type Fingerprint = [u8; 32];
+
+/// Fingerprints seen recently, each for `ttl`, at most `max` of them (past that, the oldest
+/// goes).
+struct Remembered {
+    ttl: Duration,
+    max: usize,
+    seen: Mutex<HashMap<Fingerprint, Instant>>,
+}
+
+impl Remembered {
+    fn new(ttl: Duration, max: usize) -> Self {
+        Remembered {
+            ttl,
+            max,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn contains(&self, fingerprint: &Fingerprint) -> bool {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.get(fingerprint)
+            .is_some_and(|at| at.elapsed() < self.ttl)
+    }
+
+    fn insert(&self, fingerprint: Fingerprint) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= self.max && !seen.contains_key(&fingerprint) {
+            seen.retain(|_, at| at.elapsed() < self.ttl);
+            if seen.len() >= self.max {
+                let oldest = seen.iter().min_by_key(|(_, at)| **at).map(|(k, _)| *k);
+                if let Some(oldest) = oldest {
+                    seen.remove(&oldest);
+                }
+            }
+        }
+        seen.insert(fingerprint, Instant::now());
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -151,52 +239,100 @@ impl Auth {
         }
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).map_err(|e| format!("no randomness for the token key: {e}"))?;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Auth {
             users,
             anonymous: config.anonymous,
             token_ttl: config.token_ttl,
             rules,
             key,
-            verified: Mutex::new(HashMap::new()),
+            verified: Arc::new(Remembered::new(VERIFIED_FOR, REMEMBERED_MAX)),
+            rejected: Arc::new(Remembered::new(REJECTED_FOR, REMEMBERED_MAX)),
+            running: Arc::new(Semaphore::new(cpus)),
+            admitted: Arc::new(Semaphore::new(cpus * (1 + WAITING_PER_CPU))),
+            bcrypt_runs: Arc::new(AtomicU64::new(0)),
         })
     }
 
+    /// Whether pulls without credentials are allowed.
     pub fn anonymous_allowed(&self) -> bool {
         self.anonymous
     }
 
-    /// Checks a user's password against the htpasswd entry.
-    fn check_password(&self, user: &str, password: &str) -> bool {
-        let Some(hash) = self.users.get(user) else {
-            return false;
-        };
-        let mut h = Sha256::new();
-        h.update(user.as_bytes());
-        h.update([0]);
-        h.update(password.as_bytes());
-        let fingerprint: [u8; 32] = h.finalize().into();
-        {
-            let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-            if verified
-                .get(&fingerprint)
-                .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
-            {
-                return true;
-            }
-        }
-        let ok = bcrypt::verify(password, hash).unwrap_or(false);
-        if ok {
-            let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-            if verified.len() > 10_000 {
-                verified.retain(|_, at| at.elapsed() < VERIFIED_FOR);
-            }
-            verified.insert(fingerprint, Instant::now());
-        }
-        ok
+    /// How many bcrypt checks ran since start (remembered outcomes need none).
+    pub fn password_checks(&self) -> u64 {
+        self.bcrypt_runs.load(Ordering::Relaxed)
     }
 
-    /// What the request's `Authorization` header establishes.
-    pub fn credentials(&self, headers: &HeaderMap) -> Credentials {
+    /// The fingerprint a pair is remembered by: keyed with the token key, so that what is kept
+    /// in memory is no plain hash of a password.
+    fn fingerprint(&self, user: &str, password: &str) -> Fingerprint {
+        // HMAC takes keys of any length, so this cannot fail.
+        let mut mac = HmacSha256::new_from_slice(&self.key).unwrap_or_else(|_| unreachable!());
+        mac.update(user.as_bytes());
+        mac.update(&[0]);
+        mac.update(password.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
+    /// The remembered outcome for a pair, if any.
+    fn remembered(&self, fingerprint: &Fingerprint) -> Option<PasswordCheck> {
+        if self.verified.contains(fingerprint) {
+            Some(PasswordCheck::Valid)
+        } else if self.rejected.contains(fingerprint) {
+            Some(PasswordCheck::Invalid)
+        } else {
+            None
+        }
+    }
+
+    /// Checks a user's password against the htpasswd entry: a remembered outcome, or bcrypt on
+    /// the blocking pool when a turn is free (see the module documentation).
+    async fn check_password(&self, user: &str, password: &str) -> PasswordCheck {
+        let Some(hash) = self.users.get(user) else {
+            return PasswordCheck::Invalid;
+        };
+        let fingerprint = self.fingerprint(user, password);
+        if let Some(known) = self.remembered(&fingerprint) {
+            return known;
+        }
+        let Ok(admitted) = self.admitted.clone().try_acquire_owned() else {
+            return PasswordCheck::Busy;
+        };
+        // The semaphores are never closed.
+        let Ok(running) = self.running.clone().acquire_owned().await else {
+            return PasswordCheck::Busy;
+        };
+        // A request with the same pair may have been checked while this one waited.
+        if let Some(known) = self.remembered(&fingerprint) {
+            return known;
+        }
+        let (password, hash) = (password.to_string(), hash.clone());
+        let (verified, rejected) = (self.verified.clone(), self.rejected.clone());
+        let runs = self.bcrypt_runs.clone();
+        let check = tokio::task::spawn_blocking(move || {
+            // Held until bcrypt is done, even when the client hangs up meanwhile: the limit is
+            // on bcrypt work, not on requests.
+            let _turn = (admitted, running);
+            runs.fetch_add(1, Ordering::Relaxed);
+            let ok = bcrypt::verify(&password, &hash).unwrap_or(false);
+            if ok {
+                verified.insert(fingerprint);
+            } else {
+                rejected.insert(fingerprint);
+            }
+            ok
+        });
+        match check.await {
+            Ok(true) => PasswordCheck::Valid,
+            // A panic in bcrypt or a runtime shutting down lets no one in either.
+            Ok(false) | Err(_) => PasswordCheck::Invalid,
+        }
+    }
+
+    /// What the request's `Authorization` header establishes. Basic credentials not seen
+    /// recently are checked with bcrypt on the blocking pool.
+    pub async fn credentials(&self, headers: &HeaderMap) -> Credentials {
         let Some(value) = headers
             .get(http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
@@ -211,11 +347,13 @@ impl Auth {
                 .decode(b64.trim())
                 .ok()
                 .and_then(|d| String::from_utf8(d).ok());
-            return match decoded.as_deref().and_then(|d| d.split_once(':')) {
-                Some((user, pass)) if self.check_password(user, pass) => {
-                    Credentials::User(Identity::User(user.to_string()))
-                }
-                _ => Credentials::Invalid,
+            let Some((user, pass)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
+                return Credentials::Invalid;
+            };
+            return match self.check_password(user, pass).await {
+                PasswordCheck::Valid => Credentials::User(Identity::User(user.to_string())),
+                PasswordCheck::Invalid => Credentials::Invalid,
+                PasswordCheck::Busy => Credentials::Busy,
             };
         }
         if let Some(token) = value
@@ -278,19 +416,9 @@ impl Auth {
 /// Repository names a token request's `scope` parameters ask to pull
 /// (`repository:<name>:pull`, repeated or space-separated).
 pub fn requested_repositories(query: &str) -> Vec<String> {
-    query
-        .split('&')
-        .filter_map(|kv| kv.strip_prefix("scope="))
-        .flat_map(|v| {
-            let v = v
-                .replace("%3A", ":")
-                .replace("%3a", ":")
-                .replace("%2F", "/")
-                .replace("%2f", "/")
-                .replace('+', " ")
-                .replace("%20", " ");
-            v.split(' ').map(str::to_string).collect::<Vec<_>>()
-        })
+    Query::parse(query)
+        .all("scope")
+        .flat_map(|v| v.split(' '))
         .filter_map(|s| {
             let rest = s.strip_prefix("repository:")?;
             let (name, actions) = rest.rsplit_once(':')?;
@@ -302,131 +430,10 @@ pub fn requested_repositories(query: &str) -> Vec<String> {
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn auth(anonymous: bool) -> (tempfile::TempDir, Auth) {
-        let dir = tempfile::tempdir().unwrap();
-        let hash = bcrypt::hash("secret", 4).unwrap();
-        std::fs::write(
-            dir.path().join("htpasswd"),
-            format!("# users\nalice:{hash}\nbob:{hash}\n"),
-        )
-        .unwrap();
-        let config = AuthConfig {
-            htpasswd: dir.path().join("htpasswd"),
-            anonymous,
-            token_ttl: Duration::from_secs(60),
-            rules: [("bob".to_string(), vec!["ghcr.io/bob/**".to_string()])].into(),
-        };
-        let a = Auth::load(&config).unwrap();
-        (dir, a)
-    }
-
-    fn basic(user: &str, pass: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(
-            http::header::AUTHORIZATION,
-            format!("Basic {}", STANDARD.encode(format!("{user}:{pass}")))
-                .parse()
-                .unwrap(),
-        );
-        h
-    }
-
-    #[test]
-    fn basic_credentials() {
-        let (_d, a) = auth(false);
-        assert!(
-            matches!(a.credentials(&basic("alice", "secret")), Credentials::User(Identity::User(u)) if u == "alice")
-        );
-        assert!(matches!(
-            a.credentials(&basic("alice", "wrong")),
-            Credentials::Invalid
-        ));
-        assert!(matches!(
-            a.credentials(&basic("mallory", "secret")),
-            Credentials::Invalid
-        ));
-        assert!(matches!(
-            a.credentials(&HeaderMap::new()),
-            Credentials::None
-        ));
-    }
-
-    #[test]
-    fn tokens_are_signed_and_expire() {
-        let (_d, a) = auth(false);
-        let (token, _) = a.issue_token(
-            &Identity::User("alice".into()),
-            vec!["library/nginx".into()],
-        );
-        let mut h = HeaderMap::new();
-        h.insert(
-            http::header::AUTHORIZATION,
-            format!("Bearer {token}").parse().unwrap(),
-        );
-        assert!(
-            matches!(a.credentials(&h), Credentials::Token { repositories, .. } if repositories == ["library/nginx"])
-        );
-        // Tampered payload: signature fails.
-        let (payload, sig) = token.split_once('.').unwrap();
-        let forged_claims = Claims {
-            sub: "alice".into(),
-            exp: now_secs() + 60,
-            repos: vec!["*".into()],
-        };
-        let forged = format!(
-            "{}.{sig}",
-            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged_claims).unwrap())
-        );
-        assert_ne!(payload, forged.split_once('.').unwrap().0);
-        h.insert(
-            http::header::AUTHORIZATION,
-            format!("Bearer {forged}").parse().unwrap(),
-        );
-        assert!(matches!(a.credentials(&h), Credentials::Invalid));
-        // Expired.
-        let expired = Claims {
-            sub: "alice".into(),
-            exp: now_secs() - 1,
-            repos: vec![],
-        };
-        let p = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&expired).unwrap());
-        let t = format!("{p}.{}", URL_SAFE_NO_PAD.encode(a.sign(p.as_bytes())));
-        assert!(a.verify_token(&t).is_none());
-    }
-
-    #[test]
-    fn rules_and_scopes() {
-        let (_d, a) = auth(true);
-        assert!(a.may_pull(
-            &Identity::User("alice".into()),
-            "docker.io",
-            "library/nginx"
-        ));
-        assert!(a.may_pull(&Identity::User("bob".into()), "ghcr.io", "bob/app"));
-        assert!(!a.may_pull(&Identity::User("bob".into()), "docker.io", "library/nginx"));
-        assert_eq!(
-            requested_repositories("service=pier&scope=repository%3Alibrary%2Fnginx%3Apull&scope=repository:ghcr.io/o/a:pull,push&scope=repository:x:push"),
-            vec!["library/nginx".to_string(), "ghcr.io/o/a".to_string()]
-        );
-    }
-
-    #[test]
-    fn htpasswd_without_bcrypt_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("h"), "carol:$apr1$abc$def\n").unwrap();
-        let err = parse_htpasswd(&dir.path().join("h")).unwrap_err();
-        assert!(err.contains("bcrypt") && err.contains("line 1"), "{err}");
-    }
-}
-
 // ---- the HTTP side: challenges, the gate in front of the handlers, the token endpoint ----
 
 use http::{header, Request, Response};
-use pier_oci::{Endpoint, ErrorCode, RegistryError};
+use pier_oci::{Endpoint, ErrorCode, Query, RegistryError};
 
 use crate::response::{self, Body};
 use crate::Mirror;
@@ -471,6 +478,16 @@ fn challenge<B>(req: &Request<B>, tls: bool, name: Option<&str>, message: &str) 
     resp
 }
 
+/// The answer to Basic credentials that could not be checked now.
+fn busy<B>(req: &Request<B>) -> Response<Body> {
+    let e = RegistryError::new(
+        ErrorCode::TooManyRequests,
+        "too many password checks at once; retry shortly",
+    )
+    .with_retry_after(Some(1));
+    response::error(&e, req.method() == http::Method::HEAD)
+}
+
 /// Whether `who` may pull the repository a client named `name` (routed as the handlers would).
 fn permitted(
     auth: &Auth,
@@ -487,8 +504,8 @@ fn permitted(
 }
 
 /// The gate in front of the registry handlers: `None` lets the request through, `Some` is the
-/// answer (401 with a challenge, or 403).
-pub(crate) fn gate<B>(
+/// answer (401 with a challenge, 403, or 429 when Basic credentials cannot be checked now).
+pub(crate) async fn gate<B>(
     auth: &Auth,
     mirror: &Mirror,
     req: &Request<B>,
@@ -503,8 +520,9 @@ pub(crate) fn gate<B>(
         );
         Some(response::error(&e, req.method() == http::Method::HEAD))
     };
-    match auth.credentials(req.headers()) {
+    match auth.credentials(req.headers()).await {
         Credentials::Invalid => Some(challenge(req, tls, name.as_deref(), "invalid credentials")),
+        Credentials::Busy => Some(busy(req)),
         Credentials::None if !auth.anonymous_allowed() => Some(challenge(
             req,
             tls,
@@ -541,10 +559,15 @@ pub(crate) fn gate<B>(
 
 /// `GET /auth/token?service=pier&scope=repository:<name>:pull`: a token for the repositories
 /// asked for that the caller may pull (Basic credentials, or none when anonymous pulls are on).
-pub(crate) fn token_endpoint<B>(auth: &Auth, mirror: &Mirror, req: &Request<B>) -> Response<Body> {
-    let who = match auth.credentials(req.headers()) {
+pub(crate) async fn token_endpoint<B>(
+    auth: &Auth,
+    mirror: &Mirror,
+    req: &Request<B>,
+) -> Response<Body> {
+    let who = match auth.credentials(req.headers()).await {
         Credentials::User(who) => who,
         Credentials::None if auth.anonymous_allowed() => Identity::Anonymous,
+        Credentials::Busy => return busy(req),
         _ => {
             let mut resp = response::error(
                 &RegistryError::new(ErrorCode::Unauthorized, "valid credentials required"),
@@ -588,4 +611,259 @@ fn humantime_rfc3339(t: SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(anonymous: bool) -> (tempfile::TempDir, Auth) {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = bcrypt::hash("secret", 4).unwrap();
+        std::fs::write(
+            dir.path().join("htpasswd"),
+            format!("# users\nalice:{hash}\nbob:{hash}\n"),
+        )
+        .unwrap();
+        let config = AuthConfig {
+            htpasswd: dir.path().join("htpasswd"),
+            anonymous,
+            token_ttl: Duration::from_secs(60),
+            rules: [("bob".to_string(), vec!["ghcr.io/bob/**".to_string()])].into(),
+        };
+        let a = Auth::load(&config).unwrap();
+        (dir, a)
+    }
+
+    fn basic(user: &str, pass: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            format!("Basic {}", STANDARD.encode(format!("{user}:{pass}")))
+                .parse()
+                .unwrap(),
+        );
+        h
+    }
+
+    #[tokio::test]
+    async fn basic_credentials() {
+        let (_d, a) = auth(false);
+        assert!(
+            matches!(a.credentials(&basic("alice", "secret")).await, Credentials::User(Identity::User(u)) if u == "alice")
+        );
+        assert!(matches!(
+            a.credentials(&basic("alice", "wrong")).await,
+            Credentials::Invalid
+        ));
+        assert!(matches!(
+            a.credentials(&basic("mallory", "secret")).await,
+            Credentials::Invalid
+        ));
+        assert!(matches!(
+            a.credentials(&basic("alice", "no colon")).await,
+            Credentials::Invalid
+        ));
+        assert!(matches!(
+            a.credentials(&HeaderMap::new()).await,
+            Credentials::None
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_checked_twice_runs_bcrypt_once() {
+        let (_d, a) = auth(false);
+        for _ in 0..2 {
+            assert_eq!(
+                a.check_password("alice", "wrong").await,
+                PasswordCheck::Invalid
+            );
+        }
+        assert_eq!(a.password_checks(), 1);
+        // Right passwords are remembered too, apart from wrong ones.
+        for _ in 0..2 {
+            assert_eq!(
+                a.check_password("alice", "secret").await,
+                PasswordCheck::Valid
+            );
+        }
+        assert_eq!(a.password_checks(), 2);
+        // The same wrong password is another pair for another user.
+        assert_eq!(
+            a.check_password("bob", "wrong").await,
+            PasswordCheck::Invalid
+        );
+        assert_eq!(a.password_checks(), 3);
+        // Unknown users cost no bcrypt at all.
+        assert_eq!(
+            a.check_password("mallory", "wrong").await,
+            PasswordCheck::Invalid
+        );
+        assert_eq!(a.password_checks(), 3);
+    }
+
+    #[tokio::test]
+    async fn concurrent_checks_of_one_wrong_password_run_bcrypt_once() {
+        let (_d, mut a) = auth(false);
+        // One check at a time: the others wait, then find the outcome remembered.
+        a.running = Arc::new(Semaphore::new(1));
+        let a = Arc::new(a);
+        let checks: Vec<_> = (0..10)
+            .map(|_| {
+                let a = a.clone();
+                tokio::spawn(async move { a.check_password("alice", "wrong").await })
+            })
+            .collect();
+        for c in checks {
+            assert_eq!(c.await.unwrap(), PasswordCheck::Invalid);
+        }
+        assert_eq!(a.password_checks(), 1);
+    }
+
+    #[tokio::test]
+    async fn past_the_waiting_room_checks_are_busy_but_remembered_pairs_are_not() {
+        let (_d, a) = auth(false);
+        assert_eq!(
+            a.check_password("alice", "secret").await,
+            PasswordCheck::Valid
+        );
+        assert_eq!(
+            a.check_password("alice", "wrong").await,
+            PasswordCheck::Invalid
+        );
+        // Every turn taken, as by a flood of different wrong passwords.
+        let all = u32::try_from(a.admitted.available_permits()).unwrap();
+        let taken = a.admitted.clone().acquire_many_owned(all).await.unwrap();
+        assert_eq!(a.check_password("bob", "secret").await, PasswordCheck::Busy);
+        assert!(matches!(
+            a.credentials(&basic("bob", "secret")).await,
+            Credentials::Busy
+        ));
+        // Remembered outcomes need no turn.
+        assert_eq!(
+            a.check_password("alice", "secret").await,
+            PasswordCheck::Valid
+        );
+        assert_eq!(
+            a.check_password("alice", "wrong").await,
+            PasswordCheck::Invalid
+        );
+        assert_eq!(a.password_checks(), 2);
+        drop(taken);
+        assert_eq!(
+            a.check_password("bob", "secret").await,
+            PasswordCheck::Valid
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_hanging_up_keeps_the_turn_until_bcrypt_is_done() {
+        let (_d, mut a) = auth(false);
+        a.running = Arc::new(Semaphore::new(1));
+        let a = Arc::new(a);
+        let check = {
+            let a = a.clone();
+            tokio::spawn(async move { a.check_password("alice", "wrong").await })
+        };
+        // Wait until bcrypt runs (its turn taken), then drop the request.
+        while a.running.available_permits() == 1 {
+            tokio::task::yield_now().await;
+        }
+        check.abort();
+        let _ = check.await;
+        // The turn is given back only once bcrypt finished, and its outcome is remembered.
+        let _turn = a.running.clone().acquire_owned().await.unwrap();
+        assert_eq!(a.password_checks(), 1);
+        assert!(a.rejected.contains(&a.fingerprint("alice", "wrong")));
+    }
+
+    #[test]
+    fn remembered_pairs_expire_and_are_bounded() {
+        let r = Remembered::new(Duration::from_secs(60), 3);
+        for i in 0..5u8 {
+            r.insert([i; 32]);
+        }
+        assert_eq!(r.len(), 3);
+        // The oldest went first.
+        assert!(!r.contains(&[0; 32]) && !r.contains(&[1; 32]));
+        assert!((2..5u8).all(|i| r.contains(&[i; 32])));
+        let expired = Remembered::new(Duration::ZERO, 3);
+        expired.insert([7; 32]);
+        assert!(!expired.contains(&[7; 32]));
+    }
+
+    #[tokio::test]
+    async fn tokens_are_signed_and_expire() {
+        let (_d, a) = auth(false);
+        let (token, _) = a.issue_token(
+            &Identity::User("alice".into()),
+            vec!["library/nginx".into()],
+        );
+        let mut h = HeaderMap::new();
+        h.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        assert!(
+            matches!(a.credentials(&h).await, Credentials::Token { repositories, .. } if repositories == ["library/nginx"])
+        );
+        // Tampered payload: signature fails.
+        let (payload, sig) = token.split_once('.').unwrap();
+        let forged_claims = Claims {
+            sub: "alice".into(),
+            exp: now_secs() + 60,
+            repos: vec!["*".into()],
+        };
+        let forged = format!(
+            "{}.{sig}",
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&forged_claims).unwrap())
+        );
+        assert_ne!(payload, forged.split_once('.').unwrap().0);
+        h.insert(
+            http::header::AUTHORIZATION,
+            format!("Bearer {forged}").parse().unwrap(),
+        );
+        assert!(matches!(a.credentials(&h).await, Credentials::Invalid));
+        // Expired.
+        let expired = Claims {
+            sub: "alice".into(),
+            exp: now_secs() - 1,
+            repos: vec![],
+        };
+        let p = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&expired).unwrap());
+        let t = format!("{p}.{}", URL_SAFE_NO_PAD.encode(a.sign(p.as_bytes())));
+        assert!(a.verify_token(&t).is_none());
+    }
+
+    #[test]
+    fn rules_and_scopes() {
+        let (_d, a) = auth(true);
+        assert!(a.may_pull(
+            &Identity::User("alice".into()),
+            "docker.io",
+            "library/nginx"
+        ));
+        assert!(a.may_pull(&Identity::User("bob".into()), "ghcr.io", "bob/app"));
+        assert!(!a.may_pull(&Identity::User("bob".into()), "docker.io", "library/nginx"));
+        assert_eq!(
+            requested_repositories("service=pier&scope=repository%3Alibrary%2Fnginx%3Apull&scope=repository:ghcr.io/o/a:pull,push&scope=repository:x:push"),
+            vec!["library/nginx".to_string(), "ghcr.io/o/a".to_string()]
+        );
+        // Several scopes in one parameter, space-separated (`+` or `%20`), and `*` actions.
+        assert_eq!(
+            requested_repositories(
+                "scope=repository:a:pull+repository:b:pull%20repository%3Ac%3A%2A&scope=registry:catalog:*"
+            ),
+            ["a", "b", "c"]
+        );
+        assert!(requested_repositories("scopes=repository:a:pull&x").is_empty());
+    }
+
+    #[test]
+    fn htpasswd_without_bcrypt_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("h"), "carol:$apr1$abc$def\n").unwrap();
+        let err = parse_htpasswd(&dir.path().join("h")).unwrap_err();
+        assert!(err.contains("bcrypt") && err.contains("line 1"), "{err}");
+    }
 }

@@ -95,9 +95,9 @@ pub async fn serve(
             }
             if let Some(auth) = &auth {
                 if req.uri().path() == "/auth/token" {
-                    return auth::token_endpoint(auth, &mirror, &req);
+                    return auth::token_endpoint(auth, &mirror, &req).await;
                 }
-                if let Some(refused) = auth::gate(auth, &mirror, &req, tls) {
+                if let Some(refused) = auth::gate(auth, &mirror, &req, tls).await {
                     mirror
                         .metrics
                         .requests
