@@ -290,45 +290,142 @@ async fn until_up(url: &str) {
     panic!("pier did not start at {url}");
 }
 
+/// Whether the tests run under CI (`CI` set to anything but empty, `0` or `false`; CI and
+/// tests/run.sh set `CI=true`). There a test that cannot set up what it needs fails; elsewhere
+/// it may skip, loudly.
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// A setup step failed: under CI the test fails, elsewhere it is skipped with a loud message.
+fn cannot_set_up(what: &str) {
+    if in_ci() {
+        panic!("the disk-full test cannot set up its file system under CI: {what}");
+    }
+    eprintln!(
+        "SKIPPED the disk-full test: {what} (it needs root, or CAP_SYS_ADMIN, to mount a tmpfs)"
+    );
+}
+
 /// A tmpfs of a few megabytes, unmounted on drop.
 struct SmallDisk(tempfile::TempDir);
 
 impl SmallDisk {
-    fn mount(size: &str) -> Option<SmallDisk> {
-        let dir = tempfile::tempdir().unwrap();
-        let ok = std::process::Command::new("mount")
+    /// Mounts a tmpfs of `bytes` and checks that it is there and fills up where it should:
+    /// `None` (after a loud message) when that cannot be done outside CI; under CI, a panic.
+    fn mount(bytes: u64) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().expect("a temporary directory to mount on");
+        let Some(path) = dir.path().to_str().map(str::to_string) else {
+            cannot_set_up(&format!("{:?} is not UTF-8", dir.path()));
+            return None;
+        };
+        let out = std::process::Command::new("mount")
             .args([
                 "-t",
                 "tmpfs",
                 "-o",
-                &format!("size={size}"),
+                &format!("size={bytes}"),
                 "tmpfs",
-                dir.path().to_str().unwrap(),
+                &path,
             ])
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(SmallDisk(dir));
+            .output();
+        match out {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => {
+                cannot_set_up(&format!(
+                    "mount -t tmpfs failed ({}): {}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+                return None;
+            }
+            Err(e) => {
+                cannot_set_up(&format!("cannot run mount: {e}"));
+                return None;
+            }
         }
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("cannot mount a tmpfs (the disk-full test runs as root)");
+        // From here on, dropping the disk unmounts it.
+        let disk = SmallDisk(dir);
+        if let Err(problem) = disk.check(bytes) {
+            cannot_set_up(&problem);
+            return None;
         }
-        eprintln!("SKIPPED: cannot mount a tmpfs (needs root)");
-        None
+        Some(disk)
+    }
+
+    /// The file system at the directory is a tmpfs (as /proc/self/mountinfo tells), takes
+    /// writes, and is full after `bytes`: what the test relies on.
+    fn check(&self, bytes: u64) -> Result<(), String> {
+        let dir = self
+            .0
+            .path()
+            .canonicalize()
+            .map_err(|e| format!("cannot resolve {:?}: {e}", self.0.path()))?;
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| format!("cannot read /proc/self/mountinfo: {e}"))?;
+        // Fields: id parent major:minor root mount-point options [optional...] - type source ...
+        let mounted = mountinfo.lines().any(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let fs_type = fields
+                .iter()
+                .position(|f| *f == "-")
+                .and_then(|i| fields.get(i + 1));
+            fields.get(4) == Some(&dir.to_string_lossy().as_ref()) && fs_type == Some(&"tmpfs")
+        });
+        if !mounted {
+            return Err(format!(
+                "mount reported success, but no tmpfs is mounted at {dir:?}"
+            ));
+        }
+        // Write until the disk is full: that must be with ENOSPC, and before `bytes` plus a
+        // little (tmpfs sizes round up to pages).
+        let probe = dir.join("probe");
+        let mut file =
+            std::fs::File::create(&probe).map_err(|e| format!("the tmpfs takes no file: {e}"))?;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        let full = loop {
+            match std::io::Write::write_all(&mut file, &chunk) {
+                Ok(()) => written += chunk.len() as u64,
+                Err(e) => break e,
+            }
+            if written > bytes + 1024 * 1024 {
+                return Err(format!(
+                    "the tmpfs took {written} bytes and is meant to hold {bytes}"
+                ));
+            }
+        };
+        drop(file);
+        std::fs::remove_file(&probe).map_err(|e| format!("cannot remove the probe: {e}"))?;
+        if full.kind() != std::io::ErrorKind::StorageFull {
+            return Err(format!(
+                "writing to the tmpfs failed other than with disk full: {full}"
+            ));
+        }
+        if written < bytes / 2 {
+            return Err(format!(
+                "the tmpfs was full after {written} of {bytes} bytes"
+            ));
+        }
+        Ok(())
     }
 }
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
+        let unmounted = std::process::Command::new("umount")
             .arg(self.0.path())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            eprintln!("could not unmount the tmpfs at {:?}", self.0.path());
+        }
     }
 }
 
 #[tokio::test]
 async fn disk_full_during_a_fill_fails_cleanly_and_pier_keeps_serving() {
-    let Some(disk) = SmallDisk::mount("2m") else {
+    let Some(disk) = SmallDisk::mount(2 * 1024 * 1024) else {
         return;
     };
     let cache_dir = tempfile::Builder::new().tempdir_in(disk.0.path()).unwrap();
@@ -352,6 +449,14 @@ async fn disk_full_during_a_fill_fails_cleanly_and_pier_keeps_serving() {
         .unwrap();
     let complete = r.status() == 200 && r.bytes().await.is_ok_and(|b| b.len() == 4 * 1024 * 1024);
     assert!(!complete, "a blob larger than the disk was served whole");
+    // It failed as a fill (the upstream was asked, the download did not go through), not before.
+    let fills = &pier.mirror.metrics.fills;
+    until("the huge blob's fill to fail", || {
+        fills.with_label_values(&["failed"]).get() == 1
+    })
+    .await;
+    assert_eq!(fills.with_label_values(&["ok"]).get(), 1);
+    assert!(up.state.blob_gets.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     until("the partial file to go", || {
         std::fs::read_dir(pier.dir.path().join("tmp"))
             .unwrap()
