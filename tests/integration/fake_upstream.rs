@@ -60,6 +60,8 @@ pub struct State {
     pub ranges_seen: Mutex<Vec<Option<String>>>,
     pub blob_gets: AtomicUsize,
     pub tokens_issued: AtomicUsize,
+    /// Blob bodies being sent, and the most at once.
+    pub blob_bodies: InFlight,
 }
 
 pub struct FakeUpstream {
@@ -365,6 +367,7 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
                 .insert("location", format!("{base}/cdn/{digest}").parse().unwrap());
             return r;
         }
+        let mut in_flight = InFlight::enter(&state);
         let total = data.len();
         let start = match (&range, behaviour.ranges) {
             (Some(r), true) => r
@@ -395,6 +398,9 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
                 }
             }
             sent += c.len();
+            if sent == total {
+                in_flight.leave();
+            }
             Ok(Frame::data(c))
         });
         let mut r = Response::new(StreamBody::new(stream).boxed_unsync());
@@ -431,4 +437,42 @@ pub fn base64(s: &str) -> String {
         }
     }
     out
+}
+
+/// Blob bodies in flight: counted from the request until the last chunk is handed to the
+/// connection (before the client can have it all), or until the body is dropped.
+#[derive(Default)]
+pub struct InFlight {
+    now: AtomicUsize,
+    most: AtomicUsize,
+}
+
+impl InFlight {
+    /// The most blob bodies that were in flight at once.
+    pub fn most(&self) -> usize {
+        self.most.load(Ordering::SeqCst)
+    }
+
+    fn enter(state: &Arc<State>) -> InFlightBody {
+        let now = state.blob_bodies.now.fetch_add(1, Ordering::SeqCst) + 1;
+        state.blob_bodies.most.fetch_max(now, Ordering::SeqCst);
+        InFlightBody(Some(state.clone()))
+    }
+}
+
+/// One blob body counted in [`InFlight`].
+struct InFlightBody(Option<Arc<State>>);
+
+impl InFlightBody {
+    fn leave(&mut self) {
+        if let Some(state) = self.0.take() {
+            state.blob_bodies.now.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for InFlightBody {
+    fn drop(&mut self) {
+        self.leave();
+    }
 }

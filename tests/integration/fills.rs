@@ -6,7 +6,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 use crate::fake_upstream::{Behaviour, FakeUpstream};
-use crate::harness::{client, start, UpstreamSpec};
+use crate::harness::{client, launch, start, Setup, UpstreamSpec};
 
 fn data(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 251) as u8).collect()
@@ -173,4 +173,57 @@ async fn concurrent_manifest_requests_share_one_upstream_get() {
         assert_eq!(t.await.unwrap(), 200);
     }
     assert_eq!(up.count("GET /v2/library/app/manifests/1.0"), 1);
+}
+
+/// `blobs` different blobs asked for at once from a pier that downloads at most `limit` at a
+/// time and queues the rest: every client gets its blob, and the upstream never had more than
+/// `limit` blob bodies in flight (it had `limit` at some point: the slots were used).
+async fn downloads_stay_within(limit: usize, blobs: u8) {
+    // 5 chunks of 64 KiB, 20 ms apart: each body takes 100 ms or more.
+    let up = FakeUpstream::start(Behaviour {
+        chunk_delay: Some(Duration::from_millis(20)),
+        ..Behaviour::default()
+    })
+    .await;
+    let mut setup = Setup::new(tempfile::tempdir().unwrap());
+    setup.upstreams = vec![UpstreamSpec::new("docker.io", up.url())];
+    setup.max_concurrent_fills = limit;
+    setup.max_queued_fills = usize::from(blobs) - limit;
+    let pier = launch(setup).await;
+    let bodies: Vec<Vec<u8>> = (0..blobs).map(|i| vec![i; 300_000]).collect();
+    let tasks: Vec<_> = bodies
+        .iter()
+        .map(|b| {
+            let url = format!("{}/v2/app/blobs/{}", pier.url, up.add_blob(b.clone()));
+            tokio::spawn(async move {
+                let r = client().get(url).send().await.unwrap();
+                (r.status().as_u16(), r.bytes().await.unwrap())
+            })
+        })
+        .collect();
+    for (t, body) in tasks.into_iter().zip(&bodies) {
+        let (status, got) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(got == *body, "a client got the wrong bytes");
+    }
+    assert_eq!(
+        up.state.blob_gets.load(Ordering::SeqCst),
+        usize::from(blobs)
+    );
+    let most = up.state.blob_bodies.most();
+    assert!(
+        most <= limit,
+        "{most} downloads overlapped with max_concurrent_fills = {limit}"
+    );
+    assert_eq!(most, limit, "the download slots were not all used");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_download_slot_means_downloads_one_after_another() {
+    downloads_stay_within(1, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_beyond_the_slots_wait_and_never_overlap_more() {
+    downloads_stay_within(2, 6).await;
 }
