@@ -530,3 +530,45 @@ async fn du_gc_and_purge_work_on_a_stopped_cache_directory() {
     let (_, text) = pier_cli(&["du", "--cache-dir", &path]);
     assert!(text.contains("10000 bytes in 1 objects"), "{text}");
 }
+
+#[tokio::test]
+async fn admin_warm_reads_its_query_decoded_and_in_order() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(vec![UpstreamSpec::new("docker.io", up.url())], (0, 0)).await;
+    let m = "application/vnd.oci.image.manifest.v1+json";
+    up.add_manifest("library/app", "1", m, "{}");
+    up.add_manifest("library/app", "2", m, r#"{"schemaVersion":2}"#);
+    let warm = |query: &str| {
+        client()
+            .post(format!("{}/admin/warm?{query}", pier.admin))
+            .send()
+    };
+    // Percent-encoded `/` and `:`, a plain image, and a repeated key: both images, in order.
+    let r = warm("image=library%2Fapp%3A1&platform=linux%2Famd64&image=app:2")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let reports: Vec<(String, u64)> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("report").is_some())
+        .map(|v| {
+            (
+                v["image"].as_str().unwrap().to_string(),
+                v["report"]["manifests"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reports,
+        [("library/app:1".to_string(), 1), ("app:2".to_string(), 1)],
+        "{text}"
+    );
+    assert_eq!(up.count("GET /v2/library/app/manifests/1"), 1);
+    assert_eq!(up.count("GET /v2/library/app/manifests/2"), 1);
+    // No image, or only empty ones: refused.
+    for query in ["platform=linux%2Famd64", "image=&image", ""] {
+        assert_eq!(warm(query).await.unwrap().status(), 400, "{query}");
+    }
+}
