@@ -95,7 +95,7 @@ fn tiers(c: &mut Criterion) {
     let large = vec![9u8; 4 << 20];
     let (ds, dl) = (Digest::sha256_of(&small), Digest::sha256_of(&large));
     for (d, data) in [(&ds, &small), (&dl, &large)] {
-        let path = m.cache.store().blob_path(d);
+        let path = m.cache.disk().blocking().blob_path(d);
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         std::fs::write(path, data).expect("write");
     }

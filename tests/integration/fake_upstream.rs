@@ -44,6 +44,8 @@ pub struct Behaviour {
     pub rate_limit_remaining: Option<u64>,
     /// Pause before answering a manifest request.
     pub manifest_delay: Option<Duration>,
+    /// Page tag lists by this many, with a `Link` to the next page, ignoring the client's `n`.
+    pub tag_page_size: Option<usize>,
 }
 
 #[derive(Default)]
@@ -292,13 +294,26 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
         if let Some(last) = param("last") {
             tags.retain(|t| *t > last);
         }
-        if let Some(n) = param("n").and_then(|n| n.parse().ok()) {
+        let mut link = None;
+        if let Some(size) = behaviour.tag_page_size {
+            if tags.len() > size {
+                tags.truncate(size);
+                link = Some(format!(
+                    r#"</v2/{repo}/tags/list?last={}&n={size}>; rel="next""#,
+                    tags[size - 1]
+                ));
+            }
+        } else if let Some(n) = param("n").and_then(|n| n.parse().ok()) {
             tags.truncate(n);
         }
-        return full(
+        let mut r = full(
             StatusCode::OK,
             serde_json::json!({ "name": repo, "tags": tags }).to_string(),
         );
+        if let Some(link) = link {
+            r.headers_mut().insert("link", link.parse().unwrap());
+        }
+        return r;
     }
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
         if let Some(d) = behaviour.manifest_delay {

@@ -20,6 +20,8 @@ struct FakeOrigin {
     cut_at: Option<usize>,
     fail: bool,
     honour_range: bool,
+    /// Panic inside the download (a bug in a fill's task).
+    panic: bool,
 }
 
 impl FakeOrigin {
@@ -31,6 +33,7 @@ impl FakeOrigin {
             cut_at: None,
             fail: false,
             honour_range: true,
+            panic: false,
         }
     }
 }
@@ -48,7 +51,10 @@ impl Origin for FakeOrigin {
         let total = self.data.len() as u64;
         let mut body = self.data.slice(start..);
         let cut = if call == 0 { self.cut_at } else { None };
+        let panic = self.panic;
         async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(!panic, "a bug in the download");
             if fail {
                 return Err(UpstreamError::Status(503));
             }
@@ -116,7 +122,7 @@ async fn read(
 ) -> Result<(Vec<u8>, Source), String> {
     let o = origin.clone();
     let blob = cache
-        .blob(digest, move || o as Arc<dyn Origin>)
+        .fill_blob(digest, move || o as Arc<dyn Origin>)
         .await
         .map_err(|e| e.to_string())?;
     let source = blob.source;
@@ -153,7 +159,13 @@ async fn hundred_readers_share_one_download() {
     // The blob is now on disk (readers finish once it verified, the commit follows) and served
     // from there, without the origin.
     for _ in 0..500 {
-        if cache.store().open_blob(&digest).unwrap().is_some() {
+        if cache
+            .disk()
+            .blocking()
+            .open_blob(&digest)
+            .unwrap()
+            .is_some()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -204,7 +216,7 @@ async fn wrong_digest_is_never_kept_or_completed() {
     let origin = Arc::new(FakeOrigin::new(body));
     let err = read(&cache, &wrong, &origin).await.unwrap_err();
     assert!(err.contains("hashes to"), "{err}");
-    assert!(cache.store().open_blob(&wrong).unwrap().is_none());
+    assert!(cache.disk().blocking().open_blob(&wrong).unwrap().is_none());
     assert_eq!(
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
         0
@@ -238,7 +250,7 @@ async fn range_read_of_a_fill_in_progress() {
     let origin = Arc::new(FakeOrigin::new(body.clone()));
     let o = origin.clone();
     let blob = cache
-        .blob(&digest, move || o as Arc<dyn Origin>)
+        .fill_blob(&digest, move || o as Arc<dyn Origin>)
         .await
         .unwrap();
     assert_eq!(blob.size, Some(body.len() as u64));
@@ -248,4 +260,39 @@ async fn range_read_of_a_fill_in_progress() {
         .await
         .unwrap();
     assert!(parts.concat() == body[1_500_000..1_600_000]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_a_fill_reaches_its_readers_as_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache(dir.path());
+    let body = data(100_000);
+    let digest = Digest::sha256_of(&body);
+    let origin = Arc::new(FakeOrigin {
+        panic: true,
+        ..FakeOrigin::new(body.clone())
+    });
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let (cache, digest, origin) = (cache.clone(), digest.clone(), origin.clone());
+        tasks.push(tokio::spawn(
+            async move { read(&cache, &digest, &origin).await },
+        ));
+    }
+    for t in tasks {
+        let r = tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .expect("a reader hung after the fill panicked")
+            .unwrap();
+        assert!(r.is_err(), "a reader got bytes from a fill that panicked");
+    }
+    // The fill left the map: the next request starts a new one, which works.
+    let good = Arc::new(FakeOrigin::new(body.clone()));
+    let (got, _) = read(&cache, &digest, &good).await.unwrap();
+    assert_eq!(got, body);
+    assert!(cache.wait_for_fills(None, Duration::from_secs(5)).await);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
 }

@@ -165,11 +165,13 @@ fn warm(mirror: Arc<Mirror>, query: &str) -> Response<Body> {
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(response::stream(Box::pin(body)))
-        .unwrap_or_else(|_| Response::new(response::empty()))
+    response::built(
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/x-ndjson")
+            .body(response::stream(Box::pin(body))),
+        false,
+    )
 }
 
 /// `%xx` escapes of a query value (image references carry `/`, `:` and `@`).

@@ -19,6 +19,18 @@ pub struct Route<'a> {
     pub repo: RepositoryName,
 }
 
+impl Route<'_> {
+    /// The repository as the cache knows it.
+    pub fn at(&self) -> pier_cache::RepoRef<'_> {
+        pier_cache::RepoRef {
+            upstream: &self.upstream.name,
+            client: &self.upstream.client,
+            freshness: &self.upstream.freshness,
+            repo: &self.repo,
+        }
+    }
+}
+
 /// Docker Hub goes by several host names; clients may send any of them.
 fn canonical_registry(name: &str) -> &str {
     match name {
