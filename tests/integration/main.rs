@@ -11,5 +11,7 @@ mod fills;
 mod freshness;
 mod hardening;
 mod metrics;
+mod negotiation;
+mod repository_access;
 mod routing;
 mod secrets;

@@ -296,9 +296,10 @@ impl Cache {
     /// answered, so that the size is known, or with the error that ended the fill before any
     /// byte.
     pub async fn blob(self: &Arc<Self>, at: RepoRef<'_>, digest: &Digest) -> Result<Blob, Error> {
-        let linked = self.is_linked(at, digest).await?;
+        let mut linked = self.is_linked(at, digest).await?;
         if !linked && self.holds(digest) {
             self.confirm(at, digest, resolve::Kind::Blob).await?;
+            linked = true;
         }
         let origin = || {
             Arc::new(UpstreamOrigin {
