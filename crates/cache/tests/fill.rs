@@ -95,17 +95,21 @@ fn data(len: usize) -> Bytes {
 }
 
 fn cache(dir: &std::path::Path) -> Arc<Cache> {
+    cache_with(dir, 0, pier_cache::Budget::default())
+}
+
+fn cache_with(dir: &std::path::Path, memory: u64, budget: pier_cache::Budget) -> Arc<Cache> {
     Arc::new(
         Cache::open(
             CacheConfig {
                 dir: dir.to_path_buf(),
-                memory_size: 0,
-                memory_object_size: 0,
+                memory_size: memory,
+                memory_object_size: memory,
                 retry: RetryPolicy {
                     attempts: 3,
                     base_delay: Duration::from_millis(10),
                 },
-                budget: pier_cache::Budget::default(),
+                budget,
                 max_concurrent_fills: 0,
                 max_queued_fills: 0,
             },
@@ -295,4 +299,68 @@ async fn a_panic_in_a_fill_reaches_its_readers_as_an_error() {
         std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_during_a_fill_is_not_undone_by_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache(dir.path());
+    let body = data(2 * 1024 * 1024);
+    let digest = Digest::sha256_of(&body);
+    let origin = Arc::new(FakeOrigin::new(body.clone()));
+    let o = origin.clone();
+    let blob = cache
+        .fill_blob(&digest, move || o as Arc<dyn Origin>)
+        .await
+        .unwrap();
+    // The download is under way (2 ms per 64 KiB chunk: about 64 ms in all).
+    assert!(cache.purge_digest(&digest).await.is_ok());
+    // The reader that was following the fill still gets the whole verified blob.
+    let parts: Vec<Bytes> = blob.stream(0, None).try_collect().await.unwrap();
+    assert!(parts.concat() == body[..]);
+    assert!(cache.wait_for_fills(None, Duration::from_secs(5)).await);
+    assert!(!cache.is_stored(&digest), "the purged blob came back");
+    assert!(cache
+        .disk()
+        .blocking()
+        .open_blob(&digest)
+        .unwrap()
+        .is_none());
+    assert_eq!(cache.usage().await.disk_objects, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_removes_from_the_memory_tier_too() {
+    let dir = tempfile::tempdir().unwrap();
+    // Four blobs of 100 KB on a 250 KB budget; all of them fit the memory tier.
+    let budget = pier_cache::Budget {
+        max_size: 250_000,
+        ..pier_cache::Budget::default()
+    };
+    let cache = cache_with(dir.path(), 1 << 20, budget);
+    let mut digests = Vec::new();
+    for i in 0..4u8 {
+        let body: Bytes = vec![i; 100_000].into();
+        let digest = Digest::sha256_of(&body);
+        let origin = Arc::new(FakeOrigin::new(body));
+        read(&cache, &digest, &origin).await.unwrap();
+        assert!(cache.wait_for_fills(None, Duration::from_secs(5)).await);
+        // Read again: from disk into the memory tier.
+        let (_, source) = read(&cache, &digest, &origin).await.unwrap();
+        assert_eq!(source, Source::Disk);
+        let (_, source) = read(&cache, &digest, &origin).await.unwrap();
+        assert_eq!(source, Source::Memory);
+        digests.push(digest);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let report = cache.evict().await.unwrap();
+    assert!(report.removed >= 2, "{report:?}");
+    // What was evicted is gone from every tier: no read answers it without the origin.
+    for d in &digests[..report.removed] {
+        assert!(
+            cache.cached_blob(d).await.unwrap().is_none(),
+            "an evicted blob was still served"
+        );
+    }
+    assert!(cache.cached_blob(&digests[3]).await.unwrap().is_some());
 }
