@@ -2,6 +2,11 @@
 //! hit, a disk-tier hit, and sha256 throughput of the fill's hasher against plain sha2.
 //!
 //! `cargo bench --bench hot_paths`
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the assertion"
+)]
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -309,7 +309,7 @@ impl UpstreamSection {
     }
 
     /// `allow` and `deny`, compiled.
-    pub fn access(&self) -> Result<pier_server::RepositoryFilter, String> {
+    pub fn access(&self) -> Result<pier_server::RepositoryFilter, pier_server::GlobError> {
         pier_server::RepositoryFilter::new(&self.allow, &self.deny)
     }
 

@@ -49,7 +49,7 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
         entry.freshness.tag_ttl = u.tag_ttl;
         entry.freshness.immutable_tags = u.immutable_tags_regex().map_err(|e| e.to_string())?;
         entry.freshness.rate_limit_reserve = u.rate_limit_reserve;
-        entry.access = u.access()?;
+        entry.access = u.access().map_err(|e| e.to_string())?;
         upstreams.push(entry);
     }
     let c = &config.cache;

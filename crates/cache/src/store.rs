@@ -609,7 +609,9 @@ mod tests {
         );
         // Links: none yet, then appended, then gone with the tags.
         assert_eq!(store.links("docker.io", &repo).unwrap(), None);
-        store.add_links("docker.io", &repo, &[d.clone()]).unwrap();
+        store
+            .add_links("docker.io", &repo, std::slice::from_ref(&d))
+            .unwrap();
         store
             .add_links("docker.io", &repo, &[d.clone(), Digest::sha256_of(b"x")])
             .unwrap();

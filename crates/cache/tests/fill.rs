@@ -1,4 +1,9 @@
 //! The fill against an in-process origin that can cut bodies, fail and count its calls.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test: a failure is the assertion"
+)]
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

@@ -24,7 +24,7 @@ use pier_upstream::Upstream;
 pub use admin::serve_admin;
 pub use handlers::Caller;
 pub use ops::serve_ops;
-pub use routing::{RepositoryFilter, Route};
+pub use routing::{GlobError, RepositoryFilter, Route};
 pub use serve::{serve, ServerOptions};
 
 /// One upstream as the front sees it: how clients name it, which of its repositories they may
