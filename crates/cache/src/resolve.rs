@@ -27,8 +27,6 @@ pub struct ResolvedManifest {
     pub digest: Digest,
     pub manifest: CachedManifest,
     pub source: Source,
-    /// Served from cache because the upstream could not be asked.
-    pub stale: bool,
 }
 
 /// A repository's tags as the upstream listed them (every page), sorted.
@@ -86,7 +84,6 @@ impl Cache {
                 digest: digest.clone(),
                 manifest,
                 source,
-                stale: false,
             });
         }
         let reference = Reference::Digest(digest.clone());
@@ -200,7 +197,6 @@ impl Cache {
                             digest: h.digest,
                             manifest,
                             source,
-                            stale: false,
                         });
                     }
                 }
@@ -254,7 +250,6 @@ impl Cache {
             digest,
             manifest,
             source: Source::Upstream { joined: false },
-            stale: false,
         })
     }
 
@@ -273,7 +268,6 @@ impl Cache {
                     digest,
                     manifest,
                     source,
-                    stale: false,
                 },
             )
         }))
@@ -322,7 +316,6 @@ impl Cache {
                         digest: child.digest.clone(),
                         manifest,
                         source,
-                        stale: false,
                     }));
                 }
             }
@@ -336,14 +329,13 @@ impl Cache {
         at: RepoRef<'_>,
         tag: &Tag,
         why: &dyn std::fmt::Display,
-        mut m: ResolvedManifest,
+        m: ResolvedManifest,
     ) -> ResolvedManifest {
         tracing::warn!(upstream = %at.upstream, repo = %at.repo, %tag, error = %why, "serving cached tag: upstream unavailable");
         self.metrics
             .stale_served
             .with_label_values(&[at.upstream, "manifest"])
             .inc();
-        m.stale = true;
         m
     }
 
