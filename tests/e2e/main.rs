@@ -10,6 +10,7 @@
 mod support;
 
 mod deploy;
+mod docker;
 mod metrics;
 mod runtimes;
 mod skopeo_pull;
