@@ -1,6 +1,7 @@
 //! The deployment files pass their tools' checks: `systemd-analyze verify` on the unit,
 //! kubernetes-validate (schemas of Kubernetes 1.37) on the manifests, hadolint on the Dockerfile,
-//! and `pier check-config` on every example configuration, including the ones inside ConfigMaps.
+//! and `pier check-config` on every example configuration, including the ones inside ConfigMaps and
+//! the image's. The image itself is built and run in image.rs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,7 +104,11 @@ fn dockerfile_lints() {
 fn example_configurations_check() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut configs: Vec<(String, String)> = Vec::new();
-    for file in ["systemd/mirror.yaml", "compose/mirror.yaml"] {
+    for file in [
+        "systemd/mirror.yaml",
+        "compose/mirror.yaml",
+        "docker/rootfs/etc/pier/mirror.yaml",
+    ] {
         configs.push((
             file.into(),
             std::fs::read_to_string(deploy(file)).expect("read"),
@@ -126,7 +131,7 @@ fn example_configurations_check() {
             }
         }
     }
-    assert_eq!(configs.len(), 5);
+    assert_eq!(configs.len(), 6);
     for (name, text) in configs {
         let path = tmp.path().join("check.yaml");
         std::fs::write(&path, &text).expect("write");

@@ -1,6 +1,8 @@
 //! A private Docker daemon for a test: all its state in a directory, its API on a socket there, no
-//! bridge and no iptables rules; and small helpers to run commands.
+//! bridge and no iptables rules; a private network namespace for tests that run containers on the
+//! host network; and small helpers to run commands.
 
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -174,4 +176,59 @@ impl Dockerd {
             .args(args);
         c
     }
+}
+
+/// Runs `f` on a thread of its own in a new network namespace with only loopback, up. What `f`
+/// starts (registries, dockerd and so containers on the host network, clients) shares that
+/// namespace and no other: fixed ports such as the image's 5000 and 9090 collide with nothing,
+/// and nothing started there can reach beyond the machine. Needs root, util-linux's `unshare` and
+/// iproute2's `ip`.
+pub fn in_private_network<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        let thread = std::thread::Builder::new()
+            .name("private network".into())
+            .spawn_scoped(s, || {
+                enter_private_network();
+                f()
+            })
+            .expect("spawn a thread");
+        match thread.join() {
+            Ok(v) => v,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    })
+}
+
+/// Moves the calling thread (only it: namespaces belong to threads) into a new network namespace,
+/// made by `unshare --net` for a process that holds it until the thread is in, and brings its
+/// loopback up.
+fn enter_private_network() {
+    let link = |path: &str| std::fs::read_link(path).ok();
+    let ours = link("/proc/thread-self/ns/net").expect("this thread's network namespace");
+    let mut holder = Command::new("unshare")
+        .args(["--net", "sleep", "60"])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start unshare");
+    let ns = format!("/proc/{}/ns/net", holder.id());
+    // unshare makes the namespace, then becomes sleep.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link(&ns).is_none_or(|l| l == ours) {
+        if let Ok(Some(status)) = holder.try_wait() {
+            panic!("unshare --net exited with {status}");
+        }
+        assert!(Instant::now() < deadline, "unshare --net made no namespace");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let joined = std::fs::File::open(&ns).and_then(|fd| {
+        rustix::thread::move_into_link_name_space(
+            fd.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .map_err(std::io::Error::from)
+    });
+    let _ = holder.kill();
+    let _ = holder.wait();
+    joined.expect("setns into the new network namespace");
+    run(Command::new("ip").args(["link", "set", "lo", "up"]));
 }

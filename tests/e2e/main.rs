@@ -11,6 +11,7 @@ mod support;
 
 mod deploy;
 mod docker;
+mod image;
 mod metrics;
 mod runtimes;
 mod skopeo_pull;
