@@ -17,6 +17,7 @@ declare -A packages=(
   [containerd]=containerd
   [podman]=podman
   [systemd-analyze]=systemd
+  [docker-compose]=docker-compose
 )
 missing=()
 for program in "${!packages[@]}"; do
