@@ -18,6 +18,7 @@ declare -A packages=(
   [podman]=podman
   [systemd-analyze]=systemd
   [docker-compose]=docker-compose
+  [ip]=iproute2
 )
 missing=()
 for program in "${!packages[@]}"; do
