@@ -10,6 +10,8 @@
 mod support;
 
 mod deploy;
+mod docker;
+mod image;
 mod metrics;
 mod runtimes;
 mod skopeo_pull;
