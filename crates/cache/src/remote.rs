@@ -39,17 +39,35 @@ impl Default for Freshness {
 impl Freshness {
     /// Whether `answer`, cached for `tag`, may be served without asking `upstream`: within the
     /// window, a tag that never moves, or the upstream's pull budget down to its reserve (spend
-    /// none of the last pulls on revalidation).
+    /// none of the last pulls on revalidation). Signature, attestation and referrer tags move
+    /// whenever a signature is added, so they are never immutable.
     pub fn allows_cached(&self, tag: &Tag, answer: &TagAnswer, upstream: &Upstream) -> bool {
         answer.age_secs(SystemTime::now()) < self.tag_ttl.as_secs()
-            || self
-                .immutable_tags
-                .as_ref()
-                .is_some_and(|re| re.is_match(tag.as_str()))
+            || (!is_attachment_tag(tag)
+                && self
+                    .immutable_tags
+                    .as_ref()
+                    .is_some_and(|re| re.is_match(tag.as_str())))
             || upstream
                 .rate_limit_remaining()
                 .is_some_and(|r| r <= self.rate_limit_reserve)
     }
+}
+
+/// A tag of the sigstore attachment scheme (`sha256-<hex>.sig`, `.att`, `.sbom`) or the OCI
+/// referrers fallback (`sha256-<hex>`): it names a digest, and it moves whenever something new is
+/// attached to that digest.
+pub fn is_attachment_tag(tag: &Tag) -> bool {
+    let t = tag.as_str();
+    let Some(rest) = t.strip_prefix("sha256-") else {
+        return false;
+    };
+    let hex = rest
+        .strip_suffix(".sig")
+        .or_else(|| rest.strip_suffix(".att"))
+        .or_else(|| rest.strip_suffix(".sbom"))
+        .unwrap_or(rest);
+    hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// One repository of one upstream: where tags are resolved, digests are linked and fills fetch.
@@ -103,5 +121,31 @@ impl Origin for UpstreamOrigin {
     fn open(&self, offset: u64) -> BoxFuture<'static, Result<BlobResponse, UpstreamError>> {
         let (client, repo, digest) = (self.client.clone(), self.repo.clone(), self.digest.clone());
         async move { client.get_blob(&repo, &digest, offset).await }.boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attachment_tags() {
+        let hex = "a".repeat(64);
+        for t in [
+            format!("sha256-{hex}"),
+            format!("sha256-{hex}.sig"),
+            format!("sha256-{hex}.att"),
+            format!("sha256-{hex}.sbom"),
+        ] {
+            assert!(is_attachment_tag(&Tag::parse(&t).unwrap()), "{t}");
+        }
+        for t in [
+            "latest",
+            "sha256-abc.sig",
+            "v1.2.3",
+            &format!("sha256-{hex}.txt"),
+        ] {
+            assert!(!is_attachment_tag(&Tag::parse(t).unwrap()), "{t}");
+        }
     }
 }

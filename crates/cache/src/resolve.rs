@@ -18,7 +18,7 @@ use pier_oci::{AcceptSet, Digest, Reference, References, Tag};
 use pier_upstream::UpstreamError;
 
 use crate::remote::OwnedRepo;
-use crate::store::{TagAnswer, TagRecord};
+use crate::store::{RecordName, TagAnswer, TagRecord};
 use crate::{Cache, CachedManifest, Error, RepoRef, Source};
 
 /// A manifest for a client: its digest, bytes and type, and where it came from.
@@ -108,7 +108,10 @@ impl Cache {
         tag: &Tag,
         accept: AcceptSet,
     ) -> Result<ResolvedManifest, Error> {
-        let record = self.tags.get(&self.disk, at.upstream, at.repo, tag).await?;
+        let record = self
+            .tags
+            .get(&self.disk, at.upstream, at.repo, RecordName::Tag(tag))
+            .await?;
         let mine = match record.answer_for(accept) {
             Some(answer) => self.cached_answer(answer).await?,
             None => None,
@@ -191,7 +194,7 @@ impl Cache {
                             &manifest.media_type,
                             SystemTime::now(),
                         );
-                        self.record_tag(repo, tag, answer).await;
+                        self.record(repo, RecordName::Tag(tag), answer).await;
                         self.link_manifest(repo, &h.digest, &manifest).await;
                         return Ok(ResolvedManifest {
                             digest: h.digest,
@@ -243,7 +246,7 @@ impl Cache {
             tracing::warn!(error = %e, %digest, "could not cache manifest");
         } else if let Reference::Tag(tag) = reference {
             let answer = TagAnswer::new(accept, &digest, &manifest.media_type, SystemTime::now());
-            self.record_tag(repo, tag, answer).await;
+            self.record(repo, RecordName::Tag(tag), answer).await;
         }
         self.link_manifest(repo, &digest, &manifest).await;
         Ok(ResolvedManifest {
@@ -254,7 +257,7 @@ impl Cache {
     }
 
     /// A cached answer's manifest, if pier still holds it.
-    async fn cached_answer(
+    pub(crate) async fn cached_answer(
         &self,
         answer: &TagAnswer,
     ) -> Result<Option<(TagAnswer, ResolvedManifest)>, Error> {
@@ -339,19 +342,24 @@ impl Cache {
         m
     }
 
-    /// Records a tag's answer; a failure to write costs only the cache.
-    async fn record_tag(&self, repo: &OwnedRepo, tag: &Tag, answer: TagAnswer) {
+    /// Records a tag's (or referrers') answer; a failure to write costs only the cache.
+    pub(crate) async fn record(&self, repo: &OwnedRepo, name: RecordName<'_>, answer: TagAnswer) {
         if let Err(e) = self
             .tags
-            .record(&self.disk, &repo.upstream, &repo.repo, tag, answer)
+            .record(&self.disk, &repo.upstream, &repo.repo, name, answer)
             .await
         {
-            tracing::warn!(error = %e, upstream = %repo.upstream, repo = %repo.repo, %tag, "could not record tag");
+            tracing::warn!(error = %e, upstream = %repo.upstream, repo = %repo.repo, %name, "could not record tag");
         }
     }
 
     /// Links a manifest fetched from a repository, and what it refers to, to that repository.
-    async fn link_manifest(&self, repo: &OwnedRepo, digest: &Digest, manifest: &CachedManifest) {
+    pub(crate) async fn link_manifest(
+        &self,
+        repo: &OwnedRepo,
+        digest: &Digest,
+        manifest: &CachedManifest,
+    ) {
         let mut digests = vec![digest.clone()];
         if let Some(refs) = References::parse(&manifest.bytes) {
             digests.extend(refs.digests().cloned());

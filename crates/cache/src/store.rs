@@ -29,6 +29,24 @@ pub struct TagRecord {
     pub answers: Vec<TagAnswer>,
 }
 
+/// What a [`TagRecord`] is kept for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordName<'a> {
+    /// A tag of the repository.
+    Tag(&'a Tag),
+    /// The referrers of a digest in the repository: the OCI referrers API's answer.
+    Referrers(&'a Digest),
+}
+
+impl std::fmt::Display for RecordName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordName::Tag(t) => write!(f, ":{t}"),
+            RecordName::Referrers(d) => write!(f, "@{d}/referrers"),
+        }
+    }
+}
+
 /// One answer for a tag: for the clients of one accept set, the manifest it pointed at.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TagAnswer {
@@ -242,9 +260,11 @@ impl DiskStore {
             .join(upstream)
             .join(repo.as_str())
             .join("_tags");
-        match fs::remove_dir_all(&dir) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+        for dir in [dir.clone(), dir.with_file_name("_referrers")] {
+            match fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
         self.remove_links(upstream, repo)?;
         Ok(tags)
@@ -356,31 +376,40 @@ impl DiskStore {
             .join(digest.hex())
     }
 
-    /// The record of a tag, if pier has seen it.
-    pub fn tag(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> Option<TagRecord> {
-        let data = fs::read(self.tag_path(upstream, repo, tag)).ok()?;
-        serde_json::from_slice(&data).ok()
-    }
-
-    pub fn set_tag(
+    /// Where the record of `name` in `upstream`'s `repo` lives (no file system call).
+    pub fn record_path(
         &self,
         upstream: &str,
         repo: &RepositoryName,
-        tag: &Tag,
-        record: &TagRecord,
-    ) -> io::Result<()> {
-        let data = serde_json::to_vec(record).map_err(io::Error::other)?;
-        self.write_atomic(&self.tag_path(upstream, repo, tag), &data)
+        name: RecordName<'_>,
+    ) -> PathBuf {
+        // `upstream` is a configured registry name; `repo`, tags and digests passed their
+        // grammars, so none of them can leave the directory.
+        let dir = self.root.join("tags").join(upstream).join(repo.as_str());
+        match name {
+            RecordName::Tag(tag) => dir.join("_tags").join(tag.as_str()),
+            RecordName::Referrers(d) => {
+                dir.join("_referrers")
+                    .join(format!("{}-{}", d.algorithm().as_str(), d.hex()))
+            }
+        }
     }
 
-    fn tag_path(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> PathBuf {
-        // `upstream` is a configured registry name; `repo` and `tag` passed their grammars.
-        self.root
-            .join("tags")
-            .join(upstream)
-            .join(repo.as_str())
-            .join("_tags")
-            .join(tag.as_str())
+    /// The record at `path`, if there is one.
+    pub fn read_record(&self, path: &Path) -> Option<TagRecord> {
+        let data = fs::read(path).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    /// Replaces the record at `path`.
+    pub fn write_record(&self, path: &Path, record: &TagRecord) -> io::Result<()> {
+        let data = serde_json::to_vec(record).map_err(io::Error::other)?;
+        self.write_atomic(path, &data)
+    }
+
+    /// The record of a tag, if pier has seen it.
+    pub fn tag(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> Option<TagRecord> {
+        self.read_record(&self.record_path(upstream, repo, RecordName::Tag(tag)))
     }
 
     fn links_path(&self, upstream: &str, repo: &RepositoryName) -> PathBuf {
@@ -593,11 +622,14 @@ mod tests {
             "application/json",
             SystemTime::now(),
         ));
-        store.set_tag("docker.io", &repo, &tag, &rec).unwrap();
+        let set_tag = |u: &str, r: &RepositoryName, rec: &TagRecord| {
+            store.write_record(&store.record_path(u, r, RecordName::Tag(&tag)), rec)
+        };
+        set_tag("docker.io", &repo, &rec).unwrap();
         assert_eq!(store.tag("docker.io", &repo, &tag), Some(rec.clone()));
         assert_eq!(store.tag("ghcr.io", &repo, &tag), None);
         let repo2 = RepositoryName::parse("library/x/y").unwrap();
-        store.set_tag("ghcr.io", &repo2, &tag, &rec).unwrap();
+        set_tag("ghcr.io", &repo2, &rec).unwrap();
         let mut repos = store.repositories().unwrap();
         repos.sort();
         assert_eq!(

@@ -1,14 +1,14 @@
-//! Tag records: what the upstream answered for each tag, per accept set. [`TagRecords::record`]
-//! is the only writer, on disk and in memory.
+//! Tag records: what the upstream answered for each tag (and each digest's referrers), per accept
+//! set. [`TagRecords::record`] is the only writer, on disk and in memory.
 
 use std::hash::{Hash, Hasher};
 use std::io;
 use std::sync::Arc;
 
-use pier_oci::{RepositoryName, Tag};
+use pier_oci::RepositoryName;
 
 use crate::disk::Disk;
-use crate::store::{TagAnswer, TagRecord};
+use crate::store::{RecordName, TagAnswer, TagRecord};
 
 /// Writers of one record take the same lock, so that two accept sets answered at once both land.
 const WRITE_SHARDS: usize = 16;
@@ -20,8 +20,8 @@ pub(crate) struct TagRecords {
     writers: [tokio::sync::Mutex<()>; WRITE_SHARDS],
 }
 
-fn key(upstream: &str, repo: &RepositoryName, tag: &Tag) -> String {
-    format!("{upstream}/{repo}:{tag}")
+fn key(upstream: &str, repo: &RepositoryName, name: RecordName<'_>) -> String {
+    format!("{upstream}/{repo}{name}")
 }
 
 impl TagRecords {
@@ -32,21 +32,21 @@ impl TagRecords {
         }
     }
 
-    /// The record of a tag (empty when pier never saw it).
+    /// The record of a tag or referrers answer (empty when pier never saw it).
     pub(crate) async fn get(
         &self,
         disk: &Disk,
         upstream: &str,
         repo: &RepositoryName,
-        tag: &Tag,
+        name: RecordName<'_>,
     ) -> io::Result<Arc<TagRecord>> {
-        let k = key(upstream, repo, tag);
+        let k = key(upstream, repo, name);
         if let Some(rec) = self.memory.get(&k).await {
             return Ok(rec);
         }
-        let (u, r, t) = (upstream.to_string(), repo.clone(), tag.clone());
+        let path = disk.blocking().record_path(upstream, repo, name);
         let rec = Arc::new(
-            disk.run(move |store| Ok(store.tag(&u, &r, &t)))
+            disk.run(move |store| Ok(store.read_record(&path)))
                 .await?
                 .unwrap_or_default(),
         );
@@ -60,19 +60,22 @@ impl TagRecords {
         disk: &Disk,
         upstream: &str,
         repo: &RepositoryName,
-        tag: &Tag,
+        name: RecordName<'_>,
         answer: TagAnswer,
     ) -> io::Result<()> {
-        let k = key(upstream, repo, tag);
+        let k = key(upstream, repo, name);
         let mut h = std::collections::hash_map::DefaultHasher::new();
         k.hash(&mut h);
         let _writing = self.writers[h.finish() as usize % WRITE_SHARDS]
             .lock()
             .await;
-        let mut rec = (*self.get(disk, upstream, repo, tag).await?).clone();
+        let mut rec = (*self.get(disk, upstream, repo, name).await?).clone();
         rec.set(answer);
-        let (u, r, t, stored) = (upstream.to_string(), repo.clone(), tag.clone(), rec.clone());
-        disk.run(move |store| store.set_tag(&u, &r, &t, &stored))
+        let (path, stored) = (
+            disk.blocking().record_path(upstream, repo, name),
+            rec.clone(),
+        );
+        disk.run(move |store| store.write_record(&path, &stored))
             .await?;
         self.memory.insert(k, Arc::new(rec)).await;
         Ok(())

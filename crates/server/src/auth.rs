@@ -437,6 +437,7 @@ fn requested_name(path: &str) -> Option<String> {
     match Endpoint::parse(path).ok()? {
         Endpoint::Manifest { name, .. }
         | Endpoint::Blob { name, .. }
+        | Endpoint::Referrers { name, .. }
         | Endpoint::TagsList { name } => Some(name),
         _ => None,
     }

@@ -83,6 +83,10 @@ async fn dispatch<B>(mirror: &Mirror, req: &Request<B>, caller: &Caller<'_>, hea
             let route = mirror.route(&name, query)?;
             blob(mirror, &route, &digest, req.headers(), head).await
         }
+        Endpoint::Referrers { name, digest } => {
+            let route = mirror.route(&name, query)?;
+            referrers(mirror, &route, &digest, query, head).await
+        }
         Endpoint::TagsList { name } => {
             let route = mirror.route(&name, query)?;
             tags_list(mirror, &route, req.uri().path(), query, head).await
@@ -160,6 +164,65 @@ async fn manifest(
         m.source,
         route,
         head,
+    ))
+}
+
+/// The referrers of a digest (OCI 1.1), as the cache resolves them, filtered by `artifactType`
+/// when asked (`OCI-Filters-Applied` then says so).
+async fn referrers(
+    mirror: &Mirror,
+    route: &Route<'_>,
+    digest: &Digest,
+    query: Option<&str>,
+    head: bool,
+) -> Answer {
+    let m = mirror
+        .cache
+        .referrers(route.at(), digest)
+        .await
+        .map_err(|e| response::from_cache(&e, ErrorCode::ManifestUnknown))?;
+    let artifact_type = query.and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("artifactType="))
+            .map(|v| {
+                v.replace("%2F", "/")
+                    .replace("%2f", "/")
+                    .replace("%2B", "+")
+                    .replace("%2b", "+")
+            })
+    });
+    let body = match &artifact_type {
+        None => m.manifest.bytes.clone(),
+        Some(wanted) => {
+            let mut index: serde_json::Value =
+                serde_json::from_slice(&m.manifest.bytes).map_err(|_| {
+                    RegistryError::new(ErrorCode::Unavailable, "referrers index is not JSON")
+                })?;
+            if let Some(list) = index.get_mut("manifests").and_then(|l| l.as_array_mut()) {
+                list.retain(|d| d["artifactType"].as_str() == Some(wanted.as_str()));
+            }
+            bytes::Bytes::from(index.to_string())
+        }
+    };
+    let mut b = response::builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, pier_oci::media_type::OCI_INDEX)
+        .header(header::CONTENT_LENGTH, body.len());
+    if artifact_type.is_some() {
+        b = b.header("oci-filters-applied", "artifactType");
+    }
+    let resp = response::built(
+        b.body(if head {
+            response::empty()
+        } else {
+            response::full(body)
+        }),
+        head,
+    );
+    Ok(with_outcome(
+        resp,
+        "manifest",
+        m.source,
+        route.upstream.name.clone(),
     ))
 }
 

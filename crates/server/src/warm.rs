@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use futures_util::{stream, StreamExt, TryStreamExt};
 use pier_cache::Source;
-use pier_oci::{AcceptSet, Digest, Reference, References};
+use std::collections::HashSet;
+
+use pier_oci::{AcceptSet, Digest, Reference, References, Tag};
 
 use crate::Mirror;
 
@@ -53,6 +55,29 @@ impl WarmReport {
     }
 }
 
+/// What to warm of an image besides its manifest and blobs.
+#[derive(Clone, Debug)]
+pub struct WarmOptions {
+    /// Only these platforms of an index (`os/arch[/variant]`); all when empty.
+    pub platforms: Vec<String>,
+    /// Also the image's signatures and attestations: its sigstore attachment tags
+    /// (`sha256-<hex>.sig`, `.att`, `.sbom`) and its OCI referrers, with their blobs, so that an
+    /// edge node verifies the image with the upstream down.
+    pub signatures: bool,
+}
+
+impl Default for WarmOptions {
+    fn default() -> Self {
+        WarmOptions {
+            platforms: Vec::new(),
+            signatures: true,
+        }
+    }
+}
+
+/// The sigstore attachment tags of a digest.
+const ATTACHMENTS: [&str; 3] = ["sig", "att", "sbom"];
+
 /// `[registry/]name[:tag|@digest]` → (`[registry/]name`, reference); the tag defaults to `latest`.
 pub fn split_image(image: &str) -> (String, String) {
     if let Some((name, digest)) = image.split_once('@') {
@@ -69,13 +94,13 @@ pub fn split_image(image: &str) -> (String, String) {
 }
 
 impl Mirror {
-    /// Warms one image: its manifest (and, for an index, the manifests of the wanted platforms,
-    /// all when `platforms` is empty) and every config and layer blob they name. `progress` is
-    /// told of every object as it is done.
+    /// Warms one image: its manifest (and, for an index, the manifests of the wanted platforms),
+    /// with `options.signatures` the signatures and referrers of each, and every config and layer
+    /// blob they name. `progress` is told of every object as it is done.
     pub async fn warm(
         &self,
         image: &str,
-        platforms: &[String],
+        options: &WarmOptions,
         progress: &(dyn Fn(WarmEvent) + Sync),
     ) -> WarmReport {
         let mut report = WarmReport::default();
@@ -111,41 +136,75 @@ impl Mirror {
             }
         };
         let cached = |s: Source| matches!(s, Source::Memory | Source::Disk);
-        // The top manifest, then each platform's.
-        let mut manifests = vec![top];
+        // Manifests to warm: (reference, whether it may be absent). The top manifest, each
+        // platform's, and with signatures the attachments and referrers of every one of them.
+        let mut manifests = vec![(top, false)];
+        let mut seen = HashSet::new();
         let mut blobs: Vec<Digest> = Vec::new();
-        while let Some(reference) = manifests.pop() {
+        while let Some((reference, optional)) = manifests.pop() {
             let mut e = event("manifest", &reference.to_string());
-            match self
+            let m = match self
                 .cache
                 .resolve_manifest(route.at(), &reference, AcceptSet::MODERN)
                 .await
             {
-                Err(err) => e.error = Some(err.to_string()),
-                Ok(m) => {
-                    e.digest = m.digest.to_string();
-                    e.cached = cached(m.source);
-                    e.fetched_bytes = if e.cached {
-                        0
-                    } else {
-                        m.manifest.bytes.len() as u64
-                    };
-                    if let Some(refs) = References::parse(&m.manifest.bytes) {
-                        for child in &refs.manifests {
-                            let wanted = platforms.is_empty()
-                                || child
-                                    .platform
-                                    .as_ref()
-                                    .is_some_and(|p| platforms.iter().any(|w| p.matches(w)));
-                            if wanted {
-                                manifests.push(Reference::Digest(child.digest.clone()));
-                            }
+                Err(pier_cache::Error::NotFound) if optional => continue,
+                Err(err) => {
+                    e.error = Some(err.to_string());
+                    emit(e, &mut report);
+                    continue;
+                }
+                Ok(m) => m,
+            };
+            if !seen.insert(m.digest.clone()) {
+                continue;
+            }
+            e.digest = m.digest.to_string();
+            e.cached = cached(m.source);
+            e.fetched_bytes = if e.cached {
+                0
+            } else {
+                m.manifest.bytes.len() as u64
+            };
+            if let Some(refs) = References::parse(&m.manifest.bytes) {
+                for child in &refs.manifests {
+                    let wanted = options.platforms.is_empty()
+                        || child
+                            .platform
+                            .as_ref()
+                            .is_none_or(|p| options.platforms.iter().any(|w| p.matches(w)));
+                    if wanted {
+                        manifests.push((Reference::Digest(child.digest.clone()), false));
+                    }
+                }
+                blobs.extend(refs.blobs.into_iter().map(|b| b.digest));
+            }
+            emit(e, &mut report);
+            if options.signatures {
+                for suffix in ATTACHMENTS {
+                    let tag = format!(
+                        "{}-{}.{suffix}",
+                        m.digest.algorithm().as_str(),
+                        m.digest.hex()
+                    );
+                    if let Some(tag) = Tag::parse(&tag) {
+                        manifests.push((Reference::Tag(tag), true));
+                    }
+                }
+                match self.cache.referrers(route.at(), &m.digest).await {
+                    Ok(index) => {
+                        let listed = References::parse(&index.manifest.bytes).unwrap_or_default();
+                        for r in listed.manifests {
+                            manifests.push((Reference::Digest(r.digest), false));
                         }
-                        blobs.extend(refs.blobs.into_iter().map(|b| b.digest));
+                    }
+                    Err(err) => {
+                        let mut e = event("referrers", &m.digest.to_string());
+                        e.error = Some(err.to_string());
+                        emit(e, &mut report);
                     }
                 }
             }
-            emit(e, &mut report);
         }
         blobs.sort();
         blobs.dedup();
@@ -204,11 +263,11 @@ impl Mirror {
     pub async fn warm_all(
         self: &Arc<Self>,
         images: &[String],
-        platforms: &[String],
+        options: &WarmOptions,
     ) -> Vec<(String, WarmReport)> {
         let mut out = Vec::new();
         for image in images {
-            let report = self.warm(image, platforms, &|_| {}).await;
+            let report = self.warm(image, options, &|_| {}).await;
             if report.failures.is_empty() {
                 tracing::info!(%image, manifests = report.manifests, blobs = report.blobs, fetched_bytes = report.fetched_bytes, "warmed");
             } else {
