@@ -46,6 +46,9 @@ pub struct Behaviour {
     pub manifest_delay: Option<Duration>,
     /// Page tag lists by this many, with a `Link` to the next page, ignoring the client's `n`.
     pub tag_page_size: Option<usize>,
+    /// Answer `GET /v2/<repo>/referrers/<digest>` (OCI 1.1) from the manifests whose `subject`
+    /// is that digest; without it, referrers requests get 404 as from Distribution 2.x.
+    pub referrers_api: bool,
 }
 
 #[derive(Default)]
@@ -329,6 +332,43 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
         if let Some(link) = link {
             r.headers_mut().insert("link", link.parse().unwrap());
         }
+        return r;
+    }
+    if let Some((repo, subject)) = rest.rsplit_once("/referrers/") {
+        if !behaviour.referrers_api {
+            return full(StatusCode::NOT_FOUND, "404 page not found");
+        }
+        let manifests = state.manifests.lock().unwrap();
+        let mut listed: Vec<serde_json::Value> = manifests
+            .iter()
+            .filter(|((r, reference), _)| r == repo && reference.starts_with("sha256:"))
+            .filter_map(|((_, digest), (media_type, bytes))| {
+                let doc: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+                (doc["subject"]["digest"] == subject).then(|| {
+                    let artifact_type = doc["artifactType"]
+                        .as_str()
+                        .or(doc["config"]["mediaType"].as_str())
+                        .unwrap_or_default();
+                    serde_json::json!({
+                        "mediaType": media_type,
+                        "digest": digest,
+                        "size": bytes.len(),
+                        "artifactType": artifact_type,
+                    })
+                })
+            })
+            .collect();
+        listed.sort_by_key(|d| d["digest"].as_str().unwrap_or_default().to_string());
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": listed,
+        });
+        let mut r = full(StatusCode::OK, index.to_string());
+        r.headers_mut().insert(
+            "content-type",
+            "application/vnd.oci.image.index.v1+json".parse().unwrap(),
+        );
         return r;
     }
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {

@@ -17,6 +17,7 @@ mod freshness;
 mod hardening;
 mod metrics;
 mod negotiation;
+mod referrers;
 mod repository_access;
 mod routing;
 mod secrets;
