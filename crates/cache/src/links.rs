@@ -4,8 +4,10 @@
 //! repository the upstream has it in, or per-user rules and allow/deny lists could be walked
 //! around by asking for someone else's digest under a permitted name. Like the Distribution
 //! registry's per-repository links, pier records a digest under (upstream, repository) when the
-//! upstream served it there (a blob or manifest fetched there, a HEAD that confirmed it, or a
-//! descriptor of a manifest fetched there). A digest asked for under a repository it is not linked
+//! upstream served it there: a blob or manifest fetched there, a HEAD that confirmed it, or what a
+//! manifest fetched there refers to, except foreign layers (a registry accepts a manifest only
+//! when its repository holds every child and blob it names, but lets layers with `urls` be
+//! elsewhere, so those prove nothing). A digest asked for under a repository it is not linked
 //! to is confirmed with the upstream first ([`Cache::confirm`](crate::Cache)).
 //!
 //! Links live in memory per repository, loaded on first use from one append-only file per
@@ -124,7 +126,12 @@ fn load_or_derive(
         };
         if let Some(refs) = References::parse(&bytes) {
             manifests.extend(refs.manifests.into_iter().map(|m| m.digest));
-            found.extend(refs.blobs.into_iter().map(|b| b.digest));
+            found.extend(
+                refs.blobs
+                    .into_iter()
+                    .filter(|b| !b.foreign)
+                    .map(|b| b.digest),
+            );
         }
     }
     if !found.is_empty() {

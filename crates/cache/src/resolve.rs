@@ -362,7 +362,7 @@ impl Cache {
     ) {
         let mut digests = vec![digest.clone()];
         if let Some(refs) = References::parse(&manifest.bytes) {
-            digests.extend(refs.digests().cloned());
+            digests.extend(refs.held_digests().cloned());
         }
         if let Err(e) = self
             .links
@@ -401,7 +401,7 @@ impl Cache {
         digest: &Digest,
         kind: Kind,
     ) -> Result<(), Error> {
-        let key = format!("{}\n{digest}", at.key());
+        let key = format!("{}\n{digest}\n{kind:?}", at.key());
         let (repo, d) = (at.owned(), digest.clone());
         let (asked, _) = self
             .confirmations

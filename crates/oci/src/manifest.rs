@@ -36,6 +36,10 @@ pub struct Descriptor {
     pub digest: Digest,
     pub media_type: Option<String>,
     pub platform: Option<Platform>,
+    /// The descriptor names `urls` to fetch it from (a foreign or non-distributable layer):
+    /// registries accept such a manifest without holding the blob, so its naming the digest
+    /// proves nothing about the repository.
+    pub foreign: bool,
 }
 
 /// A manifest's references.
@@ -53,6 +57,8 @@ struct RawDescriptor {
     #[serde(rename = "mediaType")]
     media_type: Option<String>,
     platform: Option<Platform>,
+    #[serde(default)]
+    urls: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -80,6 +86,10 @@ impl References {
         let descriptor = |d: RawDescriptor| {
             Some(Descriptor {
                 digest: d.digest.parse().ok()?,
+                foreign: !d.urls.is_empty()
+                    || d.media_type
+                        .as_deref()
+                        .is_some_and(|t| t.contains(".foreign.")),
                 media_type: d.media_type,
                 platform: d.platform,
             })
@@ -96,6 +106,7 @@ impl References {
                 digest: l.blob_sum.parse().ok()?,
                 media_type: None,
                 platform: None,
+                foreign: false,
             })
         }));
         Some(References { manifests, blobs })
@@ -104,6 +115,16 @@ impl References {
     /// Every digest referred to, children first.
     pub fn digests(&self) -> impl Iterator<Item = &Digest> {
         self.manifests.iter().chain(&self.blobs).map(|d| &d.digest)
+    }
+
+    /// The digests a registry must hold in the manifest's repository to accept it (the
+    /// Distribution registry checks each on push): every child and blob but foreign layers.
+    pub fn held_digests(&self) -> impl Iterator<Item = &Digest> {
+        self.manifests
+            .iter()
+            .chain(&self.blobs)
+            .filter(|d| !d.foreign)
+            .map(|d| &d.digest)
     }
 
     /// The child an index names for `os`/`architecture` (the first, whatever its variant), as
@@ -149,6 +170,20 @@ mod tests {
         let arm = r.manifests[0].platform.as_ref().unwrap();
         assert!(arm.matches("linux/arm64") && arm.matches("linux/arm64/v8"));
         assert!(!arm.matches("linux/arm64/v7") && !arm.matches("linux/amd64"));
+    }
+
+    #[test]
+    fn foreign_layers_are_not_held() {
+        let doc = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{}"}},"layers":[{{"digest":"{}","urls":["https://x/y"]}},{{"digest":"{}","mediaType":"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"}}]}}"#,
+            d(1),
+            d(2),
+            d(3)
+        );
+        let r = References::parse(doc.as_bytes()).unwrap();
+        assert_eq!(r.digests().count(), 3);
+        let held: Vec<String> = r.held_digests().map(|x| x.to_string()).collect();
+        assert_eq!(held, vec![d(1)]);
     }
 
     #[test]
