@@ -48,6 +48,11 @@ pub struct Behaviour {
     pub rate_limit_remaining: Option<u64>,
     /// Pause before answering a manifest request.
     pub manifest_delay: Option<Duration>,
+    /// Page tag lists by this many, with a `Link` to the next page, ignoring the client's `n`.
+    pub tag_page_size: Option<usize>,
+    /// Answer `GET /v2/<repo>/referrers/<digest>` (OCI 1.1) from the manifests whose `subject`
+    /// is that digest; without it, referrers requests get 404 as from Distribution 2.x.
+    pub referrers_api: bool,
 }
 
 #[derive(Default)]
@@ -62,6 +67,9 @@ pub struct State {
     pub auth_seen: Mutex<Vec<(String, Option<String>)>>,
     /// Range headers seen on blob GETs.
     pub ranges_seen: Mutex<Vec<Option<String>>>,
+    /// Blobs served only under these repositories, as a real registry links them (blobs not
+    /// listed here are served under any repository).
+    pub blob_repos: Mutex<HashMap<String, Vec<String>>>,
     pub blob_gets: AtomicUsize,
     pub tokens_issued: AtomicUsize,
     /// Bumped by `rotate_token`: only the current generation's token is issued and accepted.
@@ -136,6 +144,19 @@ impl FakeUpstream {
             .lock()
             .unwrap()
             .insert(digest.clone(), data);
+        digest
+    }
+
+    /// Adds a blob served only under `repo` (and other repositories it is added to).
+    pub fn add_blob_in(&self, repo: &str, data: impl Into<Bytes>) -> String {
+        let digest = self.add_blob(data);
+        self.state
+            .blob_repos
+            .lock()
+            .unwrap()
+            .entry(digest.clone())
+            .or_default()
+            .push(repo.to_string());
         digest
     }
 
@@ -326,24 +347,76 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
         if let Some(last) = param("last") {
             tags.retain(|t| *t > last);
         }
-        if let Some(n) = param("n").and_then(|n| n.parse().ok()) {
+        let mut link = None;
+        if let Some(size) = behaviour.tag_page_size {
+            if tags.len() > size {
+                tags.truncate(size);
+                link = Some(format!(
+                    r#"</v2/{repo}/tags/list?last={}&n={size}>; rel="next""#,
+                    tags[size - 1]
+                ));
+            }
+        } else if let Some(n) = param("n").and_then(|n| n.parse().ok()) {
             tags.truncate(n);
         }
-        return full(
+        let mut r = full(
             StatusCode::OK,
             serde_json::json!({ "name": repo, "tags": tags }).to_string(),
         );
+        if let Some(link) = link {
+            r.headers_mut().insert("link", link.parse().unwrap());
+        }
+        return r;
+    }
+    if let Some((repo, subject)) = rest.rsplit_once("/referrers/") {
+        if !behaviour.referrers_api {
+            return full(StatusCode::NOT_FOUND, "404 page not found");
+        }
+        let manifests = state.manifests.lock().unwrap();
+        let mut listed: Vec<serde_json::Value> = manifests
+            .iter()
+            .filter(|((r, reference), _)| r == repo && reference.starts_with("sha256:"))
+            .filter_map(|((_, digest), (media_type, bytes))| {
+                let doc: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+                (doc["subject"]["digest"] == subject).then(|| {
+                    let artifact_type = doc["artifactType"]
+                        .as_str()
+                        .or(doc["config"]["mediaType"].as_str())
+                        .unwrap_or_default();
+                    serde_json::json!({
+                        "mediaType": media_type,
+                        "digest": digest,
+                        "size": bytes.len(),
+                        "artifactType": artifact_type,
+                    })
+                })
+            })
+            .collect();
+        listed.sort_by_key(|d| d["digest"].as_str().unwrap_or_default().to_string());
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": listed,
+        });
+        let mut r = full(StatusCode::OK, index.to_string());
+        r.headers_mut().insert(
+            "content-type",
+            "application/vnd.oci.image.index.v1+json".parse().unwrap(),
+        );
+        return r;
     }
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
         if let Some(d) = behaviour.manifest_delay {
             tokio::time::sleep(d).await;
         }
-        let m = state
-            .manifests
-            .lock()
-            .unwrap()
-            .get(&(repo.to_string(), reference.to_string()))
-            .cloned();
+        let accept = req
+            .headers()
+            .get_all("accept")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",");
+        let m = negotiate(&state.manifests.lock().unwrap(), repo, reference, &accept);
         return match m {
             Some((media_type, bytes)) => {
                 let digest = format!("sha256:{}", hex(&Sha256::digest(&bytes)));
@@ -374,8 +447,15 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
             ),
         };
     }
-    if let Some((_repo, digest)) = rest.rsplit_once("/blobs/") {
-        let Some(data) = state.blobs.lock().unwrap().get(digest).cloned() else {
+    if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
+        let elsewhere = state
+            .blob_repos
+            .lock()
+            .unwrap()
+            .get(digest)
+            .is_some_and(|repos| !repos.iter().any(|r| r == repo));
+        let data = state.blobs.lock().unwrap().get(digest).cloned();
+        let Some(data) = data.filter(|_| !elsewhere) else {
             return full(
                 StatusCode::NOT_FOUND,
                 r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#,
@@ -446,6 +526,47 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
         return r;
     }
     full(StatusCode::NOT_FOUND, "")
+}
+
+const INDEX_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// Content negotiation as Docker Hub and the Distribution registry do it: a tag that points at
+/// an index is answered with its linux/amd64 manifest to a client that accepts no index; a
+/// manifest of a type the client does not accept is not found. An empty Accept takes anything.
+fn negotiate(
+    manifests: &HashMap<(String, String), (String, Bytes)>,
+    repo: &str,
+    reference: &str,
+    accept: &str,
+) -> Option<(String, Bytes)> {
+    let (media_type, bytes) = manifests
+        .get(&(repo.to_string(), reference.to_string()))
+        .cloned()?;
+    let accepted: Vec<&str> = accept
+        .split(',')
+        .map(|p| p.split(';').next().unwrap_or("").trim())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let takes = |t: &str| accepted.is_empty() || accepted.iter().any(|a| *a == t || *a == "*/*");
+    if takes(&media_type) || reference.starts_with("sha256:") {
+        return Some((media_type, bytes));
+    }
+    if INDEX_TYPES.contains(&media_type.as_str()) {
+        let index: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        let child = index["manifests"]
+            .as_array()?
+            .iter()
+            .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")?;
+        let digest = child["digest"].as_str()?;
+        let (t, b) = manifests
+            .get(&(repo.to_string(), digest.to_string()))
+            .cloned()?;
+        return takes(&t).then_some((t, b));
+    }
+    None
 }
 
 pub fn base64(s: &str) -> String {

@@ -1,4 +1,9 @@
 //! Integration tests: pier in-process against a fake upstream that misbehaves on demand.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the assertion"
+)]
 
 mod fake_upstream;
 mod harness;
@@ -11,5 +16,8 @@ mod fills;
 mod freshness;
 mod hardening;
 mod metrics;
+mod negotiation;
+mod referrers;
+mod repository_access;
 mod routing;
 mod secrets;

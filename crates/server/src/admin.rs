@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::response::{self, Body};
 use crate::serve::{accept_loop, ServerOptions};
+use crate::warm::WarmOptions;
 use crate::Mirror;
 
 /// Cache statistics: what is held and how lookups went since start.
@@ -98,7 +99,8 @@ impl Mirror {
 /// - `DELETE /admin/digests/<digest>`: purge one blob or manifest
 /// - `DELETE /admin/repositories/<name>`: purge a repository's tags
 /// - `POST /admin/evict`: apply the budget now
-/// - `POST /admin/warm?image=IMAGE[&image=...][&platform=os/arch]`: pull images into the cache;
+/// - `POST /admin/warm?image=IMAGE[&image=...][&platform=os/arch][&signatures=false]`: pull
+///   images (with their signatures and referrers, unless `signatures=false`) into the cache;
 ///   answers with one JSON line per object as it is done, then one report line per image
 pub async fn serve_admin(
     listener: TcpListener,
@@ -134,12 +136,13 @@ pub async fn serve_admin(
 /// Runs a warm in its own task and streams its events as JSON lines. The warm goes on if the
 /// caller hangs up.
 fn warm(mirror: Arc<Mirror>, query: &str) -> Response<Body> {
-    let (mut images, mut platforms) = (Vec::new(), Vec::new());
+    let (mut images, mut options) = (Vec::new(), WarmOptions::default());
     for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
         let v = percent_decode(v);
         match k {
             "image" => images.push(v),
-            "platform" => platforms.push(v),
+            "platform" => options.platforms.push(v),
+            "signatures" => options.signatures = v != "false",
             _ => {}
         }
     }
@@ -155,7 +158,7 @@ fn warm(mirror: Arc<Mirror>, query: &str) -> Response<Body> {
                 let _ = tx.send(Ok(bytes::Bytes::from(line + "\n")));
             };
             let report = mirror
-                .warm(&image, &platforms, &|event| {
+                .warm(&image, &options, &|event| {
                     send(serde_json::to_string(&event).unwrap_or_default())
                 })
                 .await;
@@ -165,11 +168,13 @@ fn warm(mirror: Arc<Mirror>, query: &str) -> Response<Body> {
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(response::stream(Box::pin(body)))
-        .unwrap_or_else(|_| Response::new(response::empty()))
+    response::built(
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/x-ndjson")
+            .body(response::stream(Box::pin(body))),
+        false,
+    )
 }
 
 /// `%xx` escapes of a query value (image references carry `/`, `:` and `@`).

@@ -205,6 +205,41 @@ impl Upstream {
         })
     }
 
+    /// GET the referrers of a digest (OCI 1.1: an image index of the manifests whose `subject`
+    /// it is). `NotFound` when the upstream has no referrers API.
+    pub async fn get_referrers(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<Manifest, UpstreamError> {
+        let url = self.url(&format!("/v2/{repo}/referrers/{digest}"))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static(pier_oci::media_type::OCI_INDEX),
+        );
+        let mut resp = self
+            .send("referrers", Method::GET, url, repo, headers)
+            .await?;
+        check_status(resp.status(), resp.headers())?;
+        let media_type = content_type(resp.headers());
+        let mut body = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(UpstreamError::from_reqwest)? {
+            if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
+                return Err(UpstreamError::Invalid(
+                    "referrers index larger than 4 MiB".into(),
+                ));
+            }
+            body.extend_from_slice(&chunk);
+            self.received(chunk.len());
+        }
+        Ok(Manifest {
+            bytes: body.freeze(),
+            media_type: media_type.unwrap_or_else(|| pier_oci::media_type::OCI_INDEX.to_string()),
+            digest_header: None,
+        })
+    }
+
     /// HEAD a manifest: its digest, type and size, without counting as a pull on Docker Hub.
     pub async fn head_manifest(
         &self,
