@@ -24,6 +24,10 @@ pub struct Behaviour {
     pub require_token: bool,
     /// Username:password the token endpoint wants (anonymous tokens when None).
     pub token_credentials: Option<(String, String)>,
+    /// Name this as the realm in Bearer challenges instead of the fake's own /token.
+    pub token_realm: Option<String>,
+    /// Pause before the token endpoint answers.
+    pub token_delay: Option<Duration>,
     /// Require these Basic credentials on every registry request (a Basic challenge).
     pub require_basic: Option<(String, String)>,
     /// Answer blob GETs with 307 to this base URL (another host).
@@ -68,6 +72,8 @@ pub struct State {
     pub blob_repos: Mutex<HashMap<String, Vec<String>>>,
     pub blob_gets: AtomicUsize,
     pub tokens_issued: AtomicUsize,
+    /// Bumped by `rotate_token`: only the current generation's token is issued and accepted.
+    pub token_generation: AtomicUsize,
 }
 
 pub struct FakeUpstream {
@@ -176,6 +182,13 @@ impl FakeUpstream {
         digest
     }
 
+    /// "Rotates the signing key": the token issued so far is refused from now on, and the token
+    /// endpoint issues a new one. Returns the new token.
+    pub fn rotate_token(&self) -> String {
+        self.state.token_generation.fetch_add(1, Ordering::SeqCst);
+        current_token(&self.state)
+    }
+
     pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
         f(&mut self.state.behaviour.lock().unwrap());
     }
@@ -212,6 +225,14 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 
 const TOKEN: &str = "tok-3f9a";
 
+/// The token of the current generation: `TOKEN` until the first `rotate_token`.
+pub fn current_token(state: &State) -> String {
+    match state.token_generation.load(Ordering::SeqCst) {
+        0 => TOKEN.to_string(),
+        n => format!("{TOKEN}-rotated-{n}"),
+    }
+}
+
 async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let behaviour = state.behaviour.lock().unwrap().clone();
@@ -245,10 +266,14 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
                 return full(StatusCode::UNAUTHORIZED, "bad credentials");
             }
         }
+        if let Some(d) = behaviour.token_delay {
+            tokio::time::sleep(d).await;
+        }
         state.tokens_issued.fetch_add(1, Ordering::SeqCst);
+        let token = current_token(&state);
         return full(
             StatusCode::OK,
-            format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#),
+            format!(r#"{{"token":"{token}","expires_in":300}}"#),
         );
     }
     if path.starts_with("/cdn/") {
@@ -270,14 +295,23 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
             return r;
         }
     }
-    if behaviour.require_token && auth.as_deref() != Some(&format!("Bearer {TOKEN}")) {
+    if behaviour.require_token
+        && auth.as_deref() != Some(&format!("Bearer {}", current_token(&state)))
+    {
         let mut r = full(
             StatusCode::UNAUTHORIZED,
             r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
         );
-        let challenge = format!(
-            r#"Bearer realm="http://{addr}/token",service="fake",scope="repository:x:pull""#
-        );
+        let realm = behaviour
+            .token_realm
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}/token"));
+        let mut challenge =
+            format!(r#"Bearer realm="{realm}",service="fake",scope="repository:x:pull""#);
+        if auth.is_some() {
+            // What a registry says of a token it no longer trusts.
+            challenge.push_str(r#",error="invalid_token""#);
+        }
         r.headers_mut()
             .insert("www-authenticate", challenge.parse().unwrap());
         return r;

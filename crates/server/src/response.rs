@@ -100,10 +100,13 @@ pub fn from_upstream(e: &UpstreamError, missing: ErrorCode) -> RegistryError {
             "upstream rate limit reached and nothing cached",
         )
         .with_retry_after(*retry_after),
-        UpstreamError::Transport(m) if m.contains("timed out") => {
+        UpstreamError::Transport(t) if t.is_timeout() => {
             RegistryError::new(ErrorCode::Unavailable, e.to_string()).with_status(504)
         }
-        UpstreamError::Transport(_) | UpstreamError::Status(_) | UpstreamError::Invalid(_) => {
+        UpstreamError::Transport(_)
+        | UpstreamError::Status(_)
+        | UpstreamError::Invalid(_)
+        | UpstreamError::InsecureRealm { .. } => {
             RegistryError::new(ErrorCode::Unavailable, e.to_string())
         }
     }
