@@ -349,11 +349,14 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
         }
         let mut link = None;
         if let Some(size) = behaviour.tag_page_size {
+            // An opaque cursor, as Quay used: the client must follow the Link as given.
+            let from: usize = param("next_page").and_then(|p| p.parse().ok()).unwrap_or(0);
+            tags = tags.into_iter().skip(from).collect();
             if tags.len() > size {
                 tags.truncate(size);
                 link = Some(format!(
-                    r#"</v2/{repo}/tags/list?last={}&n={size}>; rel="next""#,
-                    tags[size - 1]
+                    r#"</v2/{repo}/tags/list?n={size}&next_page={}>; rel="next""#,
+                    from + size
                 ));
             }
         } else if let Some(n) = param("n").and_then(|n| n.parse().ok()) {

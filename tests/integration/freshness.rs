@@ -240,10 +240,11 @@ async fn tags(pier: &Pier, query: &str) -> (u16, serde_json::Value) {
 
 #[tokio::test]
 async fn tag_list_is_paged_by_pier_and_served_stale() {
-    // The upstream pages by two with Link headers, and ignores the client's n and last (as
-    // Debian's Distribution 2.8.2 does): pier follows every page and pages itself.
+    // The upstream pages by three with an opaque cursor in its Links (as Quay did) and ignores
+    // the client's n and last (as Debian's Distribution 2.8.2 does): pier follows every Link as
+    // given and pages itself.
     let (up, pier) = with_ttl(Duration::ZERO, |_| {}).await;
-    up.set(|b| b.tag_page_size = Some(2));
+    up.set(|b| b.tag_page_size = Some(3));
     for t in ["c", "a", "e", "b", "d"] {
         up.add_manifest("library/app", t, M, &format!(r#"{{"t":"{t}"}}"#));
     }

@@ -37,6 +37,7 @@ use futures_util::stream::{self, BoxStream, StreamExt};
 use futures_util::FutureExt;
 use pier_metrics::Metrics;
 use pier_oci::Digest;
+use pier_upstream::UpstreamError;
 use tokio::sync::watch;
 
 pub use disk::Disk;
@@ -303,14 +304,25 @@ impl Cache {
             self.confirm(at, digest, resolve::Kind::Blob).await?;
             linked = true;
         }
-        let origin = || {
+        let origin = || -> Arc<dyn Origin> {
             Arc::new(UpstreamOrigin {
                 client: at.client.clone(),
                 repo: at.repo.clone(),
                 digest: digest.clone(),
-            }) as Arc<dyn Origin>
+            })
         };
-        let blob = self.fill_blob(digest, origin).await?;
+        let blob = match self.fill_blob(digest, origin).await {
+            // The fill joined may have been another repository's, which does not hold the
+            // digest: that says nothing of this repository, which the upstream vouched for.
+            Err(FillError::Upstream(UpstreamError::NotFound | UpstreamError::Unauthorized(_)))
+                if linked =>
+            {
+                self.wait_for_fills(Some(digest), std::time::Duration::from_secs(5))
+                    .await;
+                self.fill_blob(digest, origin).await?
+            }
+            other => other?,
+        };
         if !linked {
             match blob.source {
                 // This repository's own download got an answer: the upstream has it there.

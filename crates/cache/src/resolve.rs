@@ -470,7 +470,8 @@ impl Cache {
     }
 }
 
-/// Every page of a repository's tag list, sorted and without duplicates.
+/// Every page of a repository's tag list (following the upstream's `Link`s as given, whatever
+/// its cursor), sorted and without duplicates.
 async fn fetch_tag_list(repo: &OwnedRepo) -> Result<TagList, Error> {
     #[derive(serde::Deserialize)]
     struct Page {
@@ -478,23 +479,20 @@ async fn fetch_tag_list(repo: &OwnedRepo) -> Result<TagList, Error> {
         tags: Option<Vec<String>>,
     }
     let mut tags = Vec::new();
-    let mut last: Option<String> = None;
+    let mut page: Option<String> = None;
+    let mut seen = std::collections::HashSet::new();
     for _ in 0..TAG_LIST_PAGES {
-        let (body, link) = repo
+        let (body, next) = repo
             .client
-            .tags_list(&repo.repo, None, last.as_deref())
+            .tags_list(&repo.repo, page.as_deref())
             .await
             .map_err(Error::from_upstream)?;
-        let page: Page = serde_json::from_slice(&body)
+        let listed: Page = serde_json::from_slice(&body)
             .map_err(|_| Error::Upstream(UpstreamError::Invalid("tag list is not JSON".into())))?;
-        let page = page.tags.unwrap_or_default();
-        let next = link.as_deref().and_then(next_last).filter(|n| {
-            // Only forward: an upstream that repeats itself must not keep pier looping.
-            !page.is_empty() && last.as_deref().is_none_or(|l| n.as_str() > l)
-        });
-        tags.extend(page);
-        match next {
-            Some(n) => last = Some(n),
+        tags.extend(listed.tags.unwrap_or_default());
+        // A Link seen before would loop: the list is complete.
+        match next.filter(|n| seen.insert(n.clone())) {
+            Some(n) => page = Some(n),
             None => break,
         }
     }
@@ -504,35 +502,4 @@ async fn fetch_tag_list(repo: &OwnedRepo) -> Result<TagList, Error> {
         fetched: Instant::now(),
         tags,
     })
-}
-
-/// The `last` parameter of a `Link: <...?last=x&n=y>; rel="next"` header.
-fn next_last(link: &str) -> Option<String> {
-    if !link.contains("rel=\"next\"") && !link.contains("rel=next") {
-        return None;
-    }
-    let target = link.split('<').nth(1)?.split('>').next()?;
-    let query = target.split_once('?')?.1;
-    query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("last="))
-        .map(|v| v.replace("%2F", "/").replace("%2f", "/"))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn link_header_next_page() {
-        assert_eq!(
-            next_last(r#"</v2/a/tags/list?last=v2&n=10>; rel="next""#).as_deref(),
-            Some("v2")
-        );
-        assert_eq!(
-            next_last(r#"</v2/a/tags/list?n=10&last=x>; rel="prev""#),
-            None
-        );
-        assert_eq!(next_last("garbage"), None);
-    }
 }

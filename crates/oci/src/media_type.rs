@@ -59,37 +59,38 @@ impl AcceptSet {
     /// negotiation happens.
     pub const ALL: AcceptSet = AcceptSet(0b1_1111);
 
-    /// The set a request's `Accept` header values (all of them, joined with `,`) name. Types
-    /// with `q=0` are refused, as HTTP says.
+    /// The set a request's `Accept` header values (all of them, joined with `,`) name.
+    ///
+    /// As the Distribution registry reads it: a type counts when it is named; a wildcard
+    /// (`*/*`, `application/*`) does not add types to those named (`v2, */*` is a client of
+    /// single manifests). A header that names no type pier knows counts as [`AcceptSet::MODERN`].
+    /// Types refused with `q=0` are left out in every case.
     pub fn from_header(accept: &str) -> AcceptSet {
-        let mut bits = 0u8;
-        let mut wildcard = accept.trim().is_empty();
+        let (mut named, mut refused) = (0u8, 0u8);
         for part in accept.split(',') {
             let mut params = part.split(';');
             let t = params.next().unwrap_or("").trim();
-            let refused = params.any(|p| {
+            let Some(i) = KNOWN.iter().position(|k| k.eq_ignore_ascii_case(t)) else {
+                continue;
+            };
+            let q0 = params.any(|p| {
                 p.trim()
                     .strip_prefix("q=")
                     .and_then(|q| q.trim().parse::<f32>().ok())
                     .is_some_and(|q| q <= 0.0)
             });
-            if refused {
-                continue;
-            }
-            if let Some(i) = KNOWN.iter().position(|k| k.eq_ignore_ascii_case(t)) {
-                bits |= 1 << i;
-            } else if t == "*/*" || t == "application/*" {
-                wildcard = true;
+            if q0 {
+                refused |= 1 << i;
+            } else {
+                named |= 1 << i;
             }
         }
-        if wildcard {
-            bits |= Self::MODERN.0;
-        }
-        if bits == 0 {
-            // Only types pier does not know (or garbage): ask for what a runtime would.
-            return Self::MODERN;
-        }
-        AcceptSet(bits)
+        let bits = match named & !refused {
+            0 => Self::MODERN.0 & !refused,
+            bits => bits,
+        };
+        // Everything pier knows refused: ask for what a runtime would (the upstream decides).
+        AcceptSet(if bits == 0 { Self::MODERN.0 } else { bits })
     }
 
     /// Rebuilds a set from [`AcceptSet::bits`]; `None` for bits pier does not know.
@@ -171,9 +172,26 @@ mod tests {
             "{DOCKER_MANIFEST_V2}, {DOCKER_MANIFEST_LIST}, {OCI_MANIFEST}, {OCI_INDEX}"
         ));
         assert_eq!(docker, AcceptSet::MODERN);
-        // q=0 refuses a type.
+        // q=0 refuses a type, also next to a wildcard or alone.
         let no_index = AcceptSet::from_header(&format!("{OCI_INDEX};q=0, {OCI_MANIFEST}"));
         assert!(!no_index.takes_index() && no_index.accepts(OCI_MANIFEST));
+        for h in [
+            format!("*/*, {OCI_INDEX};q=0, {DOCKER_MANIFEST_LIST};q=0"),
+            format!("{OCI_INDEX};q=0, {DOCKER_MANIFEST_LIST};q=0"),
+            format!("application/*, {OCI_INDEX}; q=0, {DOCKER_MANIFEST_LIST}; q=0.0"),
+        ] {
+            let set = AcceptSet::from_header(&h);
+            assert!(!set.takes_index(), "{h}");
+            assert!(
+                set.accepts(OCI_MANIFEST) && set.accepts(DOCKER_MANIFEST_V2),
+                "{h}"
+            );
+        }
+        // A wildcard next to a named type adds nothing (as Distribution reads it).
+        assert_eq!(
+            AcceptSet::from_header(&format!("{DOCKER_MANIFEST_V2}, */*")),
+            single
+        );
         // Only unknown types: what a runtime would take.
         assert_eq!(
             AcceptSet::from_header("application/vnd.example+json"),

@@ -19,8 +19,8 @@ use crate::auth::{AuthSession, Authorization, Credentials};
 use crate::error::UpstreamError;
 use crate::health::Health;
 use crate::wire::{
-    accept_value, check_status, content_length, content_type, header_digest, parse_content_range,
-    rate_limit_remaining,
+    accept_value, check_status, content_length, content_type, header_digest, next_link,
+    parse_content_range, rate_limit_remaining,
 };
 
 /// Largest manifest accepted from an upstream (the limit Distribution and containerd use).
@@ -309,36 +309,35 @@ impl Upstream {
         Ok(content_length(resp.headers()))
     }
 
-    /// GET the tag list, with the client's `n` and `last` passed on. Returns the JSON body and
-    /// the `Link` header for the next page, if any.
+    /// GET one page of a repository's tag list: the first (`page` = `None`), or the one a
+    /// previous page's `Link: <...>; rel="next"` named. Returns the JSON body and the next page's
+    /// target, if any. A `Link` that leaves this upstream's repository tag list is refused: pier
+    /// only ever talks to what it was configured with.
     pub async fn tags_list(
         &self,
         repo: &RepositoryName,
-        n: Option<u32>,
-        last: Option<&str>,
+        page: Option<&str>,
     ) -> Result<(Bytes, Option<String>), UpstreamError> {
-        let mut url = self.url(&format!("/v2/{repo}/tags/list"))?;
-        {
-            let mut q = url.query_pairs_mut();
-            if let Some(n) = n {
-                q.append_pair("n", &n.to_string());
+        let first = self.url(&format!("/v2/{repo}/tags/list"))?;
+        let url = match page {
+            None => first,
+            Some(target) => {
+                let next = first
+                    .join(target)
+                    .map_err(|e| UpstreamError::Invalid(format!("tag list Link: {e}")))?;
+                if next.origin() != first.origin() || next.path() != first.path() {
+                    return Err(UpstreamError::Invalid(
+                        "tag list Link points outside the repository's tag list".into(),
+                    ));
+                }
+                next
             }
-            if let Some(last) = last {
-                q.append_pair("last", last);
-            }
-        }
-        if url.query() == Some("") {
-            url.set_query(None);
-        }
+        };
         let mut resp = self
             .send("tags", Method::GET, url, repo, HeaderMap::new())
             .await?;
         check_status(resp.status(), resp.headers())?;
-        let link = resp
-            .headers()
-            .get(header::LINK)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
+        let next = next_link(resp.headers());
         let mut body = BytesMut::new();
         while let Some(chunk) = resp.chunk().await.map_err(UpstreamError::from_reqwest)? {
             if body.len() + chunk.len() > MAX_MANIFEST_BYTES {
@@ -347,7 +346,7 @@ impl Upstream {
             body.extend_from_slice(&chunk);
             self.received(chunk.len());
         }
-        Ok((body.freeze(), link))
+        Ok((body.freeze(), next))
     }
 
     fn url(&self, path: &str) -> Result<Url, UpstreamError> {

@@ -84,6 +84,25 @@ pub(crate) fn parse_content_range(headers: &HeaderMap) -> Option<(u64, Option<u6
 }
 
 /// The `Accept` to send upstream for a client's `Accept`.
+/// The target of `Link: <target>; rel="next"` (RFC 8288; several links may share the header).
+pub(crate) fn next_link(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::LINK)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|link| {
+            let (target, params) = link.trim().strip_prefix('<')?.split_once('>')?;
+            params
+                .split(';')
+                .any(|p| {
+                    let p = p.trim().replace(' ', "");
+                    p == "rel=\"next\"" || p == "rel=next"
+                })
+                .then(|| target.to_string())
+        })
+}
+
 pub(crate) fn accept_value(accept: &str) -> HeaderValue {
     let accept = pier_oci::media_type::upstream_accept(accept);
     HeaderValue::from_str(accept)
@@ -93,6 +112,25 @@ pub(crate) fn accept_value(accept: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn next_page_link() {
+        let mut h = HeaderMap::new();
+        assert_eq!(next_link(&h), None);
+        h.insert(
+            header::LINK,
+            HeaderValue::from_static(r#"</v2/a/tags/list?n=2&next_page=T0K>; rel="next""#),
+        );
+        assert_eq!(
+            next_link(&h).as_deref(),
+            Some("/v2/a/tags/list?n=2&next_page=T0K")
+        );
+        h.insert(
+            header::LINK,
+            HeaderValue::from_static(r#"</v2/a/tags/list?last=x>; rel="prev""#),
+        );
+        assert_eq!(next_link(&h), None);
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut h = HeaderMap::new();
