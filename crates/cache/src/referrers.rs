@@ -49,16 +49,11 @@ impl Cache {
             None => None,
         };
         if let Some((answer, m)) = &kept {
-            let within_window = answer.age_secs(SystemTime::now()) < at.freshness.tag_ttl.as_secs();
-            let budget_low = at
-                .client
-                .rate_limit_remaining()
-                .is_some_and(|r| r <= at.freshness.rate_limit_reserve);
-            if within_window || budget_low {
+            if at.freshness.allows_cached(name, answer, at.client) {
                 return Ok(m.clone());
             }
             if at.client.in_outage() {
-                return Ok(self.stale_referrers(at, subject, &"upstream down", m.clone()));
+                return Ok(self.stale(at, name, &"upstream down", m.clone()));
             }
         }
         let key = format!("{}\n{subject}\nreferrers", at.key());
@@ -82,7 +77,7 @@ impl Cache {
                 Ok(m)
             }
             Err(e) if e.is_outage() => match kept {
-                Some((_, m)) => Ok(self.stale_referrers(at, subject, &e, m)),
+                Some((_, m)) => Ok(self.stale(at, name, &e, m)),
                 None => Err(e),
             },
             Err(e) => Err(e),
@@ -146,21 +141,6 @@ impl Cache {
             manifest,
             source: Source::Upstream { joined: false },
         })
-    }
-
-    fn stale_referrers(
-        &self,
-        at: RepoRef<'_>,
-        subject: &Digest,
-        why: &dyn std::fmt::Display,
-        m: ResolvedManifest,
-    ) -> ResolvedManifest {
-        tracing::warn!(upstream = %at.upstream, repo = %at.repo, %subject, error = %why, "serving cached referrers: upstream unavailable");
-        self.metrics
-            .stale_served
-            .with_label_values(&[at.upstream, "referrers"])
-            .inc();
-        m
     }
 }
 

@@ -10,7 +10,7 @@ use pier_upstream::{BlobResponse, Upstream, UpstreamError};
 use regex::Regex;
 
 use crate::fill::Origin;
-use crate::store::TagAnswer;
+use crate::store::{RecordName, TagAnswer};
 
 /// How fresh an upstream's tags must be. [`Freshness::allows_cached`] is the one place that
 /// decides whether a cached tag answer is served without asking the upstream.
@@ -37,17 +37,29 @@ impl Default for Freshness {
 }
 
 impl Freshness {
-    /// Whether `answer`, cached for `tag`, may be served without asking `upstream`: within the
-    /// window, a tag that never moves, or the upstream's pull budget down to its reserve (spend
-    /// none of the last pulls on revalidation). Signature, attestation and referrer tags move
-    /// whenever a signature is added, so they are never immutable.
-    pub fn allows_cached(&self, tag: &Tag, answer: &TagAnswer, upstream: &Upstream) -> bool {
+    /// Whether `answer`, cached for `name` (a tag, or a digest's referrers), may be served
+    /// without asking `upstream`: within the window, a tag that never moves, or the upstream's
+    /// pull budget down to its reserve (spend none of the last pulls on revalidation). Referrers,
+    /// and the signature, attestation and fallback tags, move whenever a signature is added, so
+    /// they are never immutable.
+    pub fn allows_cached(
+        &self,
+        name: RecordName<'_>,
+        answer: &TagAnswer,
+        upstream: &Upstream,
+    ) -> bool {
+        let immutable = match name {
+            RecordName::Tag(tag) => {
+                !is_attachment_tag(tag)
+                    && self
+                        .immutable_tags
+                        .as_ref()
+                        .is_some_and(|re| re.is_match(tag.as_str()))
+            }
+            RecordName::Referrers(_) => false,
+        };
         answer.age_secs(SystemTime::now()) < self.tag_ttl.as_secs()
-            || (!is_attachment_tag(tag)
-                && self
-                    .immutable_tags
-                    .as_ref()
-                    .is_some_and(|re| re.is_match(tag.as_str())))
+            || immutable
             || upstream
                 .rate_limit_remaining()
                 .is_some_and(|r| r <= self.rate_limit_reserve)

@@ -117,7 +117,10 @@ impl Cache {
             None => None,
         };
         if let Some((answer, m)) = &mine {
-            if at.freshness.allows_cached(tag, answer, at.client) {
+            if at
+                .freshness
+                .allows_cached(RecordName::Tag(tag), answer, at.client)
+            {
                 return Ok(m.clone());
             }
         }
@@ -125,7 +128,7 @@ impl Cache {
             // A black-holed link would cost every request a connect timeout: answer from cache
             // while the last failure is recent, if anything cached is acceptable.
             if let Some(m) = self.best_offline(at, &record, accept).await? {
-                return Ok(self.stale(at, tag, &"upstream down", m));
+                return Ok(self.stale(at, RecordName::Tag(tag), &"upstream down", m));
             }
         }
         let key = format!("{}\n{tag}\n{}", at.key(), accept.bits());
@@ -150,7 +153,7 @@ impl Cache {
                 Ok(m)
             }
             Err(e) if e.is_outage() => match self.best_offline(at, &record, accept).await? {
-                Some(m) => Ok(self.stale(at, tag, &e, m)),
+                Some(m) => Ok(self.stale(at, RecordName::Tag(tag), &e, m)),
                 None => Err(e),
             },
             Err(e) => Err(e),
@@ -327,17 +330,21 @@ impl Cache {
     }
 
     /// A cached answer served because the upstream could not be asked: logged and counted.
-    fn stale(
+    pub(crate) fn stale(
         &self,
         at: RepoRef<'_>,
-        tag: &Tag,
+        name: RecordName<'_>,
         why: &dyn std::fmt::Display,
         m: ResolvedManifest,
     ) -> ResolvedManifest {
-        tracing::warn!(upstream = %at.upstream, repo = %at.repo, %tag, error = %why, "serving cached tag: upstream unavailable");
+        let kind = match name {
+            RecordName::Tag(_) => "manifest",
+            RecordName::Referrers(_) => "referrers",
+        };
+        tracing::warn!(upstream = %at.upstream, repo = %at.repo, what = %name, error = %why, "serving a cached answer: upstream unavailable");
         self.metrics
             .stale_served
-            .with_label_values(&[at.upstream, "manifest"])
+            .with_label_values(&[at.upstream, kind])
             .inc();
         m
     }
