@@ -3,6 +3,11 @@
 //!
 //! `cargo bench --bench startup` measures (`PIER_BENCH_COLD=1` empties the page cache before each
 //! run; needs root); `cargo test` runs it small, as a smoke test.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the assertion"
+)]
 
 use std::sync::Arc;
 use std::time::Instant;

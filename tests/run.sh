@@ -17,6 +17,8 @@ declare -A packages=(
   [containerd]=containerd
   [podman]=podman
   [systemd-analyze]=systemd
+  [docker-compose]=docker-compose
+  [ip]=iproute2
 )
 missing=()
 for program in "${!packages[@]}"; do

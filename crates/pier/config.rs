@@ -102,9 +102,21 @@ pub struct WarmSection {
     pub images: Vec<String>,
     /// `os/arch[/variant]` of an index to fetch; all when empty.
     pub platforms: Vec<String>,
+    /// Also warm each image's signatures, attestations and referrers.
+    pub signatures: bool,
     /// How often to warm again (tags move).
     #[serde(deserialize_with = "duration")]
     pub interval: Duration,
+}
+
+impl WarmSection {
+    /// The options every warm of the list uses.
+    pub fn options(&self) -> pier_server::warm::WarmOptions {
+        pier_server::warm::WarmOptions {
+            platforms: self.platforms.clone(),
+            signatures: self.signatures,
+        }
+    }
 }
 
 impl Default for WarmSection {
@@ -112,6 +124,7 @@ impl Default for WarmSection {
         WarmSection {
             images: Vec::new(),
             platforms: Vec::new(),
+            signatures: true,
             interval: Duration::from_secs(6 * 3600),
         }
     }
@@ -309,7 +322,7 @@ impl UpstreamSection {
     }
 
     /// `allow` and `deny`, compiled.
-    pub fn access(&self) -> Result<pier_server::RepositoryFilter, String> {
+    pub fn access(&self) -> Result<pier_server::RepositoryFilter, pier_server::GlobError> {
         pier_server::RepositoryFilter::new(&self.allow, &self.deny)
     }
 

@@ -63,6 +63,9 @@ enum Command {
         /// Only these platforms of an index (os/arch[/variant]); all when not given.
         #[arg(long = "platform")]
         platforms: Vec<String>,
+        /// Leave out the images' signatures, attestations and referrers.
+        #[arg(long)]
+        no_signatures: bool,
         /// Images as clients name them: nginx:1.25, ghcr.io/org/app:v2, name@sha256:...
         #[arg(required = true)]
         images: Vec<String>,
@@ -143,9 +146,16 @@ fn main() -> ExitCode {
             Command::Warm {
                 admin,
                 platforms,
+                no_signatures,
                 images,
                 ..
-            } => warm::run(&config, admin.as_deref(), &images, &platforms).await,
+            } => {
+                let options = pier_server::warm::WarmOptions {
+                    platforms,
+                    signatures: !no_signatures,
+                };
+                warm::run(&config, admin.as_deref(), &images, &options).await
+            }
             Command::CheckConfig { .. } | Command::Probe { .. } => Ok(()),
         }
     });
@@ -318,8 +328,9 @@ async fn serve(config: Config) -> Result<(), String> {
     let warming = (!config.warm.images.is_empty()).then(|| {
         let (m, w) = (mirror.clone(), config.warm.clone());
         tokio::spawn(async move {
+            let options = w.options();
             loop {
-                m.warm_all(&w.images, &w.platforms).await;
+                m.warm_all(&w.images, &options).await;
                 tokio::time::sleep(w.interval).await;
             }
         })

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 
 use futures_util::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use pier_server::warm::{WarmEvent, WarmReport};
+use pier_server::warm::{WarmEvent, WarmOptions, WarmReport};
 
 use crate::config::Config;
 use crate::wiring;
@@ -63,11 +63,11 @@ pub async fn run(
     config: &Config,
     admin: Option<&str>,
     images: &[String],
-    platforms: &[String],
+    options: &WarmOptions,
 ) -> Result<(), String> {
     let progress = Progress::new();
     let reports = match admin {
-        Some(url) => through_admin(url, images, platforms, &progress).await?,
+        Some(url) => through_admin(url, images, options, &progress).await?,
         None => {
             let mirror = wiring::mirror(config).map_err(|e| {
                 format!("{e} (is pier running? then warm through it with --admin URL)")
@@ -76,7 +76,7 @@ pub async fn run(
             for image in images {
                 let fetched = std::sync::atomic::AtomicU64::new(0);
                 let report = mirror
-                    .warm(image, platforms, &|e| {
+                    .warm(image, options, &|e| {
                         let total = fetched
                             .fetch_add(e.fetched_bytes, std::sync::atomic::Ordering::Relaxed)
                             + e.fetched_bytes;
@@ -115,11 +115,14 @@ pub async fn run(
 async fn through_admin(
     url: &str,
     images: &[String],
-    platforms: &[String],
+    options: &WarmOptions,
     progress: &Progress,
 ) -> Result<Vec<(String, WarmReport)>, String> {
     let mut query: Vec<(&str, &str)> = images.iter().map(|i| ("image", i.as_str())).collect();
-    query.extend(platforms.iter().map(|p| ("platform", p.as_str())));
+    query.extend(options.platforms.iter().map(|p| ("platform", p.as_str())));
+    if !options.signatures {
+        query.push(("signatures", "false"));
+    }
     let endpoint = format!("{}/admin/warm", url.trim_end_matches('/'));
     let resp = reqwest::Client::new()
         .post(&endpoint)

@@ -46,10 +46,10 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
             upstream_client(u, i, metrics.clone()).map_err(|e| format!("upstreams[{i}]: {e}"))?;
         let mut entry = UpstreamEntry::new(&u.name, Arc::new(client));
         entry.library_prefix = u.library_prefix();
-        entry.tag_ttl = u.tag_ttl;
-        entry.immutable_tags = u.immutable_tags_regex().map_err(|e| e.to_string())?;
-        entry.rate_limit_reserve = u.rate_limit_reserve;
-        entry.access = u.access()?;
+        entry.freshness.tag_ttl = u.tag_ttl;
+        entry.freshness.immutable_tags = u.immutable_tags_regex().map_err(|e| e.to_string())?;
+        entry.freshness.rate_limit_reserve = u.rate_limit_reserve;
+        entry.access = u.access().map_err(|e| e.to_string())?;
         upstreams.push(entry);
     }
     let c = &config.cache;

@@ -1,6 +1,8 @@
 //! The deployment files pass their tools' checks: `systemd-analyze verify` on the unit,
 //! kubernetes-validate (schemas of Kubernetes 1.37) on the manifests, hadolint on the Dockerfile,
-//! and `pier check-config` on every example configuration, including the ones inside ConfigMaps.
+//! `docker-compose config` on the compose file, and `pier check-config` on every example
+//! configuration, including the ones inside ConfigMaps and the image's. The image itself is built
+//! and run in image.rs.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,7 +105,11 @@ fn dockerfile_lints() {
 fn example_configurations_check() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let mut configs: Vec<(String, String)> = Vec::new();
-    for file in ["systemd/mirror.yaml", "compose/mirror.yaml"] {
+    for file in [
+        "systemd/mirror.yaml",
+        "compose/mirror.yaml",
+        "docker/rootfs/etc/pier/mirror.yaml",
+    ] {
         configs.push((
             file.into(),
             std::fs::read_to_string(deploy(file)).expect("read"),
@@ -126,7 +132,7 @@ fn example_configurations_check() {
             }
         }
     }
-    assert_eq!(configs.len(), 5);
+    assert_eq!(configs.len(), 6);
     for (name, text) in configs {
         let path = tmp.path().join("check.yaml");
         std::fs::write(&path, &text).expect("write");
@@ -138,8 +144,7 @@ fn example_configurations_check() {
     }
 }
 
-/// No container engine here to run `docker compose config`: check the file's shape, and that
-/// every file it mounts or builds from exists in the repository.
+/// The file's shape, and that every file it mounts or builds from exists in the repository.
 #[test]
 fn compose_file_refers_to_files_that_exist() {
     let path = deploy("compose/docker-compose.yml");
@@ -179,4 +184,83 @@ fn compose_file_refers_to_files_that_exist() {
         mounts >= 5,
         "expected the config, alerts and dashboard mounts"
     );
+}
+
+/// Compose itself reads the file: `docker-compose config` (Debian's docker-compose) validates it
+/// against the Compose schema and prints it resolved, the services and paths it would use. It needs
+/// no daemon.
+#[test]
+fn compose_file_passes_docker_compose_config() {
+    if !require(&["docker-compose"]) {
+        return;
+    }
+    let path = deploy("compose/docker-compose.yml");
+    let config = |file: &Path| {
+        run(Command::new("docker-compose")
+            .arg("--file")
+            .arg(file)
+            .arg("config"))
+    };
+    let (ok, text) = config(&path);
+    assert!(ok, "docker-compose config: {text}");
+    let resolved: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML from compose");
+    let services: Vec<&str> = resolved["services"]
+        .as_mapping()
+        .expect("services")
+        .keys()
+        .filter_map(|k| k.as_str())
+        .collect();
+    assert_eq!(services, ["grafana", "pier", "prometheus"], "{text}");
+    let pier = &resolved["services"]["pier"];
+    let context = Path::new(pier["build"]["context"].as_str().expect("build context"));
+    assert_eq!(
+        context.canonicalize().expect("context"),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .canonicalize()
+            .expect("repository"),
+        "the image is built from the repository's root"
+    );
+    assert_eq!(pier["build"]["dockerfile"], "deploy/docker/Dockerfile");
+    let volumes: Vec<&str> = pier["volumes"]
+        .as_sequence()
+        .expect("pier's volumes")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        volumes.contains(&"pier-cache:/var/lib/pier:rw"),
+        "the cache is the image's volume: {volumes:?}"
+    );
+    assert!(resolved["volumes"]["pier-cache"].is_mapping(), "{text}");
+
+    // And it does reject what is wrong: a misspelt key, a service depending on one not there; the
+    // same file unchanged at the same place passes.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let original = std::fs::read_to_string(&path).expect("read");
+    let copy = tmp.path().join("docker-compose.yml");
+    std::fs::write(&copy, &original).expect("write");
+    let (ok, text) = config(&copy);
+    assert!(ok, "docker-compose config on a copy: {text}");
+    for (what, from, to, named) in [
+        (
+            "misspelt key",
+            "    restart: unless-stopped",
+            "    restrat: unless-stopped",
+            "'restrat'",
+        ),
+        (
+            "unknown dependency",
+            "depends_on: [pier]",
+            "depends_on: [pierr]",
+            "'pierr'",
+        ),
+    ] {
+        assert!(original.contains(from), "{from}");
+        std::fs::write(&copy, original.replace(from, to)).expect("write");
+        let (ok, text) = config(&copy);
+        assert!(
+            !ok && text.contains(named),
+            "docker-compose config accepted a {what}: {text}"
+        );
+    }
 }

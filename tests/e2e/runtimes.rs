@@ -3,10 +3,10 @@
 //! prefix). Two real registries stand for docker.io and ghcr.io; each must see requests for its
 //! own images only. The daemons run as root with all their state in a temporary directory.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
+use crate::docker::{run, stdout, wait_for, Daemon, Dockerd, DOCKER};
 use crate::support::image::{self, Image};
 use crate::support::process::{path_str, pier, push_image, registry, registry_requests, Running};
 use crate::support::require;
@@ -114,113 +114,22 @@ impl Scenario {
     }
 }
 
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("run command");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// A daemon killed when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// dockerd writes a few files outside its data root, and bind-mounts the data root onto itself;
-/// undoes what it did (after the daemon is gone: declare this before the daemon).
-struct DockerLeftovers {
-    created: Vec<&'static str>,
-    data_root: PathBuf,
-}
-
-impl DockerLeftovers {
-    fn note(data_root: PathBuf) -> Self {
-        let created = ["/etc/docker/key.json", "/run/docker"]
-            .into_iter()
-            .filter(|p| !Path::new(p).exists())
-            .collect();
-        DockerLeftovers { created, data_root }
-    }
-}
-
-impl Drop for DockerLeftovers {
-    fn drop(&mut self) {
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.data_root)
-            .stderr(Stdio::null())
-            .status();
-        for p in &self.created {
-            let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
-        }
-    }
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !ready() {
-        assert!(Instant::now() < deadline, "{what} did not come up");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn docker_daemon_pulls_through_registry_mirrors() {
-    if !require(&["docker-registry", "skopeo", "dockerd", "docker"]) {
+    if !require(&["docker-registry", "skopeo", "dockerd", DOCKER]) {
         return;
     }
     let s = Scenario::new();
-    let d = s.dir("docker");
-    let sock = format!("unix://{}", path_str(&d.join("docker.sock")));
-    let log = std::fs::File::create(d.join("dockerd.log")).expect("log");
-    let _leftovers = DockerLeftovers::note(d.join("root"));
-    let _dockerd = Daemon(
-        Command::new("dockerd")
-            .args([
-                "--data-root",
-                &path_str(&d.join("root")),
-                "--exec-root",
-                &path_str(&d.join("exec")),
-            ])
-            .args(["--pidfile", &path_str(&d.join("dockerd.pid")), "-H", &sock])
-            .args([
-                "--registry-mirror",
-                &format!("http://{}", s.pier.addr),
-                "--insecure-registry",
-                &s.pier.addr,
-            ])
-            .args([
-                "--iptables=false",
-                "--ip6tables=false",
-                "--bridge=none",
-                "--storage-driver=vfs",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start dockerd"),
+    let dockerd = Dockerd::start(
+        &s.dir("docker"),
+        &[
+            "--registry-mirror",
+            &format!("http://{}", s.pier.addr),
+            "--insecure-registry",
+            &s.pier.addr,
+        ],
     );
-    let docker = |args: &[&str]| {
-        let mut c = Command::new("docker");
-        c.arg("-H").arg(&sock).args(args);
-        c
-    };
-    wait_for("dockerd", || {
-        docker(&["info"]).output().is_ok_and(|o| o.status.success())
-    });
+    let docker = |args: &[&str]| dockerd.docker(args);
     run(&mut docker(&["pull", "app:1.0"]));
     let (_, config) = s.app.amd64();
     let id = stdout(&run(&mut docker(&[

@@ -24,6 +24,10 @@ pub struct Behaviour {
     pub require_token: bool,
     /// Username:password the token endpoint wants (anonymous tokens when None).
     pub token_credentials: Option<(String, String)>,
+    /// Name this as the realm in Bearer challenges instead of the fake's own /token.
+    pub token_realm: Option<String>,
+    /// Pause before the token endpoint answers.
+    pub token_delay: Option<Duration>,
     /// Require these Basic credentials on every registry request (a Basic challenge).
     pub require_basic: Option<(String, String)>,
     /// Answer blob GETs with 307 to this base URL (another host).
@@ -44,6 +48,11 @@ pub struct Behaviour {
     pub rate_limit_remaining: Option<u64>,
     /// Pause before answering a manifest request.
     pub manifest_delay: Option<Duration>,
+    /// Page tag lists by this many, with a `Link` to the next page, ignoring the client's `n`.
+    pub tag_page_size: Option<usize>,
+    /// Answer `GET /v2/<repo>/referrers/<digest>` (OCI 1.1) from the manifests whose `subject`
+    /// is that digest; without it, referrers requests get 404 as from Distribution 2.x.
+    pub referrers_api: bool,
 }
 
 #[derive(Default)]
@@ -58,8 +67,13 @@ pub struct State {
     pub auth_seen: Mutex<Vec<(String, Option<String>)>>,
     /// Range headers seen on blob GETs.
     pub ranges_seen: Mutex<Vec<Option<String>>>,
+    /// Blobs served only under these repositories, as a real registry links them (blobs not
+    /// listed here are served under any repository).
+    pub blob_repos: Mutex<HashMap<String, Vec<String>>>,
     pub blob_gets: AtomicUsize,
     pub tokens_issued: AtomicUsize,
+    /// Bumped by `rotate_token`: only the current generation's token is issued and accepted.
+    pub token_generation: AtomicUsize,
     /// Blob bodies being sent, and the most at once.
     pub blob_bodies: InFlight,
 }
@@ -135,6 +149,19 @@ impl FakeUpstream {
         digest
     }
 
+    /// Adds a blob served only under `repo` (and other repositories it is added to).
+    pub fn add_blob_in(&self, repo: &str, data: impl Into<Bytes>) -> String {
+        let digest = self.add_blob(data);
+        self.state
+            .blob_repos
+            .lock()
+            .unwrap()
+            .entry(digest.clone())
+            .or_default()
+            .push(repo.to_string());
+        digest
+    }
+
     /// Serves `bytes` under `digest` although they do not hash to it.
     pub fn add_blob_under(&self, digest: &str, data: impl Into<Bytes>) {
         self.state
@@ -155,6 +182,13 @@ impl FakeUpstream {
         );
         m.insert((repo.into(), digest.clone()), (media_type.into(), bytes));
         digest
+    }
+
+    /// "Rotates the signing key": the token issued so far is refused from now on, and the token
+    /// endpoint issues a new one. Returns the new token.
+    pub fn rotate_token(&self) -> String {
+        self.state.token_generation.fetch_add(1, Ordering::SeqCst);
+        current_token(&self.state)
     }
 
     pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
@@ -193,6 +227,14 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 
 const TOKEN: &str = "tok-3f9a";
 
+/// The token of the current generation: `TOKEN` until the first `rotate_token`.
+pub fn current_token(state: &State) -> String {
+    match state.token_generation.load(Ordering::SeqCst) {
+        0 => TOKEN.to_string(),
+        n => format!("{TOKEN}-rotated-{n}"),
+    }
+}
+
 async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let behaviour = state.behaviour.lock().unwrap().clone();
@@ -226,10 +268,14 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
                 return full(StatusCode::UNAUTHORIZED, "bad credentials");
             }
         }
+        if let Some(d) = behaviour.token_delay {
+            tokio::time::sleep(d).await;
+        }
         state.tokens_issued.fetch_add(1, Ordering::SeqCst);
+        let token = current_token(&state);
         return full(
             StatusCode::OK,
-            format!(r#"{{"token":"{TOKEN}","expires_in":300}}"#),
+            format!(r#"{{"token":"{token}","expires_in":300}}"#),
         );
     }
     if path.starts_with("/cdn/") {
@@ -251,14 +297,23 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
             return r;
         }
     }
-    if behaviour.require_token && auth.as_deref() != Some(&format!("Bearer {TOKEN}")) {
+    if behaviour.require_token
+        && auth.as_deref() != Some(&format!("Bearer {}", current_token(&state)))
+    {
         let mut r = full(
             StatusCode::UNAUTHORIZED,
             r#"{"errors":[{"code":"UNAUTHORIZED"}]}"#,
         );
-        let challenge = format!(
-            r#"Bearer realm="http://{addr}/token",service="fake",scope="repository:x:pull""#
-        );
+        let realm = behaviour
+            .token_realm
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}/token"));
+        let mut challenge =
+            format!(r#"Bearer realm="{realm}",service="fake",scope="repository:x:pull""#);
+        if auth.is_some() {
+            // What a registry says of a token it no longer trusts.
+            challenge.push_str(r#",error="invalid_token""#);
+        }
         r.headers_mut()
             .insert("www-authenticate", challenge.parse().unwrap());
         return r;
@@ -294,24 +349,79 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
         if let Some(last) = param("last") {
             tags.retain(|t| *t > last);
         }
-        if let Some(n) = param("n").and_then(|n| n.parse().ok()) {
+        let mut link = None;
+        if let Some(size) = behaviour.tag_page_size {
+            // An opaque cursor, as Quay used: the client must follow the Link as given.
+            let from: usize = param("next_page").and_then(|p| p.parse().ok()).unwrap_or(0);
+            tags = tags.into_iter().skip(from).collect();
+            if tags.len() > size {
+                tags.truncate(size);
+                link = Some(format!(
+                    r#"</v2/{repo}/tags/list?n={size}&next_page={}>; rel="next""#,
+                    from + size
+                ));
+            }
+        } else if let Some(n) = param("n").and_then(|n| n.parse().ok()) {
             tags.truncate(n);
         }
-        return full(
+        let mut r = full(
             StatusCode::OK,
             serde_json::json!({ "name": repo, "tags": tags }).to_string(),
         );
+        if let Some(link) = link {
+            r.headers_mut().insert("link", link.parse().unwrap());
+        }
+        return r;
+    }
+    if let Some((repo, subject)) = rest.rsplit_once("/referrers/") {
+        if !behaviour.referrers_api {
+            return full(StatusCode::NOT_FOUND, "404 page not found");
+        }
+        let manifests = state.manifests.lock().unwrap();
+        let mut listed: Vec<serde_json::Value> = manifests
+            .iter()
+            .filter(|((r, reference), _)| r == repo && reference.starts_with("sha256:"))
+            .filter_map(|((_, digest), (media_type, bytes))| {
+                let doc: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+                (doc["subject"]["digest"] == subject).then(|| {
+                    let artifact_type = doc["artifactType"]
+                        .as_str()
+                        .or(doc["config"]["mediaType"].as_str())
+                        .unwrap_or_default();
+                    serde_json::json!({
+                        "mediaType": media_type,
+                        "digest": digest,
+                        "size": bytes.len(),
+                        "artifactType": artifact_type,
+                    })
+                })
+            })
+            .collect();
+        listed.sort_by_key(|d| d["digest"].as_str().unwrap_or_default().to_string());
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": listed,
+        });
+        let mut r = full(StatusCode::OK, index.to_string());
+        r.headers_mut().insert(
+            "content-type",
+            "application/vnd.oci.image.index.v1+json".parse().unwrap(),
+        );
+        return r;
     }
     if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
         if let Some(d) = behaviour.manifest_delay {
             tokio::time::sleep(d).await;
         }
-        let m = state
-            .manifests
-            .lock()
-            .unwrap()
-            .get(&(repo.to_string(), reference.to_string()))
-            .cloned();
+        let accept = req
+            .headers()
+            .get_all("accept")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(",");
+        let m = negotiate(&state.manifests.lock().unwrap(), repo, reference, &accept);
         return match m {
             Some((media_type, bytes)) => {
                 let digest = format!("sha256:{}", hex(&Sha256::digest(&bytes)));
@@ -342,8 +452,15 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
             ),
         };
     }
-    if let Some((_repo, digest)) = rest.rsplit_once("/blobs/") {
-        let Some(data) = state.blobs.lock().unwrap().get(digest).cloned() else {
+    if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
+        let elsewhere = state
+            .blob_repos
+            .lock()
+            .unwrap()
+            .get(digest)
+            .is_some_and(|repos| !repos.iter().any(|r| r == repo));
+        let data = state.blobs.lock().unwrap().get(digest).cloned();
+        let Some(data) = data.filter(|_| !elsewhere) else {
             return full(
                 StatusCode::NOT_FOUND,
                 r#"{"errors":[{"code":"BLOB_UNKNOWN"}]}"#,
@@ -418,6 +535,47 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
         return r;
     }
     full(StatusCode::NOT_FOUND, "")
+}
+
+const INDEX_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// Content negotiation as Docker Hub and the Distribution registry do it: a tag that points at
+/// an index is answered with its linux/amd64 manifest to a client that accepts no index; a
+/// manifest of a type the client does not accept is not found. An empty Accept takes anything.
+fn negotiate(
+    manifests: &HashMap<(String, String), (String, Bytes)>,
+    repo: &str,
+    reference: &str,
+    accept: &str,
+) -> Option<(String, Bytes)> {
+    let (media_type, bytes) = manifests
+        .get(&(repo.to_string(), reference.to_string()))
+        .cloned()?;
+    let accepted: Vec<&str> = accept
+        .split(',')
+        .map(|p| p.split(';').next().unwrap_or("").trim())
+        .filter(|p| !p.is_empty())
+        .collect();
+    let takes = |t: &str| accepted.is_empty() || accepted.iter().any(|a| *a == t || *a == "*/*");
+    if takes(&media_type) || reference.starts_with("sha256:") {
+        return Some((media_type, bytes));
+    }
+    if INDEX_TYPES.contains(&media_type.as_str()) {
+        let index: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+        let child = index["manifests"]
+            .as_array()?
+            .iter()
+            .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")?;
+        let digest = child["digest"].as_str()?;
+        let (t, b) = manifests
+            .get(&(repo.to_string(), digest.to_string()))
+            .cloned()?;
+        return takes(&t).then_some((t, b));
+    }
+    None
 }
 
 pub fn base64(s: &str) -> String {

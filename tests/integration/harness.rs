@@ -164,9 +164,9 @@ pub async fn launch(setup: Setup) -> Pier {
             };
             let client = Upstream::new(config, metrics.clone()).expect("upstream client");
             let mut entry = UpstreamEntry::new(u.name, Arc::new(client));
-            entry.tag_ttl = u.tag_ttl;
-            entry.immutable_tags = u.immutable_tags;
-            entry.rate_limit_reserve = u.rate_limit_reserve;
+            entry.freshness.tag_ttl = u.tag_ttl;
+            entry.freshness.immutable_tags = u.immutable_tags;
+            entry.freshness.rate_limit_reserve = u.rate_limit_reserve;
             entry.access =
                 pier_server::RepositoryFilter::new(&u.allow, &u.deny).expect("valid globs");
             entry

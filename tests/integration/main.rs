@@ -1,4 +1,9 @@
 //! Integration tests: pier in-process against a fake upstream that misbehaves on demand.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "tests and benchmarks: a failure is the assertion"
+)]
 
 mod fake_upstream;
 mod harness;
@@ -10,6 +15,10 @@ mod disk;
 mod fills;
 mod freshness;
 mod hardening;
+mod hostile;
 mod metrics;
+mod negotiation;
+mod referrers;
+mod repository_access;
 mod routing;
 mod secrets;

@@ -16,8 +16,11 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
-/// Whether a program is on PATH.
+/// Whether a program is on PATH (or, given as a path, is there).
 pub fn have(program: &str) -> bool {
+    if program.contains('/') {
+        return std::path::Path::new(program).is_file();
+    }
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|p| p.join(program).is_file()))
         .unwrap_or(false)

@@ -99,13 +99,29 @@ impl Cache {
         if victims.is_empty() {
             return Ok(EvictionReport::default());
         }
-        let store = self.store.clone();
         let digests: Vec<Digest> = victims.iter().map(|(d, _)| d.clone()).collect();
-        tokio::task::spawn_blocking(move || digests.iter().try_for_each(|d| store.remove_blob(d)))
-            .await
-            .map_err(io::Error::other)??;
+        // Every victim is tried; one that cannot be removed stays indexed and is tried again.
+        let removed = self
+            .disk
+            .run(move |store| {
+                Ok(digests
+                    .into_iter()
+                    .map(|d| {
+                        let r = store.remove_blob(&d);
+                        if let Err(e) = &r {
+                            tracing::warn!(digest = %d, error = %e, "could not evict");
+                        }
+                        r.is_ok()
+                    })
+                    .collect::<Vec<bool>>())
+            })
+            .await?;
         let mut report = EvictionReport::default();
-        for (digest, size) in victims {
+        for ((digest, size), gone) in victims.into_iter().zip(removed) {
+            if !gone {
+                continue;
+            }
+            self.memory.remove(&digest).await;
             if let Some(total) = self.index.remove(&digest) {
                 self.disk_usage_changed(total);
             }
@@ -121,12 +137,19 @@ impl Cache {
         Ok(report)
     }
 
-    /// Removes one blob or manifest from disk and memory. Returns whether it was there.
+    /// Removes one blob or manifest from disk and memory. Returns whether it was there. A fill
+    /// of the digest under way is not kept when it ends.
     pub async fn purge_digest(&self, digest: &Digest) -> io::Result<bool> {
-        let (store, d) = (self.store.clone(), digest.clone());
-        tokio::task::spawn_blocking(move || store.remove_blob(&d))
-            .await
-            .map_err(io::Error::other)??;
+        if let Some(fill) = self
+            .fills
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(digest)
+        {
+            fill.purged.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        let d = digest.clone();
+        self.disk.run(move |store| store.remove_blob(&d)).await?;
         self.memory.remove(digest).await;
         let was = self.index.remove(digest);
         if let Some(total) = was {
@@ -135,20 +158,26 @@ impl Cache {
         Ok(was.is_some())
     }
 
-    /// Forgets every tag of a repository, so the next pull asks the upstream. The manifests and
-    /// blobs stay until evicted: other repositories may share them. Returns how many tags went.
+    /// Forgets every tag of a repository and which digests it holds, so the next pull asks the
+    /// upstream. The manifests and blobs stay until evicted: other repositories may share them.
+    /// Returns how many tags went.
     pub async fn purge_repository(
         &self,
         upstream: &str,
         repo: &RepositoryName,
     ) -> io::Result<usize> {
-        let (store, u, r) = (self.store.clone(), upstream.to_string(), repo.clone());
-        let digests = tokio::task::spawn_blocking(move || store.remove_tags(&u, &r))
-            .await
-            .map_err(io::Error::other)??;
+        let (u, r) = (upstream.to_string(), repo.clone());
+        let removed = self
+            .disk
+            .run(move |store| store.remove_tags(&u, &r))
+            .await?;
         // A rare operation: forget every remembered tag rather than track which are this repo's.
-        self.tags.invalidate_all();
-        Ok(digests.len())
+        self.tags.forget_all();
+        self.links.forget(upstream, repo).await;
+        self.tag_lists
+            .invalidate(&format!("{upstream}/{repo}"))
+            .await;
+        Ok(removed)
     }
 
     /// What the cache holds now.
@@ -191,8 +220,13 @@ impl Cache {
         if dirty.is_empty() {
             return;
         }
-        let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.record_access(&dirty)).await;
+        let _ = self
+            .disk
+            .run(move |store| {
+                store.record_access(&dirty);
+                Ok(())
+            })
+            .await;
     }
 
     /// The maintenance loop: every `interval`, or at once when a fill pushed usage past the high

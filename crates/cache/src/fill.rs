@@ -10,7 +10,8 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Buf;
@@ -19,6 +20,8 @@ use futures_util::StreamExt;
 use pier_oci::{Digest, Hasher};
 use pier_upstream::{BlobResponse, UpstreamError};
 use tokio::sync::watch;
+
+use crate::error::IoFailure;
 
 /// Where a fill gets its bytes: an upstream download that can start at an offset.
 pub trait Origin: Send + Sync + 'static {
@@ -59,9 +62,11 @@ pub enum FillError {
         got: u64,
     },
     /// Local I/O (disk full, permissions).
-    Io(String),
+    Io(IoFailure),
     /// Too many fills running and queued: try again shortly.
     Busy,
+    /// The fill's task panicked (a bug; logged). Its readers get this instead of hanging.
+    Panicked,
 }
 
 impl std::fmt::Display for FillError {
@@ -81,6 +86,7 @@ impl std::fmt::Display for FillError {
             FillError::Busy => {
                 f.write_str("too many upstream downloads in progress; try again shortly")
             }
+            FillError::Panicked => f.write_str("the download task failed unexpectedly"),
         }
     }
 }
@@ -112,13 +118,16 @@ pub(crate) enum Phase {
 /// A fill in progress, shared by its task and its readers.
 pub(crate) struct Fill {
     pub digest: Digest,
-    pub file: Arc<File>,
-    pub temp: PathBuf,
+    /// The temporary file and its path: created by the fill's task (never under the fills
+    /// lock), set before the phase leaves `Connecting`.
+    pub temp: OnceLock<(Arc<File>, PathBuf)>,
     pub progress: watch::Sender<Progress>,
+    /// Set by a purge of this digest while the fill runs: what it downloads is not kept.
+    pub purged: AtomicBool,
 }
 
 impl Fill {
-    pub(crate) fn new(digest: Digest, file: File, temp: PathBuf) -> Fill {
+    pub(crate) fn new(digest: Digest) -> Fill {
         let (progress, _) = watch::channel(Progress {
             total: None,
             written: 0,
@@ -126,16 +135,22 @@ impl Fill {
         });
         Fill {
             digest,
-            file: Arc::new(file),
-            temp,
+            temp: OnceLock::new(),
             progress,
+            purged: AtomicBool::new(false),
         }
+    }
+
+    /// The file readers follow, once the fill's task created it.
+    pub(crate) fn file(&self) -> Option<Arc<File>> {
+        self.temp.get().map(|(f, _)| f.clone())
     }
 
     /// Downloads the whole blob into the temporary file and checks it. Does not commit.
     /// Returns how many times it resumed.
     pub(crate) async fn download(
         &self,
+        file: &File,
         origin: &dyn Origin,
         policy: &RetryPolicy,
     ) -> Result<u32, FillError> {
@@ -197,9 +212,8 @@ impl Fill {
                         }
                         hasher.update(&chunk);
                         // A page-cache write; cheap next to the network read that produced it.
-                        self.file
-                            .write_all_at(&chunk, written)
-                            .map_err(|e| FillError::Io(e.to_string()))?;
+                        file.write_all_at(&chunk, written)
+                            .map_err(|e| FillError::Io(e.into()))?;
                         written = got;
                         self.progress.send_modify(|p| p.written = written);
                     }

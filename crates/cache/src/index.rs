@@ -76,6 +76,16 @@ impl Index {
         inner.total
     }
 
+    /// Whether verified content with this digest is on disk.
+    pub(crate) fn contains(&self, digest: &Digest) -> bool {
+        self.lock().entries.contains_key(digest)
+    }
+
+    /// The size of verified content on disk.
+    pub(crate) fn size(&self, digest: &Digest) -> Option<u64> {
+        self.lock().entries.get(digest).map(|e| e.size)
+    }
+
     /// Marks a blob used now.
     pub(crate) fn touch(&self, digest: &Digest) {
         let now = now_millis();

@@ -1,43 +1,62 @@
 //! pier's cache: a memory tier (moka) in front of a content-addressed disk store, filled from the
-//! upstream once per digest.
+//! upstream once per digest, and the one owner of manifest and tag resolution.
 //!
-//! [`Cache::blob`] is the whole lookup: memory, then disk, then the fill in progress for that
-//! digest, or a new fill. Every concurrent request for a digest joins the same fill and streams
-//! the bytes as they land in its file; bytes whose digest does not verify never reach the store.
-//! Manifests are small: they are fetched whole, once per key at a time ([`Cache::fill_manifest`]),
-//! and stored by digest next to the blobs, with their tags recorded per upstream and repository.
+//! A request flows route → resolve → tier → fill → stream. [`Cache::resolve_manifest`] turns a
+//! tag or digest into a manifest for one repository and one accept set: it decides whether a tag
+//! answer is fresh, asks the upstream once for all concurrent callers, records the answer, and
+//! falls back to cached answers the client accepts while the upstream is down ([`resolve`]).
+//! [`Cache::blob`] looks a digest up in memory, then on disk, then joins the fill in progress for
+//! it or starts one; every concurrent request for a digest streams the same fill's bytes as they
+//! land in its file, and bytes whose digest does not verify never reach the store. Both check that
+//! the digest belongs to the repository asked for ([`links`]).
 
+mod disk;
+mod error;
 mod eviction;
 mod fill;
 mod flight;
 mod index;
+mod links;
 mod memory;
 mod reader;
+mod referrers;
+mod remote;
+mod resolve;
 pub mod store;
+mod tags;
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use futures_util::stream::{self, BoxStream, StreamExt};
+use futures_util::FutureExt;
 use pier_metrics::Metrics;
-use pier_oci::{Digest, RepositoryName, Tag};
-use pier_upstream::{Manifest, UpstreamError};
+use pier_oci::Digest;
+use pier_upstream::UpstreamError;
 use tokio::sync::watch;
 
+pub use disk::Disk;
+pub use error::{Error, IoFailure};
 pub use eviction::{Budget, EvictionReport, Usage};
 pub use fill::{FillError, Origin, RetryPolicy};
-pub use flight::SingleFlight;
+pub use flight::{Panicked, SingleFlight};
 pub use memory::MemoryObject;
-pub use store::{DiskStore, TagRecord};
+pub use referrers::{fallback_tag, EMPTY_INDEX};
+pub use remote::{is_attachment_tag, Freshness, RepoRef};
+pub use resolve::{ResolvedManifest, TagList};
+pub use store::{DiskStore, RecordName, TagAnswer, TagRecord};
 
 use fill::{Fill, Phase, Progress};
 use index::Index;
+use links::Links;
 use memory::MemoryTier;
+use remote::UpstreamOrigin;
+use tags::TagRecords;
 
 /// How the cache is set up.
 #[derive(Clone, Debug)]
@@ -122,45 +141,59 @@ pub struct CachedManifest {
 
 type Fills = Arc<Mutex<HashMap<Digest, Arc<Fill>>>>;
 
-/// The tiers and the fills.
+/// The tiers, the fills, and what the cache knows of tags and repositories.
 pub struct Cache {
-    store: Arc<DiskStore>,
+    disk: Disk,
     memory: MemoryTier,
     fills: Fills,
-    manifest_fetches: SingleFlight<String, Result<(Digest, CachedManifest), UpstreamError>>,
     retry: RetryPolicy,
     metrics: Arc<Metrics>,
     index: Index,
     budget: Budget,
     /// Wakes the maintenance task when the budget is exceeded.
     evict_now: tokio::sync::Notify,
-    /// Tag records by `<upstream>/<repo>:<tag>`, so that a tag lookup reads no file.
-    tags: moka::future::Cache<String, TagRecord>,
     /// Download slots, when limited, and how many fills may exist at all (running and queued).
     fill_slots: Option<(Arc<tokio::sync::Semaphore>, usize)>,
+    tags: TagRecords,
+    links: Links,
+    /// Manifest GETs under way, by upstream, repository, reference and accept set.
+    manifest_fetches: SingleFlight<String, Result<ResolvedManifest, Error>>,
+    /// Tag resolutions with the upstream under way, by upstream, repository, tag and accept set.
+    resolutions: SingleFlight<String, Result<ResolvedManifest, Error>>,
+    /// Confirmations that a repository holds a digest, by repository and digest.
+    confirmations: SingleFlight<String, Result<(), Error>>,
+    /// Tag lists as the upstream gave them, kept briefly and served while the upstream is down.
+    tag_lists: moka::future::Cache<String, Arc<TagList>>,
+    tag_list_fetches: SingleFlight<String, Result<Arc<TagList>, Error>>,
 }
 
 impl Cache {
     /// Opens the cache directory: creates it, removes leftovers of interrupted fills, and
     /// indexes the blobs on disk. Fails if another pier process has the directory open.
+    /// Blocking: call it before serving.
     pub fn open(config: CacheConfig, metrics: Arc<Metrics>) -> io::Result<Cache> {
         let store = DiskStore::open(&config.dir)?;
         let index = Index::from_scan(store.scan()?);
         let cache = Cache {
-            store: Arc::new(store),
+            disk: Disk::new(store),
             memory: MemoryTier::new(config.memory_size, config.memory_object_size),
             fills: Fills::default(),
-            manifest_fetches: SingleFlight::default(),
             retry: config.retry,
             metrics,
             index,
             budget: config.budget,
             evict_now: tokio::sync::Notify::new(),
-            tags: moka::future::Cache::new(100_000),
             fill_slots: (config.max_concurrent_fills > 0).then(|| {
                 let slots = Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_fills));
                 (slots, config.max_concurrent_fills + config.max_queued_fills)
             }),
+            tags: TagRecords::new(),
+            links: Links::new(),
+            manifest_fetches: SingleFlight::default(),
+            resolutions: SingleFlight::default(),
+            confirmations: SingleFlight::default(),
+            tag_lists: moka::future::Cache::new(10_000),
+            tag_list_fetches: SingleFlight::default(),
         };
         cache
             .metrics
@@ -170,8 +203,9 @@ impl Cache {
         Ok(cache)
     }
 
-    pub fn store(&self) -> &DiskStore {
-        &self.store
+    /// The disk store, through its async front.
+    pub fn disk(&self) -> &Disk {
+        &self.disk
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -180,10 +214,7 @@ impl Cache {
 
     /// Whether the cache directory takes writes (for readiness probes).
     pub async fn check_writable(&self) -> io::Result<()> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.check_writable())
-            .await
-            .map_err(io::Error::other)?
+        self.disk.run(|s| s.check_writable()).await
     }
 
     /// Brings the gauges that are read rather than counted (the memory tier's) up to date.
@@ -197,7 +228,8 @@ impl Cache {
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 
-    /// A blob from memory or disk, without going upstream.
+    /// A blob from memory or disk, without going upstream. No repository is checked: for
+    /// callers that did ([`Cache::blob`]) and for benchmarks.
     pub async fn cached_blob(&self, digest: &Digest) -> io::Result<Option<Blob>> {
         if let Some(obj) = self.memory.get(digest).await {
             self.index.touch(digest);
@@ -207,12 +239,35 @@ impl Cache {
                 content: Content::Memory(obj.bytes),
             }));
         }
-        let Some((file, len)) = self.store.open_blob(digest)? else {
+        if !self.index.contains(digest) {
+            return Ok(None);
+        }
+        let d = digest.clone();
+        let admits = self.memory.max_object_size();
+        let opened = self
+            .disk
+            .run(move |s| {
+                let Some((file, len)) = s.open_blob(&d)? else {
+                    return Ok(None);
+                };
+                // Small enough for the memory tier: read it whole on this thread.
+                let bytes = if len <= admits {
+                    let mut buf = Vec::with_capacity(len as usize);
+                    std::io::Read::read_to_end(&mut &file, &mut buf)?;
+                    Some(Bytes::from(buf))
+                } else {
+                    None
+                };
+                Ok(Some((file, len, bytes)))
+            })
+            .await?;
+        let Some((file, len, bytes)) = opened else {
+            // Gone from disk behind pier's back (or evicted a moment ago): the index follows.
+            self.forget_stored(digest).await;
             return Ok(None);
         };
         self.index.touch(digest);
-        if self.memory.admits(len) {
-            let bytes = read_whole(file).await?;
+        if let Some(bytes) = bytes {
             self.memory
                 .insert(
                     digest.clone(),
@@ -238,55 +293,124 @@ impl Cache {
         }))
     }
 
-    /// A blob from the cache, or else from the fill for its digest (joining the one in progress,
-    /// or starting one with `origin`). Returns once the upstream answered, so that the size is
-    /// known, or with the error that ended the fill before any byte.
-    pub async fn blob(
+    /// A blob of `at`'s repository: from the cache when the repository holds it (confirmed with
+    /// the upstream when pier holds the digest only for other repositories), else from the fill
+    /// for its digest, joined or started from this repository. Returns once the upstream
+    /// answered, so that the size is known, or with the error that ended the fill before any
+    /// byte.
+    pub async fn blob(self: &Arc<Self>, at: RepoRef<'_>, digest: &Digest) -> Result<Blob, Error> {
+        let mut linked = self.is_linked(at, digest).await?;
+        if !linked && self.holds(digest) {
+            self.confirm(at, digest, resolve::Kind::Blob).await?;
+            linked = true;
+        }
+        let origin = || -> Arc<dyn Origin> {
+            Arc::new(UpstreamOrigin {
+                client: at.client.clone(),
+                repo: at.repo.clone(),
+                digest: digest.clone(),
+            })
+        };
+        let blob = match self.fill_blob(digest, origin).await {
+            // The fill joined may have been another repository's, which does not hold the
+            // digest: that says nothing of this repository, which the upstream vouched for.
+            Err(FillError::Upstream(UpstreamError::NotFound | UpstreamError::Unauthorized(_)))
+                if linked =>
+            {
+                self.wait_for_fills(Some(digest), std::time::Duration::from_secs(5))
+                    .await;
+                self.fill_blob(digest, origin).await?
+            }
+            other => other?,
+        };
+        if !linked {
+            match blob.source {
+                // This repository's own download got an answer: the upstream has it there.
+                Source::Upstream { joined: false } => self.link(at, [digest.clone()]).await,
+                // Someone else's bytes arrived meanwhile: ask, as above.
+                _ => self.confirm(at, digest, resolve::Kind::Blob).await?,
+            }
+        }
+        Ok(blob)
+    }
+
+    /// A blob by digest from the tiers, or else from the fill for it (joining the one in
+    /// progress, or starting one with `origin`). No repository is checked: [`Cache::blob`] does.
+    pub async fn fill_blob(
         self: &Arc<Self>,
         digest: &Digest,
         origin: impl FnOnce() -> Arc<dyn Origin>,
     ) -> Result<Blob, FillError> {
-        if let Some(blob) = self
-            .cached_blob(digest)
-            .await
-            .map_err(|e| FillError::Io(e.to_string()))?
-        {
-            return Ok(blob);
-        }
-        let (fill, joined) = self.join_or_start(digest, origin)?;
-        let Some(fill) = fill else {
-            // It landed on disk between the two looks.
-            return self
+        let mut origin = Some(origin);
+        // Twice at most: a blob evicted between the index's word and the open is filled again.
+        for _ in 0..2 {
+            if let Some(blob) = self
                 .cached_blob(digest)
                 .await
-                .map_err(|e| FillError::Io(e.to_string()))?
-                .ok_or_else(|| FillError::Io("blob vanished from the store".into()));
-        };
-        let mut rx = fill.progress.subscribe();
-        let ready = rx
-            .wait_for(|p| !matches!(p.phase, Phase::Connecting))
-            .await
-            .map_err(|_| FillError::Io("fill ended without an answer".into()))?
-            .clone();
-        if let Phase::Failed(e) = ready.phase {
-            return Err(e);
+                .map_err(|e| FillError::Io(e.into()))?
+            {
+                return Ok(blob);
+            }
+            let (fill, joined) = match self.join_or_start(digest, &mut origin)? {
+                Some(f) => f,
+                None => continue, // landed on disk between the two looks
+            };
+            let mut rx = fill.progress.subscribe();
+            let ready = rx
+                .wait_for(|p| !matches!(p.phase, Phase::Connecting))
+                .await
+                .map_err(|_| FillError::Panicked)?
+                .clone();
+            if let Phase::Failed(e) = ready.phase {
+                return Err(e);
+            }
+            let file = fill.file().ok_or(FillError::Panicked)?;
+            return Ok(Blob {
+                size: ready.total,
+                source: Source::Upstream { joined },
+                content: Content::File {
+                    file,
+                    progress: Some(rx),
+                },
+            });
         }
-        Ok(Blob {
-            size: ready.total,
-            source: Source::Upstream { joined },
-            content: Content::File {
-                file: fill.file.clone(),
-                progress: Some(rx),
-            },
-        })
+        Err(FillError::Io(
+            io::Error::other("blob vanished from the store while it was read").into(),
+        ))
     }
 
-    /// The size of a blob pier has or is filling, without going upstream.
-    pub async fn blob_size(&self, digest: &Digest) -> Option<(u64, Source)> {
+    /// The size of a blob of `at`'s repository, and where it is: pier's own when the repository
+    /// holds it (or the upstream confirms it does), else the upstream's HEAD, without
+    /// downloading.
+    pub async fn blob_head(
+        self: &Arc<Self>,
+        at: RepoRef<'_>,
+        digest: &Digest,
+    ) -> Result<(Option<u64>, Source), Error> {
+        let linked = self.is_linked(at, digest).await?;
+        if let Some((size, source)) = self.local_size(digest).await {
+            if !linked {
+                self.confirm(at, digest, resolve::Kind::Blob).await?;
+            }
+            return Ok((Some(size), source));
+        }
+        let size = at
+            .client
+            .head_blob(at.repo, digest)
+            .await
+            .map_err(Error::from_upstream)?;
+        if !linked {
+            self.link(at, [digest.clone()]).await;
+        }
+        Ok((size, Source::Upstream { joined: false }))
+    }
+
+    /// Size and tier of a blob pier has or is filling, from memory alone (no file is read).
+    async fn local_size(&self, digest: &Digest) -> Option<(u64, Source)> {
         if let Some(obj) = self.memory.get(digest).await {
             return Some((obj.bytes.len() as u64, Source::Memory));
         }
-        if let Some(len) = self.store.blob_len(digest) {
+        if let Some(len) = self.index.size(digest) {
             return Some((len, Source::Disk));
         }
         // Being filled: known, but not cached yet (the fill may still fail).
@@ -295,21 +419,37 @@ impl Cache {
         Some((total, Source::Upstream { joined: true }))
     }
 
-    /// The fill for `digest`: the one running, or a new one. `None` when the blob is on disk.
-    fn join_or_start(
+    /// Whether verified content with this digest is in the disk store.
+    pub fn is_stored(&self, digest: &Digest) -> bool {
+        self.index.contains(digest)
+    }
+
+    /// Whether pier holds the digest in any tier or is filling it.
+    fn holds(&self, digest: &Digest) -> bool {
+        self.memory.contains(digest)
+            || self.index.contains(digest)
+            || self
+                .fills
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains_key(digest)
+    }
+
+    /// The fill for `digest`: the one running, or a new one (whose task creates its file).
+    /// `None` when the blob is on disk. No file system call happens under the lock: the index
+    /// and the fills map settle it, as a fill leaves the map only after its blob is indexed.
+    fn join_or_start<O: FnOnce() -> Arc<dyn Origin>>(
         self: &Arc<Self>,
         digest: &Digest,
-        origin: impl FnOnce() -> Arc<dyn Origin>,
-    ) -> Result<(Option<Arc<Fill>>, bool), FillError> {
+        origin: &mut Option<O>,
+    ) -> Result<Option<(Arc<Fill>, bool)>, FillError> {
         let mut fills = self.fills.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(fill) = fills.get(digest) {
             self.metrics.fill_joins.inc();
-            return Ok((Some(fill.clone()), true));
+            return Ok(Some((fill.clone(), true)));
         }
-        // A fill removes itself from the map only after its file is in place, so a look at the
-        // disk under the lock settles whether a new fill is needed.
-        if self.store.blob_len(digest).is_some() {
-            return Ok((None, false));
+        if self.index.contains(digest) {
+            return Ok(None);
         }
         if self
             .fill_slots
@@ -318,19 +458,17 @@ impl Cache {
         {
             return Err(FillError::Busy);
         }
-        let (file, temp) = self
-            .store
-            .create_temp(digest)
-            .map_err(|e| FillError::Io(e.to_string()))?;
-        let fill = Arc::new(Fill::new(digest.clone(), file, temp));
+        let origin = origin.take().ok_or(FillError::Panicked)?();
+        let fill = Arc::new(Fill::new(digest.clone()));
         fills.insert(digest.clone(), fill.clone());
         drop(fills);
         self.metrics.fills_in_flight.inc();
-        tokio::spawn(run_fill(self.clone(), fill.clone(), origin()));
-        Ok((Some(fill), false))
+        tokio::spawn(run_fill(self.clone(), fill.clone(), origin));
+        Ok(Some((fill, false)))
     }
 
-    /// A manifest by digest, from memory or disk.
+    /// A manifest by digest, from memory or disk. No repository is checked:
+    /// [`Cache::resolve_manifest`] does.
     pub async fn manifest(&self, digest: &Digest) -> io::Result<Option<(CachedManifest, Source)>> {
         if let Some(obj) = self.memory.get(digest).await {
             if let Some(media_type) = obj.media_type {
@@ -344,14 +482,28 @@ impl Cache {
                 )));
             }
         }
-        let Some(media_type) = self.store.manifest_type(digest) else {
+        if !self.index.contains(digest) {
             return Ok(None);
-        };
-        let Some((file, _)) = self.store.open_blob(digest)? else {
+        }
+        let d = digest.clone();
+        let read = self
+            .disk
+            .run(move |s| {
+                let Some(media_type) = s.manifest_type(&d) else {
+                    return Ok(None);
+                };
+                let Some((file, _)) = s.open_blob(&d)? else {
+                    return Ok(None);
+                };
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut &file, &mut buf)?;
+                Ok(Some((media_type, Bytes::from(buf))))
+            })
+            .await?;
+        let Some((media_type, bytes)) = read else {
             return Ok(None);
         };
         self.index.touch(digest);
-        let bytes = read_whole(file).await?;
         let media_type: Arc<str> = media_type.into();
         let obj = MemoryObject {
             bytes: bytes.clone(),
@@ -362,14 +514,18 @@ impl Cache {
     }
 
     /// Stores a manifest under its digest. The caller checked that `digest` matches `bytes`.
-    pub async fn put_manifest(&self, digest: &Digest, manifest: &CachedManifest) -> io::Result<()> {
-        let (store, d, m) = (self.store.clone(), digest.clone(), manifest.clone());
-        tokio::task::spawn_blocking(move || {
-            store.write_blob(&d, &m.bytes)?;
-            store.set_manifest_type(&d, &m.media_type)
-        })
-        .await
-        .map_err(io::Error::other)??;
+    pub(crate) async fn put_manifest(
+        &self,
+        digest: &Digest,
+        manifest: &CachedManifest,
+    ) -> io::Result<()> {
+        let (d, m) = (digest.clone(), manifest.clone());
+        self.disk
+            .run(move |store| {
+                store.write_blob(&d, &m.bytes)?;
+                store.set_manifest_type(&d, &m.media_type)
+            })
+            .await?;
         self.stored(digest.clone(), manifest.bytes.len() as u64);
         let obj = MemoryObject {
             bytes: manifest.bytes.clone(),
@@ -381,149 +537,97 @@ impl Cache {
 
     /// Every (upstream, repository) pier holds a tag of.
     pub async fn repositories(&self) -> io::Result<Vec<(String, String)>> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.repositories())
-            .await
-            .map_err(io::Error::other)?
+        self.disk.run(|s| s.repositories()).await
     }
 
-    /// Where a tag of an upstream's repository pointed when pier last saw it.
-    /// Answered from memory when pier saw the tag since it started, else from its file.
-    pub async fn tag(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> Option<TagRecord> {
-        let key = tag_key(upstream, repo, tag);
-        if let Some(rec) = self.tags.get(&key).await {
-            return Some(rec);
+    /// Forgets a blob the index holds but the disk no longer does.
+    async fn forget_stored(&self, digest: &Digest) {
+        self.memory.remove(digest).await;
+        if let Some(total) = self.index.remove(digest) {
+            self.disk_usage_changed(total);
         }
-        let rec = self.store.tag(upstream, repo, tag)?;
-        self.tags.insert(key, rec.clone()).await;
-        Some(rec)
-    }
-
-    /// Records where a tag points, on disk and in memory.
-    pub async fn set_tag(
-        &self,
-        upstream: &str,
-        repo: &RepositoryName,
-        tag: &Tag,
-        record: &TagRecord,
-    ) -> io::Result<()> {
-        self.store.set_tag(upstream, repo, tag, record)?;
-        self.tags
-            .insert(tag_key(upstream, repo, tag), record.clone())
-            .await;
-        Ok(())
-    }
-
-    /// The manifest fill: runs `fetch` once for all concurrent callers with the same `key`, checks
-    /// the bytes against `expected` (a digest reference) or the upstream's `Docker-Content-Digest`,
-    /// stores them, and records `tag` as pointing at them, all before any caller is answered, so
-    /// that a request arriving just after finds the tag recorded. Returns the digest and manifest,
-    /// and whether this caller joined a fill already under way.
-    pub async fn fill_manifest(
-        self: &Arc<Self>,
-        key: String,
-        fetch: BoxFuture<'static, Result<Manifest, UpstreamError>>,
-        expected: Option<Digest>,
-        tag: Option<(Arc<str>, RepositoryName, Tag)>,
-    ) -> (Result<(Digest, CachedManifest), UpstreamError>, bool) {
-        let cache = self.clone();
-        self.manifest_fetches
-            .run(key, move || async move {
-                let m = fetch.await?;
-                let digest = match (expected, m.digest_header) {
-                    (Some(d), _) | (None, Some(d)) if d.verifies(&m.bytes) => d,
-                    (Some(_), _) | (None, Some(_)) => {
-                        return Err(UpstreamError::Invalid(
-                            "manifest bytes do not match their digest".into(),
-                        ))
-                    }
-                    (None, None) => Digest::sha256_of(&m.bytes),
-                };
-                let manifest = CachedManifest {
-                    bytes: m.bytes,
-                    media_type: m.media_type.into(),
-                };
-                if let Err(e) = cache.put_manifest(&digest, &manifest).await {
-                    tracing::warn!(error = %e, %digest, "could not cache manifest");
-                } else if let Some((upstream, repo, tag)) = tag {
-                    let rec =
-                        TagRecord::new(&digest, &manifest.media_type, std::time::SystemTime::now());
-                    if let Err(e) = cache.set_tag(&upstream, &repo, &tag, &rec).await {
-                        tracing::warn!(error = %e, "could not record tag");
-                    }
-                }
-                Ok((digest, manifest))
-            })
-            .await
     }
 }
 
-fn tag_key(upstream: &str, repo: &RepositoryName, tag: &Tag) -> String {
-    format!("{upstream}/{repo}:{tag}")
-}
-
-/// The fill's task: download, commit or discard, tell the readers, leave the map.
+/// The fill's task: download, commit or discard, tell the readers, leave the map. A panic
+/// anywhere in it still fails the fill for its readers and removes it from the map.
 async fn run_fill(cache: Arc<Cache>, fill: Arc<Fill>, origin: Arc<dyn Origin>) {
+    let outcome = std::panic::AssertUnwindSafe(fill_and_commit(&cache, &fill, origin.as_ref()))
+        .catch_unwind()
+        .await;
+    let failure = match outcome {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => {
+            tracing::error!(digest = %fill.digest, "fill task panicked");
+            Some(FillError::Panicked)
+        }
+    };
+    if let Some(e) = failure {
+        cache.metrics.fills.with_label_values(&["failed"]).inc();
+        tracing::warn!(digest = %fill.digest, error = %e, "fill failed; nothing kept");
+        if let Some((_, temp)) = fill.temp.get() {
+            let temp = temp.clone();
+            let _ = cache.disk.run(move |_| std::fs::remove_file(temp)).await;
+        }
+        if matches!(&e, FillError::Io(io) if io.kind() == io::ErrorKind::StorageFull) {
+            // Make room for the next attempt.
+            cache.evict_now.notify_one();
+        }
+        fill.progress.send_modify(|p| p.phase = Phase::Failed(e));
+    }
+    let purged = {
+        let mut fills = cache.fills.lock().unwrap_or_else(|p| p.into_inner());
+        fills.remove(&fill.digest);
+        fill.purged.load(Ordering::SeqCst)
+    };
+    if purged {
+        // A purge ran during the fill: what it committed must not outlive the purge.
+        let _ = cache.purge_digest(&fill.digest).await;
+    }
+    cache.metrics.fills_in_flight.dec();
+}
+
+/// Downloads into a new temporary file, verifies, and commits it to the store.
+async fn fill_and_commit(
+    cache: &Arc<Cache>,
+    fill: &Arc<Fill>,
+    origin: &dyn Origin,
+) -> Result<(), FillError> {
     let metrics = &cache.metrics;
     // Wait for a download slot; the fill's readers wait meanwhile (still "connecting").
     let _slot = match &cache.fill_slots {
         Some((slots, _)) => slots.clone().acquire_owned().await.ok(),
         None => None,
     };
-    match fill.download(origin.as_ref(), &cache.retry).await {
-        Ok(resumes) => {
-            metrics.fill_resumes.inc_by(u64::from(resumes));
-            // The bytes verified: readers may finish now, before the fsync of the commit.
-            fill.progress.send_modify(|p| p.phase = Phase::Verified);
-            let written = fill.progress.borrow().written;
-            let (s, f) = (cache.store.clone(), fill.clone());
-            let committed =
-                tokio::task::spawn_blocking(move || s.commit(&f.file, &f.temp, &f.digest))
-                    .await
-                    .map_err(io::Error::other)
-                    .and_then(|r| r);
-            match committed {
-                Ok(()) => {
-                    metrics.fills.with_label_values(&["ok"]).inc();
-                    cache.stored(fill.digest.clone(), written);
-                    fill.progress.send_modify(|p| p.phase = Phase::Complete);
-                    tracing::debug!(digest = %fill.digest, bytes = written, "fill complete");
-                }
-                Err(e) => {
-                    // The clients got verified bytes; only the cache goes without.
-                    metrics.fills.with_label_values(&["failed"]).inc();
-                    tracing::warn!(digest = %fill.digest, error = %e, "verified blob could not be stored");
-                    let _ = std::fs::remove_file(&fill.temp);
-                    cache.evict_now.notify_one();
-                }
-            }
+    let d = fill.digest.clone();
+    let (file, temp) = cache
+        .disk
+        .run(move |s| s.create_temp(&d))
+        .await
+        .map_err(|e| FillError::Io(e.into()))?;
+    let file = Arc::new(file);
+    let _ = fill.temp.set((file.clone(), temp.clone()));
+    let resumes = fill.download(&file, origin, &cache.retry).await?;
+    metrics.fill_resumes.inc_by(u64::from(resumes));
+    // The bytes verified: readers may finish now, before the fsync of the commit.
+    fill.progress.send_modify(|p| p.phase = Phase::Verified);
+    let written = fill.progress.borrow().written;
+    let (f, t, d) = (file.clone(), temp.clone(), fill.digest.clone());
+    match cache.disk.run(move |s| s.commit(&f, &t, &d)).await {
+        Ok(()) => {
+            metrics.fills.with_label_values(&["ok"]).inc();
+            cache.stored(fill.digest.clone(), written);
+            fill.progress.send_modify(|p| p.phase = Phase::Complete);
+            tracing::debug!(digest = %fill.digest, bytes = written, "fill complete");
         }
         Err(e) => {
+            // The clients got verified bytes; only the cache goes without.
             metrics.fills.with_label_values(&["failed"]).inc();
-            tracing::warn!(digest = %fill.digest, error = %e, "fill failed; nothing kept");
-            let _ = std::fs::remove_file(&fill.temp);
-            if matches!(&e, FillError::Io(m) if m.contains("No space left")) {
-                // Make room for the next attempt.
-                cache.evict_now.notify_one();
-            }
-            fill.progress.send_modify(|p| p.phase = Phase::Failed(e));
+            tracing::warn!(digest = %fill.digest, error = %e, "verified blob could not be stored");
+            let _ = cache.disk.run(move |_| std::fs::remove_file(temp)).await;
+            cache.evict_now.notify_one();
         }
     }
-    cache
-        .fills
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&fill.digest);
-    metrics.fills_in_flight.dec();
-}
-
-async fn read_whole(file: File) -> io::Result<Bytes> {
-    tokio::task::spawn_blocking(move || {
-        use std::io::Read;
-        let mut buf = Vec::new();
-        (&file).read_to_end(&mut buf)?;
-        Ok(Bytes::from(buf))
-    })
-    .await
-    .map_err(io::Error::other)?
+    Ok(())
 }

@@ -36,6 +36,20 @@ impl MemoryTier {
         self.cache.get(digest).await
     }
 
+    /// Whether the tier holds `digest` (no recency update).
+    pub(crate) fn contains(&self, digest: &Digest) -> bool {
+        self.cache.contains_key(digest)
+    }
+
+    /// The largest object the tier takes (0 when it is off).
+    pub(crate) fn max_object_size(&self) -> u64 {
+        if self.max_object_size > 0 {
+            self.max_object_size
+        } else {
+            0
+        }
+    }
+
     /// Whether an object of this size belongs in memory.
     pub(crate) fn admits(&self, len: u64) -> bool {
         len <= self.max_object_size && self.max_object_size > 0

@@ -3,7 +3,8 @@
 //! ```text
 //! <root>/blobs/<alg>/<2 hex>/<hex>     verified content (layers, configs and manifests alike)
 //! <root>/manifests/<alg>/<hex>         a manifest's media type, next to its bytes in blobs/
-//! <root>/tags/<upstream>/<repo>/_tags/<tag>   which digest a tag pointed at, and when pier saw it
+//! <root>/tags/<upstream>/<repo>/_tags/<tag>   which digest a tag pointed at, per accept set
+//! <root>/tags/<upstream>/<repo>/_links        digests known to be in that repository, a line each
 //! <root>/tmp/                          fills in progress; anything here at start-up is a leftover
 //! ```
 //!
@@ -18,35 +19,116 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use pier_oci::{Digest, RepositoryName, Tag};
+use pier_oci::{AcceptSet, Digest, RepositoryName, Tag};
 
-/// Where a tag pointed when pier last confirmed it with the upstream.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What the upstream answered for one tag, per set of accepted manifest types: a registry that
+/// negotiates (Docker Hub, Distribution) answers a multi-platform tag with an index to clients
+/// that take one, and with one platform's manifest to clients that do not.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TagRecord {
+    pub answers: Vec<TagAnswer>,
+}
+
+/// What a [`TagRecord`] is kept for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordName<'a> {
+    /// A tag of the repository.
+    Tag(&'a Tag),
+    /// The referrers of a digest in the repository: the OCI referrers API's answer.
+    Referrers(&'a Digest),
+}
+
+impl std::fmt::Display for RecordName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordName::Tag(t) => write!(f, ":{t}"),
+            RecordName::Referrers(d) => write!(f, "@{d}/referrers"),
+        }
+    }
+}
+
+/// One answer for a tag: for the clients of one accept set, the manifest it pointed at.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TagAnswer {
+    /// [`AcceptSet::bits`] of the request the upstream answered; 0 for a record written by an
+    /// earlier pier, whose accept set is unknown (it is served only while the upstream is down).
+    pub accept: u8,
     pub digest: String,
     pub media_type: String,
-    /// Seconds since the Unix epoch.
+    /// When pier last confirmed it with the upstream, in seconds since the Unix epoch.
     pub fetched_at: u64,
 }
 
-impl TagRecord {
-    pub fn new(digest: &Digest, media_type: &str, fetched_at: SystemTime) -> Self {
-        TagRecord {
+impl TagAnswer {
+    pub fn new(accept: AcceptSet, digest: &Digest, media_type: &str, at: SystemTime) -> Self {
+        TagAnswer {
+            accept: accept.bits(),
             digest: digest.to_string(),
             media_type: media_type.to_string(),
-            fetched_at: fetched_at
+            fetched_at: at
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         }
     }
 
-    /// Seconds since the record was confirmed (0 if the clock went back).
+    /// The accept set this answer is for, if known.
+    pub fn accept_set(&self) -> Option<AcceptSet> {
+        AcceptSet::from_bits(self.accept)
+    }
+
+    /// Seconds since the answer was confirmed (0 if the clock went back).
     pub fn age_secs(&self, now: SystemTime) -> u64 {
         now.duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0)
             .saturating_sub(self.fetched_at)
+    }
+}
+
+impl TagRecord {
+    /// The answer for exactly this accept set.
+    pub fn answer_for(&self, accept: AcceptSet) -> Option<&TagAnswer> {
+        self.answers.iter().find(|a| a.accept == accept.bits())
+    }
+
+    /// Replaces the answer for the accept set of `answer`.
+    pub fn set(&mut self, answer: TagAnswer) {
+        self.answers.retain(|a| a.accept != answer.accept);
+        self.answers.push(answer);
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TagRecord {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        /// Records of earlier versions held one answer, for an unknown accept set.
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Stored {
+            Answers {
+                answers: Vec<TagAnswer>,
+            },
+            Single {
+                digest: String,
+                media_type: String,
+                fetched_at: u64,
+            },
+        }
+        Ok(match Stored::deserialize(d)? {
+            Stored::Answers { answers } => TagRecord { answers },
+            Stored::Single {
+                digest,
+                media_type,
+                fetched_at,
+            } => TagRecord {
+                answers: vec![TagAnswer {
+                    accept: 0,
+                    digest,
+                    media_type,
+                    fetched_at,
+                }],
+            },
+        })
     }
 }
 
@@ -168,34 +250,24 @@ impl DiskStore {
         }
     }
 
-    /// Forgets every tag of `upstream`'s `repo` (not of repositories below it). Returns the
-    /// digests the tags pointed at.
-    pub fn remove_tags(&self, upstream: &str, repo: &RepositoryName) -> io::Result<Vec<Digest>> {
+    /// Forgets every tag of `upstream`'s `repo` (not of repositories below it), and which
+    /// digests it holds. Returns how many tags went.
+    pub fn remove_tags(&self, upstream: &str, repo: &RepositoryName) -> io::Result<usize> {
+        let tags = self.tags_of(upstream, repo)?.len();
         let dir = self
             .root
             .join("tags")
             .join(upstream)
             .join(repo.as_str())
             .join("_tags");
-        let mut digests = Vec::new();
-        let entries = match fs::read_dir(&dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(digests),
-            Err(e) => return Err(e),
-        };
-        for entry in entries {
-            let entry = entry?;
-            if let Ok(data) = fs::read(entry.path()) {
-                if let Some(d) = serde_json::from_slice::<TagRecord>(&data)
-                    .ok()
-                    .and_then(|r| r.digest.parse().ok())
-                {
-                    digests.push(d);
-                }
+        for dir in [dir.clone(), dir.with_file_name("_referrers")] {
+            match fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
             }
         }
-        fs::remove_dir_all(&dir)?;
-        Ok(digests)
+        self.remove_links(upstream, repo)?;
+        Ok(tags)
     }
 
     pub fn root(&self) -> &Path {
@@ -304,31 +376,120 @@ impl DiskStore {
             .join(digest.hex())
     }
 
-    /// The record of a tag, if pier has seen it.
-    pub fn tag(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> Option<TagRecord> {
-        let data = fs::read(self.tag_path(upstream, repo, tag)).ok()?;
-        serde_json::from_slice(&data).ok()
-    }
-
-    pub fn set_tag(
+    /// Where the record of `name` in `upstream`'s `repo` lives (no file system call).
+    pub fn record_path(
         &self,
         upstream: &str,
         repo: &RepositoryName,
-        tag: &Tag,
-        record: &TagRecord,
-    ) -> io::Result<()> {
-        let data = serde_json::to_vec(record).map_err(io::Error::other)?;
-        self.write_atomic(&self.tag_path(upstream, repo, tag), &data)
+        name: RecordName<'_>,
+    ) -> PathBuf {
+        // `upstream` is a configured registry name; `repo`, tags and digests passed their
+        // grammars, so none of them can leave the directory.
+        let dir = self.root.join("tags").join(upstream).join(repo.as_str());
+        match name {
+            RecordName::Tag(tag) => dir.join("_tags").join(tag.as_str()),
+            RecordName::Referrers(d) => {
+                dir.join("_referrers")
+                    .join(format!("{}-{}", d.algorithm().as_str(), d.hex()))
+            }
+        }
     }
 
-    fn tag_path(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> PathBuf {
-        // `upstream` is a configured registry name; `repo` and `tag` passed their grammars.
+    /// The record at `path`, if there is one.
+    pub fn read_record(&self, path: &Path) -> Option<TagRecord> {
+        let data = fs::read(path).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    /// Replaces the record at `path`.
+    pub fn write_record(&self, path: &Path, record: &TagRecord) -> io::Result<()> {
+        let data = serde_json::to_vec(record).map_err(io::Error::other)?;
+        self.write_atomic(path, &data)
+    }
+
+    /// The record of a tag, if pier has seen it.
+    pub fn tag(&self, upstream: &str, repo: &RepositoryName, tag: &Tag) -> Option<TagRecord> {
+        self.read_record(&self.record_path(upstream, repo, RecordName::Tag(tag)))
+    }
+
+    fn links_path(&self, upstream: &str, repo: &RepositoryName) -> PathBuf {
         self.root
             .join("tags")
             .join(upstream)
             .join(repo.as_str())
-            .join("_tags")
-            .join(tag.as_str())
+            .join("_links")
+    }
+
+    /// The digests recorded as present in `upstream`'s `repo`, or `None` when the repository has
+    /// no links file yet. A torn last line (a crash mid-append) is skipped.
+    pub fn links(&self, upstream: &str, repo: &RepositoryName) -> io::Result<Option<Vec<Digest>>> {
+        match fs::read_to_string(self.links_path(upstream, repo)) {
+            Ok(text) => Ok(Some(text.lines().filter_map(|l| l.parse().ok()).collect())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Appends digests to the repository's links file (creating it). One `write` of whole lines
+    /// with `O_APPEND`, so concurrent appends never interleave within a line.
+    pub fn add_links(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+        digests: &[Digest],
+    ) -> io::Result<()> {
+        let path = self.links_path(upstream, repo);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let mut lines = String::new();
+        for d in digests {
+            lines.push_str(&d.to_string());
+            lines.push('\n');
+        }
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+            .write_all(lines.as_bytes())
+    }
+
+    /// Forgets which digests `upstream`'s `repo` holds.
+    pub fn remove_links(&self, upstream: &str, repo: &RepositoryName) -> io::Result<()> {
+        match fs::remove_file(self.links_path(upstream, repo)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every tag recorded for `upstream`'s `repo`, with its record. Blocking.
+    pub fn tags_of(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+    ) -> io::Result<Vec<(String, TagRecord)>> {
+        let dir = self
+            .root
+            .join("tags")
+            .join(upstream)
+            .join(repo.as_str())
+            .join("_tags");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            let Ok(data) = fs::read(entry.path()) else {
+                continue;
+            };
+            if let Ok(rec) = serde_json::from_slice::<TagRecord>(&data) {
+                out.push((entry.file_name().to_string_lossy().into_owned(), rec));
+            }
+        }
+        Ok(out)
     }
 
     /// Every (upstream, repository) with at least one tag recorded, unsorted. Blocking.
@@ -423,6 +584,17 @@ mod tests {
     }
 
     #[test]
+    fn records_of_earlier_versions_are_read() {
+        let old = r#"{"digest":"sha256:00","media_type":"m","fetched_at":5}"#;
+        let rec: TagRecord = serde_json::from_str(old).unwrap();
+        assert_eq!(rec.answers.len(), 1);
+        assert_eq!(rec.answers[0].accept, 0);
+        assert_eq!(rec.answers[0].accept_set(), None);
+        let new = serde_json::to_string(&rec).unwrap();
+        assert_eq!(serde_json::from_str::<TagRecord>(&new).unwrap(), rec);
+    }
+
+    #[test]
     fn a_directory_is_open_once() {
         let dir = tempfile::tempdir().unwrap();
         let _first = DiskStore::open(dir.path()).unwrap();
@@ -443,12 +615,21 @@ mod tests {
             .starts_with(dir.path().join("blobs/sha256")));
         let repo = RepositoryName::parse("library/x").unwrap();
         let tag = Tag::parse("1.0").unwrap();
-        let rec = TagRecord::new(&d, "application/json", SystemTime::now());
-        store.set_tag("docker.io", &repo, &tag, &rec).unwrap();
+        let mut rec = TagRecord::default();
+        rec.set(TagAnswer::new(
+            AcceptSet::MODERN,
+            &d,
+            "application/json",
+            SystemTime::now(),
+        ));
+        let set_tag = |u: &str, r: &RepositoryName, rec: &TagRecord| {
+            store.write_record(&store.record_path(u, r, RecordName::Tag(&tag)), rec)
+        };
+        set_tag("docker.io", &repo, &rec).unwrap();
         assert_eq!(store.tag("docker.io", &repo, &tag), Some(rec.clone()));
         assert_eq!(store.tag("ghcr.io", &repo, &tag), None);
         let repo2 = RepositoryName::parse("library/x/y").unwrap();
-        store.set_tag("ghcr.io", &repo2, &tag, &rec).unwrap();
+        set_tag("ghcr.io", &repo2, &rec).unwrap();
         let mut repos = store.repositories().unwrap();
         repos.sort();
         assert_eq!(
@@ -458,6 +639,18 @@ mod tests {
                 ("ghcr.io".to_string(), "library/x/y".to_string())
             ]
         );
+        // Links: none yet, then appended, then gone with the tags.
+        assert_eq!(store.links("docker.io", &repo).unwrap(), None);
+        store
+            .add_links("docker.io", &repo, std::slice::from_ref(&d))
+            .unwrap();
+        store
+            .add_links("docker.io", &repo, &[d.clone(), Digest::sha256_of(b"x")])
+            .unwrap();
+        assert_eq!(store.links("docker.io", &repo).unwrap().unwrap().len(), 3);
+        assert_eq!(store.remove_tags("docker.io", &repo).unwrap(), 1);
+        assert_eq!(store.links("docker.io", &repo).unwrap(), None);
+        assert_eq!(store.tag("docker.io", &repo, &tag), None);
         // nothing left behind in tmp/
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
     }

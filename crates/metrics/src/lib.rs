@@ -67,6 +67,10 @@ impl Default for Metrics {
     }
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "metric definitions are constants: building and registering them cannot fail"
+)]
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
     r.register(Box::new(c.clone()))
@@ -74,6 +78,10 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     c
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "metric definitions are constants: building and registering them cannot fail"
+)]
 fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric definition");
     r.register(Box::new(c.clone()))
@@ -81,6 +89,10 @@ fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
     c
 }
 
+#[allow(
+    clippy::expect_used,
+    reason = "metric definitions are constants: building and registering them cannot fail"
+)]
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric definition");
     r.register(Box::new(g.clone()))
@@ -91,6 +103,10 @@ fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
 impl Metrics {
     /// A fresh registry with every metric at zero. (The definitions are constants, so the
     /// `expect`s here cannot fail at run time.)
+    #[allow(
+        clippy::expect_used,
+        reason = "metric definitions are constants: building and registering them cannot fail"
+    )]
     pub fn new() -> Metrics {
         let r = Registry::new();
         let build_info = IntGaugeVec::new(

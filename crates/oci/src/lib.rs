@@ -6,6 +6,7 @@
 
 pub mod digest;
 pub mod error;
+pub mod manifest;
 pub mod media_type;
 pub mod name;
 pub mod path;
@@ -15,6 +16,8 @@ pub mod reference;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
 pub use error::{ErrorCode, RegistryError};
+pub use manifest::{Descriptor, Platform, References};
+pub use media_type::AcceptSet;
 pub use name::{NameError, RepositoryName};
 pub use path::{Endpoint, PathError};
 pub use query::Query;

@@ -23,6 +23,8 @@ pub enum Endpoint {
     Blob { name: String, digest: Digest },
     /// `/v2/<name>/tags/list`
     TagsList { name: String },
+    /// `/v2/<name>/referrers/<digest>`: the manifests whose `subject` is that digest (OCI 1.1).
+    Referrers { name: String, digest: Digest },
     /// `/v2/<name>/blobs/uploads/...`: push, which a mirror does not take.
     Upload,
 }
@@ -54,7 +56,18 @@ impl Endpoint {
         if rest.contains("/blobs/uploads") {
             return Ok(Endpoint::Upload);
         }
-        // The name may itself contain "manifests" or "blobs" as a component, so split at the last.
+        // The name may itself contain "manifests", "blobs" or "referrers" as a component, so
+        // split at the last.
+        if let Some((name, digest)) = rest
+            .rsplit_once("/referrers/")
+            .filter(|(_, d)| !d.contains('/'))
+        {
+            let digest = digest.parse().map_err(PathError::BadDigest)?;
+            return Ok(Endpoint::Referrers {
+                name: name.into(),
+                digest,
+            });
+        }
         if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
             let reference = Reference::parse(reference).map_err(PathError::BadReference)?;
             return Ok(Endpoint::Manifest {
@@ -107,6 +120,22 @@ mod tests {
             Endpoint::parse("/v2/a/blobs/uploads/"),
             Ok(Endpoint::Upload)
         );
+        assert_eq!(
+            Endpoint::parse(&format!("/v2/org/app/referrers/{d}")),
+            Ok(Endpoint::Referrers {
+                name: "org/app".into(),
+                digest: d.parse().unwrap()
+            })
+        );
+        // A repository may be called "referrers".
+        assert!(matches!(
+            Endpoint::parse("/v2/a/referrers/x/manifests/latest"),
+            Ok(Endpoint::Manifest { .. })
+        ));
+        assert!(matches!(
+            Endpoint::parse("/v2/a/referrers/sha256:zz"),
+            Err(PathError::BadDigest(_))
+        ));
     }
 
     #[test]

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 
 use crate::response::{self, Body};
 use crate::serve::{accept_loop, ServerOptions};
+use crate::warm::WarmOptions;
 use crate::Mirror;
 
 /// Cache statistics: what is held and how lookups went since start.
@@ -98,7 +99,8 @@ impl Mirror {
 /// - `DELETE /admin/digests/<digest>`: purge one blob or manifest
 /// - `DELETE /admin/repositories/<name>`: purge a repository's tags
 /// - `POST /admin/evict`: apply the budget now
-/// - `POST /admin/warm?image=IMAGE[&image=...][&platform=os/arch]`: pull images into the cache;
+/// - `POST /admin/warm?image=IMAGE[&image=...][&platform=os/arch][&signatures=false]`: pull
+///   images (with their signatures and referrers, unless `signatures=false`) into the cache;
 ///   answers with one JSON line per object as it is done, then one report line per image
 pub async fn serve_admin(
     listener: TcpListener,
@@ -143,7 +145,11 @@ fn warm(mirror: Arc<Mirror>, query: &str) -> Response<Body> {
             .map(str::to_string)
             .collect::<Vec<_>>()
     };
-    let (images, platforms) = (nonempty("image"), nonempty("platform"));
+    let images = nonempty("image");
+    let options = WarmOptions {
+        platforms: nonempty("platform"),
+        signatures: query.all("signatures").last() != Some("false"),
+    };
     if images.is_empty() {
         let e = RegistryError::new(ErrorCode::Unsupported, "give at least one image=...")
             .with_status(400);
@@ -156,7 +162,7 @@ fn warm(mirror: Arc<Mirror>, query: &str) -> Response<Body> {
                 let _ = tx.send(Ok(bytes::Bytes::from(line + "\n")));
             };
             let report = mirror
-                .warm(&image, &platforms, &|event| {
+                .warm(&image, &options, &|event| {
                     send(serde_json::to_string(&event).unwrap_or_default())
                 })
                 .await;
@@ -166,11 +172,13 @@ fn warm(mirror: Arc<Mirror>, query: &str) -> Response<Body> {
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(response::stream(Box::pin(body)))
-        .unwrap_or_else(|_| Response::new(response::empty()))
+    response::built(
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/x-ndjson")
+            .body(response::stream(Box::pin(body))),
+        false,
+    )
 }
 
 fn json(value: &impl serde::Serialize) -> Response<Body> {

@@ -444,6 +444,7 @@ fn requested_name(path: &str) -> Option<String> {
     match Endpoint::parse(path).ok()? {
         Endpoint::Manifest { name, .. }
         | Endpoint::Blob { name, .. }
+        | Endpoint::Referrers { name, .. }
         | Endpoint::TagsList { name } => Some(name),
         _ => None,
     }
@@ -503,14 +504,15 @@ fn permitted(
     }
 }
 
-/// The gate in front of the registry handlers: `None` lets the request through, `Some` is the
-/// answer (401 with a challenge, 403, or 429 when Basic credentials cannot be checked now).
+/// The gate in front of the registry handlers: `Ok` lets the request through as that identity,
+/// `Err` is the answer (401 with a challenge, 403, or 429 when Basic credentials cannot be
+/// checked now).
 pub(crate) async fn gate<B>(
     auth: &Auth,
     mirror: &Mirror,
     req: &Request<B>,
     tls: bool,
-) -> Option<Response<Body>> {
+) -> Result<Identity, Box<Response<Body>>> {
     let name = requested_name(req.uri().path());
     let query = req.uri().query();
     let denied = |n: &str| {
@@ -518,41 +520,49 @@ pub(crate) async fn gate<B>(
             ErrorCode::Denied,
             format!("you may not pull {n} through this mirror"),
         );
-        Some(response::error(&e, req.method() == http::Method::HEAD))
+        Err(Box::new(response::error(
+            &e,
+            req.method() == http::Method::HEAD,
+        )))
     };
     match auth.credentials(req.headers()).await {
-        Credentials::Invalid => Some(challenge(req, tls, name.as_deref(), "invalid credentials")),
-        Credentials::Busy => Some(busy(req)),
-        Credentials::None if !auth.anonymous_allowed() => Some(challenge(
+        Credentials::Invalid => Err(Box::new(challenge(
+            req,
+            tls,
+            name.as_deref(),
+            "invalid credentials",
+        ))),
+        Credentials::Busy => Err(Box::new(busy(req))),
+        Credentials::None if !auth.anonymous_allowed() => Err(Box::new(challenge(
             req,
             tls,
             name.as_deref(),
             "authentication required",
-        )),
+        ))),
         Credentials::None => match name {
             Some(n) if !permitted(auth, mirror, &Identity::Anonymous, &n, query) => {
-                Some(challenge(
+                Err(Box::new(challenge(
                     req,
                     tls,
                     Some(&n),
                     "authentication required for this repository",
-                ))
+                )))
             }
-            _ => None,
+            _ => Ok(Identity::Anonymous),
         },
         Credentials::User(who) => match name {
             Some(n) if !permitted(auth, mirror, &who, &n, query) => denied(&n),
-            _ => None,
+            _ => Ok(who),
         },
         Credentials::Token { who, repositories } => match name {
-            Some(n) if !repositories.contains(&n) => Some(challenge(
+            Some(n) if !repositories.contains(&n) => Err(Box::new(challenge(
                 req,
                 tls,
                 Some(&n),
                 "token not valid for this repository",
-            )),
+            ))),
             Some(n) if !permitted(auth, mirror, &who, &n, query) => denied(&n),
-            _ => None,
+            _ => Ok(who),
         },
     }
 }

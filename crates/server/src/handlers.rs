@@ -1,19 +1,40 @@
-//! The pull API: `/v2/`, manifests, blobs and tag lists, answered through the cache.
+//! The pull API: `/v2/`, manifests, blobs, tag lists and the catalog. Each handler routes the
+//! request, asks the cache (which resolves, looks up tiers and fills), and answers.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
 
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
-use pier_cache::{CachedManifest, Origin, Source, TagRecord};
-use pier_oci::media_type;
+use pier_cache::{CachedManifest, Source};
 use pier_oci::path::PathError;
 use pier_oci::reference::ReferenceError;
-use pier_oci::{ByteRange, Digest, Endpoint, ErrorCode, RangeError, Reference, RegistryError, Tag};
+use pier_oci::{
+    AcceptSet, ByteRange, Digest, Endpoint, ErrorCode, RangeError, Reference, RegistryError,
+    RepositoryName, Tag,
+};
 
-use crate::origin::BlobOrigin;
+use crate::auth::{Auth, Identity};
 use crate::response::{self, Body};
 use crate::routing::Route;
-use crate::{Mirror, TagList};
+use crate::Mirror;
+
+/// Who is asking, for what pier lists: per-user rules apply to listings as they do to pulls
+/// (the gate in front of the handlers already applied them to the repository of a request).
+pub enum Caller<'a> {
+    /// Client authentication is off: anyone may pull what the upstreams' lists allow.
+    Anyone,
+    /// A client under the authentication rules (anonymous, when anonymous pulls are on).
+    Identified { auth: &'a Auth, who: Identity },
+}
+
+impl Caller<'_> {
+    /// Whether the caller may pull `repository` of `registry`.
+    pub fn may_pull(&self, registry: &str, repository: &str) -> bool {
+        match self {
+            Caller::Anyone => true,
+            Caller::Identified { auth, who } => auth.may_pull(who, registry, repository),
+        }
+    }
+}
 
 /// What an answer was and where it came from, attached to the response for the access log and
 /// the metrics.
@@ -28,16 +49,16 @@ pub struct Outcome {
 
 type Answer = Result<Response<Body>, RegistryError>;
 
-/// Answers one request.
-pub async fn handle<B>(mirror: &Mirror, req: &Request<B>) -> Response<Body> {
+/// Answers one request of `caller` (whom the gate let through).
+pub async fn handle<B>(mirror: &Mirror, req: &Request<B>, caller: &Caller<'_>) -> Response<Body> {
     let head = req.method() == Method::HEAD;
-    match dispatch(mirror, req, head).await {
+    match dispatch(mirror, req, caller, head).await {
         Ok(resp) => resp,
         Err(e) => response::error(&e, head),
     }
 }
 
-async fn dispatch<B>(mirror: &Mirror, req: &Request<B>, head: bool) -> Answer {
+async fn dispatch<B>(mirror: &Mirror, req: &Request<B>, caller: &Caller<'_>, head: bool) -> Answer {
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return Err(RegistryError::new(
             ErrorCode::Unsupported,
@@ -48,23 +69,27 @@ async fn dispatch<B>(mirror: &Mirror, req: &Request<B>, head: bool) -> Answer {
     let query = req.uri().query();
     match endpoint {
         Endpoint::Base => Ok(response::json("{}", head)),
-        Endpoint::Catalog => catalog(mirror, query, head).await,
+        Endpoint::Catalog => catalog(mirror, caller, query, head).await,
         Endpoint::Upload => Err(RegistryError::new(
             ErrorCode::Unsupported,
             "pier is a read-only mirror: push is not supported",
         )),
         Endpoint::Manifest { name, reference } => {
             let route = mirror.route(&name, query)?;
-            let accept = accept(req.headers());
-            manifest(mirror, &route, &reference, &accept, head).await
+            let accept = AcceptSet::from_header(&accept(req.headers()));
+            manifest(mirror, &route, &reference, accept, head).await
         }
         Endpoint::Blob { name, digest } => {
             let route = mirror.route(&name, query)?;
             blob(mirror, &route, &digest, req.headers(), head).await
         }
+        Endpoint::Referrers { name, digest } => {
+            let route = mirror.route(&name, query)?;
+            referrers(mirror, &route, &digest, query, head).await
+        }
         Endpoint::TagsList { name } => {
             let route = mirror.route(&name, query)?;
-            tags_list(mirror, &route, query, head).await
+            tags_list(mirror, &route, req.uri().path(), query, head).await
         }
     }
 }
@@ -120,229 +145,85 @@ fn with_outcome(
 
 // ---- manifests ----
 
+/// A manifest by tag or digest, as the cache resolves it for the client's accept set.
 async fn manifest(
     mirror: &Mirror,
     route: &Route<'_>,
     reference: &Reference,
-    accept: &str,
+    accept: AcceptSet,
     head: bool,
 ) -> Answer {
-    match reference {
-        Reference::Digest(digest) => manifest_by_digest(mirror, route, digest, accept, head).await,
-        Reference::Tag(tag) => manifest_by_tag(mirror, route, tag, accept, head).await,
-    }
+    let m = mirror
+        .cache
+        .resolve_manifest(route.at(), reference, accept)
+        .await
+        .map_err(|e| response::from_cache(&e, ErrorCode::ManifestUnknown))?;
+    Ok(manifest_response(
+        &m.digest,
+        &m.manifest,
+        m.source,
+        route,
+        head,
+    ))
 }
 
-/// Digests are immutable: a cached one is answered without asking the upstream, ever.
-async fn manifest_by_digest(
+/// The referrers of a digest (OCI 1.1), as the cache resolves them, filtered by `artifactType`
+/// when asked (`OCI-Filters-Applied` then says so).
+async fn referrers(
     mirror: &Mirror,
     route: &Route<'_>,
     digest: &Digest,
-    accept: &str,
+    query: Option<&str>,
     head: bool,
 ) -> Answer {
-    if let Some((m, source)) = mirror
+    let m = mirror
         .cache
-        .manifest(digest)
+        .referrers(route.at(), digest)
         .await
-        .map_err(|e| response::from_io(&e))?
-    {
-        return Ok(manifest_response(digest, &m, source, route, head));
-    }
-    let reference = Reference::Digest(digest.clone());
-    let (fetched, joined) = fill_manifest(mirror, route, &reference, accept).await;
-    let (digest, m) =
-        fetched.map_err(|e| response::from_upstream(&e, ErrorCode::ManifestUnknown))?;
-    Ok(manifest_response(
-        &digest,
-        &m,
-        Source::Upstream { joined },
-        route,
-        head,
-    ))
-}
-
-/// Tags move: answered from cache within the upstream's TTL, then revalidated with a HEAD (which
-/// does not count against Docker Hub's pull limit), fetched only when the digest changed, and
-/// served stale while the upstream is unreachable, failing or rate-limiting.
-async fn manifest_by_tag(
-    mirror: &Mirror,
-    route: &Route<'_>,
-    tag: &Tag,
-    accept: &str,
-    head: bool,
-) -> Answer {
-    let upstream = route.upstream;
-    let record = mirror.cache.tag(&upstream.name, &route.repo, tag).await;
-    let mut cached = None;
-    if let Some(rec) = record
-        .as_ref()
-        .filter(|r| media_type::accepts(accept, &r.media_type))
-    {
-        if let Ok(digest) = rec.digest.parse::<Digest>() {
-            if let Some((m, source)) = mirror
-                .cache
-                .manifest(&digest)
-                .await
-                .map_err(|e| response::from_io(&e))?
-            {
-                cached = Some((digest, m, source, rec.clone()));
-            }
-        }
-    }
-    let reference = Reference::Tag(tag.clone());
-    if let Some((digest, m, source, rec)) = &cached {
-        let fresh = rec.age_secs(SystemTime::now()) < upstream.tag_ttl.as_secs();
-        let immutable = upstream
-            .immutable_tags
-            .as_ref()
-            .is_some_and(|re| re.is_match(tag.as_str()));
-        // Spend none of the last pulls of the upstream's budget on revalidation.
-        let budget_low = upstream
-            .client
-            .rate_limit_remaining()
-            .is_some_and(|r| r <= upstream.rate_limit_reserve);
-        if fresh || immutable || budget_low {
-            return Ok(manifest_response(digest, m, *source, route, head));
-        }
-        if upstream.client.in_outage() {
-            return Ok(serve_stale(
-                mirror,
-                route,
-                tag,
-                &"upstream down",
-                (digest, m, *source),
-                head,
-            ));
-        }
-        let key = format!(
-            "{}\n{}\n{tag}\n{}",
-            upstream.name,
-            route.repo,
-            media_type::upstream_accept(accept)
-        );
-        let (client, repo, r, a) = (
-            upstream.client.clone(),
-            route.repo.clone(),
-            reference.clone(),
-            accept.to_string(),
-        );
-        let (revalidated, joined) = mirror
-            .revalidations
-            .run(key, move || async move {
-                client.head_manifest(&repo, &r, &a).await
+        .map_err(|e| response::from_cache(&e, ErrorCode::ManifestUnknown))?;
+    let artifact_type = query.and_then(|q| {
+        q.split('&')
+            .find_map(|kv| kv.strip_prefix("artifactType="))
+            .map(|v| {
+                v.replace("%2F", "/")
+                    .replace("%2f", "/")
+                    .replace("%2B", "+")
+                    .replace("%2b", "+")
             })
-            .await;
-        let result = match &revalidated {
-            Ok(h) if h.digest == *digest => "unchanged",
-            Ok(_) => "changed",
-            Err(_) => "failed",
-        };
-        if !joined {
-            mirror
-                .metrics
-                .tag_revalidations
-                .with_label_values(&[&upstream.name, result])
-                .inc();
-        }
-        match revalidated {
-            Ok(h) if h.digest == *digest => {
-                let fresh = TagRecord::new(digest, &m.media_type, SystemTime::now());
-                if let Err(e) = mirror
-                    .cache
-                    .set_tag(&upstream.name, &route.repo, tag, &fresh)
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not record tag");
-                }
-                return Ok(manifest_response(digest, m, *source, route, head));
+    });
+    let body = match &artifact_type {
+        None => m.manifest.bytes.clone(),
+        Some(wanted) => {
+            let mut index: serde_json::Value =
+                serde_json::from_slice(&m.manifest.bytes).map_err(|_| {
+                    RegistryError::new(ErrorCode::Unavailable, "referrers index is not JSON")
+                })?;
+            if let Some(list) = index.get_mut("manifests").and_then(|l| l.as_array_mut()) {
+                list.retain(|d| d["artifactType"].as_str() == Some(wanted.as_str()));
             }
-            Ok(_) => {} // moved: fetch below
-            Err(e) if e.is_outage() => {
-                return Ok(serve_stale(
-                    mirror,
-                    route,
-                    tag,
-                    &e,
-                    (digest, m, *source),
-                    head,
-                ));
-            }
-            Err(e) => return Err(response::from_upstream(&e, ErrorCode::ManifestUnknown)),
+            bytes::Bytes::from(index.to_string())
         }
+    };
+    let mut b = response::builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, pier_oci::media_type::OCI_INDEX)
+        .header(header::CONTENT_LENGTH, body.len());
+    if artifact_type.is_some() {
+        b = b.header("oci-filters-applied", "artifactType");
     }
-    let (fetched, joined) = fill_manifest(mirror, route, &reference, accept).await;
-    let (digest, m) = match (fetched, &cached) {
-        (Ok(f), _) => f,
-        (Err(e), Some((digest, m, source, _))) if e.is_outage() => {
-            return Ok(serve_stale(
-                mirror,
-                route,
-                tag,
-                &e,
-                (digest, m, *source),
-                head,
-            ));
-        }
-        (Err(e), _) => return Err(response::from_upstream(&e, ErrorCode::ManifestUnknown)),
-    };
-    Ok(manifest_response(
-        &digest,
-        &m,
-        Source::Upstream { joined },
-        route,
+    let resp = response::built(
+        b.body(if head {
+            response::empty()
+        } else {
+            response::full(body)
+        }),
         head,
+    );
+    Ok(with_outcome(
+        resp,
+        "manifest",
+        m.source,
+        route.upstream.name.clone(),
     ))
-}
-
-/// A cached tag answered because the upstream could not be asked: logged and counted.
-fn serve_stale(
-    mirror: &Mirror,
-    route: &Route<'_>,
-    tag: &Tag,
-    why: &dyn std::fmt::Display,
-    (digest, m, source): (&Digest, &CachedManifest, Source),
-    head: bool,
-) -> Response<Body> {
-    let upstream = &route.upstream.name;
-    tracing::warn!(%upstream, repo = %route.repo, %tag, error = %why, "serving cached tag: upstream unavailable");
-    mirror
-        .metrics
-        .stale_served
-        .with_label_values(&[upstream, "manifest"])
-        .inc();
-    manifest_response(digest, m, source, route, head)
-}
-
-/// Fetches and stores a manifest, once per upstream, repository, reference and Accept at a time.
-async fn fill_manifest(
-    mirror: &Mirror,
-    route: &Route<'_>,
-    reference: &Reference,
-    accept: &str,
-) -> (
-    Result<(Digest, CachedManifest), pier_upstream::UpstreamError>,
-    bool,
-) {
-    let accept = media_type::upstream_accept(accept).to_string();
-    let key = format!(
-        "{}\n{}\n{}\n{}",
-        route.upstream.name, route.repo, reference, accept
-    );
-    let (client, repo, r) = (
-        route.upstream.client.clone(),
-        route.repo.clone(),
-        reference.clone(),
-    );
-    let fetch = Box::pin(async move { client.get_manifest(&repo, &r, &accept).await });
-    let (expected, tag) = match reference {
-        Reference::Digest(d) => (Some(d.clone()), None),
-        Reference::Tag(t) => (
-            None,
-            Some((route.upstream.name.clone(), route.repo.clone(), t.clone())),
-        ),
-    };
-    mirror.cache.fill_manifest(key, fetch, expected, tag).await
 }
 
 fn manifest_response(
@@ -352,17 +233,19 @@ fn manifest_response(
     route: &Route<'_>,
     head: bool,
 ) -> Response<Body> {
-    let resp = response::builder(StatusCode::OK)
-        .header(header::CONTENT_TYPE, &*m.media_type)
-        .header(header::CONTENT_LENGTH, m.bytes.len())
-        .header("docker-content-digest", digest.to_string())
-        .header(header::ETAG, format!("\"{digest}\""))
-        .body(if head {
-            response::empty()
-        } else {
-            response::full(m.bytes.clone())
-        })
-        .unwrap_or_else(|_| Response::new(response::empty()));
+    let resp = response::built(
+        response::builder(StatusCode::OK)
+            .header(header::CONTENT_TYPE, &*m.media_type)
+            .header(header::CONTENT_LENGTH, m.bytes.len())
+            .header("docker-content-digest", digest.to_string())
+            .header(header::ETAG, format!("\"{digest}\""))
+            .body(if head {
+                response::empty()
+            } else {
+                response::full(m.bytes.clone())
+            }),
+        head,
+    );
     with_outcome(resp, "manifest", source, route.upstream.name.clone())
 }
 
@@ -393,25 +276,16 @@ async fn blob(
     };
     if head {
         // Known locally (cached or filling), or asked of the upstream without downloading.
-        let (size, source) = match mirror.cache.blob_size(digest).await {
-            Some((size, source)) => (Some(size), source),
-            None => {
-                let size = route
-                    .upstream
-                    .client
-                    .head_blob(&route.repo, digest)
-                    .await
-                    .map_err(|e| response::from_upstream(&e, ErrorCode::BlobUnknown))?;
-                (size, Source::Upstream { joined: false })
-            }
-        };
+        let (size, source) = mirror
+            .cache
+            .blob_head(route.at(), digest)
+            .await
+            .map_err(|e| response::from_cache(&e, ErrorCode::BlobUnknown))?;
         let mut b = base(StatusCode::OK);
         if let Some(size) = size {
             b = b.header(header::CONTENT_LENGTH, size);
         }
-        let resp = b
-            .body(response::empty())
-            .unwrap_or_else(|_| Response::new(response::empty()));
+        let resp = response::built(b.body(response::empty()), true);
         return Ok(with_outcome(
             resp,
             "blob",
@@ -419,18 +293,11 @@ async fn blob(
             route.upstream.name.clone(),
         ));
     }
-    let origin = || {
-        Arc::new(BlobOrigin {
-            upstream: route.upstream.client.clone(),
-            repo: route.repo.clone(),
-            digest: digest.clone(),
-        }) as Arc<dyn Origin>
-    };
     let blob = mirror
         .cache
-        .blob(digest, origin)
+        .blob(route.at(), digest)
         .await
-        .map_err(|e| response::from_fill(&e))?;
+        .map_err(|e| response::from_cache(&e, ErrorCode::BlobUnknown))?;
     let source = blob.source;
     let resp = match (range, blob.size) {
         (Some(range), Some(size)) => match range.resolve(size) {
@@ -457,7 +324,7 @@ async fn blob(
             b.body(response::stream(blob.stream(0, None)))
         }
     };
-    let resp = resp.unwrap_or_else(|_| Response::new(response::empty()));
+    let resp = response::built(resp, false);
     Ok(with_outcome(
         resp,
         "blob",
@@ -472,13 +339,9 @@ fn range_error(e: RangeError) -> RegistryError {
 
 // ---- tag lists and catalog ----
 
-/// Longest a tag list is answered without asking the upstream again (shorter when the
-/// upstream's `tag_ttl` is).
-const TAG_LIST_TTL: Duration = Duration::from_secs(30);
-
 /// `n` and `last` of a query string; `n` must be a number and `last` a tag (or, for the
 /// catalog, a repository name), else 400.
-fn page_params(query: Option<&str>) -> Result<(Option<u32>, Option<String>), RegistryError> {
+fn page_params(query: Option<&str>) -> Result<(Option<usize>, Option<String>), RegistryError> {
     let param = |name: &str| {
         query?
             .split('&')
@@ -488,6 +351,7 @@ fn page_params(query: Option<&str>) -> Result<(Option<u32>, Option<String>), Reg
     let n = param("n")
         .map(|v| {
             v.parse::<u32>()
+                .map(|n| n as usize)
                 .map_err(|_| bad("n must be a non-negative integer"))
         })
         .transpose()?;
@@ -503,73 +367,88 @@ fn page_params(query: Option<&str>) -> Result<(Option<u32>, Option<String>), Reg
     Ok((n, last))
 }
 
-/// Passed to the upstream, kept briefly, and served stale while the upstream is down.
-async fn tags_list(mirror: &Mirror, route: &Route<'_>, query: Option<&str>, head: bool) -> Answer {
+/// One page of a sorted list: the names after `last`, at most `n` of them, and whether more
+/// follow.
+fn page<'a>(sorted: &'a [String], n: Option<usize>, last: Option<&str>) -> (&'a [String], bool) {
+    let start = last.map_or(0, |l| sorted.partition_point(|t| t.as_str() <= l));
+    let rest = &sorted[start..];
+    match n {
+        Some(n) if rest.len() > n => (&rest[..n], n > 0),
+        _ => (rest, false),
+    }
+}
+
+/// A JSON list page, with a `Link` to the next page when there is one.
+fn list_response(
+    body: String,
+    next: Option<String>,
+    kind: Option<(Source, Arc<str>)>,
+    head: bool,
+) -> Response<Body> {
+    let mut b = response::builder(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len());
+    if let Some(next) = next {
+        b = b.header(header::LINK, format!("<{next}>; rel=\"next\""));
+    }
+    let resp = response::built(
+        b.body(if head {
+            response::empty()
+        } else {
+            response::full(body)
+        }),
+        head,
+    );
+    match kind {
+        Some((source, upstream)) => with_outcome(resp, "tags", source, upstream),
+        None => resp,
+    }
+}
+
+/// The upstream's tags, sorted and paged by pier (`n`, `last`, `Link`), so that paging works
+/// whatever the upstream supports. Kept briefly and served stale while the upstream is down.
+async fn tags_list(
+    mirror: &Mirror,
+    route: &Route<'_>,
+    path: &str,
+    query: Option<&str>,
+    head: bool,
+) -> Answer {
     let (n, last) = page_params(query)?;
     if last.as_deref().is_some_and(|l| Tag::parse(l).is_none()) {
         return Err(
             RegistryError::new(ErrorCode::Unsupported, "last must be a tag").with_status(400),
         );
     }
-    let key = format!("{}\n{}\n{n:?}\n{last:?}", route.upstream.name, route.repo);
-    let kept = mirror.tag_lists.get(&key).await;
-    let (list, source) = match kept {
-        Some(list) if list.fetched.elapsed() < TAG_LIST_TTL.min(route.upstream.tag_ttl) => {
-            (list, Source::Memory)
+    let (list, source) = mirror
+        .cache
+        .tag_list(route.at())
+        .await
+        .map_err(|e| response::from_cache(&e, ErrorCode::NameUnknown))?;
+    let (tags, more) = page(&list.tags, n, last.as_deref());
+    let next = match (more, tags.last(), n) {
+        (true, Some(last), Some(n)) => {
+            // The client's own path, and its `ns` when it routed by one.
+            let ns = query
+                .and_then(|q| q.split('&').find(|kv| kv.starts_with("ns=")))
+                .map(|ns| format!("{ns}&"))
+                .unwrap_or_default();
+            Some(format!("{path}?{ns}n={n}&last={last}"))
         }
-        kept => match route
-            .upstream
-            .client
-            .tags_list(&route.repo, n, last.as_deref())
-            .await
-        {
-            Ok((body, link)) => {
-                let list = Arc::new(TagList {
-                    fetched: Instant::now(),
-                    body,
-                    link,
-                });
-                mirror.tag_lists.insert(key, list.clone()).await;
-                (list, Source::Upstream { joined: false })
-            }
-            Err(e) => match kept {
-                Some(list) if e.is_outage() => {
-                    tracing::warn!(upstream = %route.upstream.name, repo = %route.repo, error = %e, "serving cached tag list: upstream unavailable");
-                    mirror
-                        .metrics
-                        .stale_served
-                        .with_label_values(&[&route.upstream.name, "tags"])
-                        .inc();
-                    (list, Source::Memory)
-                }
-                _ => return Err(response::from_upstream(&e, ErrorCode::NameUnknown)),
-            },
-        },
+        _ => None,
     };
-    let mut b = response::builder(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, list.body.len());
-    if let Some(link) = &list.link {
-        b = b.header(header::LINK, link);
-    }
-    let resp = b
-        .body(if head {
-            response::empty()
-        } else {
-            response::full(list.body.clone())
-        })
-        .unwrap_or_else(|_| Response::new(response::empty()));
-    Ok(with_outcome(
-        resp,
-        "tags",
-        source,
-        route.upstream.name.clone(),
+    let body = serde_json::json!({ "name": route.repo.as_str(), "tags": tags }).to_string();
+    Ok(list_response(
+        body,
+        next,
+        Some((source, route.upstream.name.clone())),
+        head,
     ))
 }
 
-/// The repositories pier holds, named as clients name them: plain for the default upstream,
-/// `<registry>/<repository>` for the others.
-async fn catalog(mirror: &Mirror, query: Option<&str>, head: bool) -> Answer {
+/// The repositories pier holds that the caller may pull, named as clients name them: plain for
+/// the default upstream, `<registry>/<repository>` for the others.
+async fn catalog(mirror: &Mirror, caller: &Caller<'_>, query: Option<&str>, head: bool) -> Answer {
     let (n, last) = page_params(query)?;
     let default = &mirror.upstreams[mirror.default_upstream].name;
     let mut names: Vec<String> = mirror
@@ -578,6 +457,12 @@ async fn catalog(mirror: &Mirror, query: Option<&str>, head: bool) -> Answer {
         .await
         .map_err(|e| response::from_io(&e))?
         .into_iter()
+        .filter(|(upstream, repo)| {
+            let permitted = mirror
+                .upstream_named(upstream)
+                .is_some_and(|u| RepositoryName::parse(repo).is_ok_and(|r| u.access.permits(&r)));
+            permitted && caller.may_pull(upstream, repo)
+        })
         .map(|(upstream, repo)| {
             if *upstream == **default {
                 repo
@@ -588,29 +473,27 @@ async fn catalog(mirror: &Mirror, query: Option<&str>, head: bool) -> Answer {
         .collect();
     names.sort();
     names.dedup();
-    if let Some(last) = &last {
-        names.retain(|name| name > last);
-    }
-    let mut link = None;
-    if let Some(n) = n.map(|n| n as usize) {
-        if names.len() > n {
-            names.truncate(n);
-            if let Some(next) = names.last() {
-                link = Some(format!("</v2/_catalog?last={next}&n={n}>; rel=\"next\""));
-            }
-        }
-    }
+    let (names, more) = page(&names, n, last.as_deref());
+    let next = match (more, names.last(), n) {
+        (true, Some(last), Some(n)) => Some(format!("/v2/_catalog?n={n}&last={last}")),
+        _ => None,
+    };
     let body = serde_json::json!({ "repositories": names }).to_string();
-    let mut b = response::builder(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len());
-    if let Some(link) = link {
-        b = b.header(header::LINK, link);
+    Ok(list_response(body, next, None, head))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages() {
+        let all: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        assert_eq!(page(&all, Some(2), None), (&all[..2], true));
+        assert_eq!(page(&all, Some(2), Some("b")), (&all[2..], false));
+        assert_eq!(page(&all, None, Some("bb")), (&all[2..], false));
+        assert_eq!(page(&all, Some(10), None), (&all[..], false));
+        assert_eq!(page(&all, Some(0), None), (&all[..0], false));
+        assert_eq!(page(&all, Some(1), Some("z")), (&all[4..], false));
     }
-    Ok(b.body(if head {
-        response::empty()
-    } else {
-        response::full(body)
-    })
-    .unwrap_or_else(|_| Response::new(response::empty())))
 }

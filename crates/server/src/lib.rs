@@ -9,7 +9,6 @@ pub mod auth;
 pub mod handlers;
 pub mod limits;
 mod ops;
-mod origin;
 pub mod response;
 pub mod routing;
 mod serve;
@@ -17,58 +16,43 @@ pub mod tls;
 pub mod warm;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use pier_cache::{Cache, SingleFlight};
+use pier_cache::{Cache, Freshness};
 use pier_metrics::Metrics;
-use pier_upstream::{ManifestHead, Upstream, UpstreamError};
-use regex::Regex;
+use pier_upstream::Upstream;
 
 pub use admin::serve_admin;
+pub use handlers::Caller;
 pub use ops::serve_ops;
-pub use routing::RepositoryFilter;
+pub use routing::{GlobError, RepositoryFilter, Route};
 pub use serve::{serve, ServerOptions};
 
-/// One upstream as the front sees it: how clients name it and how fresh its tags must be.
+/// One upstream as the front sees it: how clients name it, which of its repositories they may
+/// pull, and how fresh its tags must be.
 pub struct UpstreamEntry {
     /// The registry host clients know it by (`docker.io`, `ghcr.io`).
     pub name: Arc<str>,
     pub client: Arc<Upstream>,
     /// Docker Hub's convention: `nginx` means `library/nginx`.
     pub library_prefix: bool,
-    /// How long a tag is answered from cache before pier asks the upstream again.
-    pub tag_ttl: Duration,
-    /// Tags matching this (say `^v?\d+\.\d+\.\d+$`) are never revalidated once cached.
-    pub immutable_tags: Option<Regex>,
-    /// When the upstream reports this many pulls or fewer left (Docker Hub's
-    /// `ratelimit-remaining`), cached tags are served without revalidation.
-    pub rate_limit_reserve: u64,
+    /// How long its tags are answered from cache ([`Freshness::allows_cached`] decides).
+    pub freshness: Freshness,
     /// Which repositories of this upstream clients may pull.
     pub access: RepositoryFilter,
 }
 
 impl UpstreamEntry {
-    /// An entry with the defaults: 5 minute tag TTL, no immutable tags, a reserve of 10 pulls,
-    /// and the `library/` prefix for docker.io only.
+    /// An entry with the defaults: [`Freshness::default`], every repository allowed, and the
+    /// `library/` prefix for docker.io only.
     pub fn new(name: &str, client: Arc<Upstream>) -> Self {
         UpstreamEntry {
             name: name.into(),
             client,
             library_prefix: name == "docker.io",
-            tag_ttl: Duration::from_secs(300),
-            immutable_tags: None,
-            rate_limit_reserve: 10,
+            freshness: Freshness::default(),
             access: RepositoryFilter::default(),
         }
     }
-}
-
-/// A tag list as the upstream gave it, kept to answer briefly and while the upstream is down.
-pub(crate) struct TagList {
-    pub fetched: Instant,
-    pub body: Bytes,
-    pub link: Option<String>,
 }
 
 /// Everything a request needs: the upstreams and the cache.
@@ -78,9 +62,6 @@ pub struct Mirror {
     pub default_upstream: usize,
     pub cache: Arc<Cache>,
     pub metrics: Arc<Metrics>,
-    pub(crate) tag_lists: moka::future::Cache<String, Arc<TagList>>,
-    /// Tag revalidations under way: concurrent requests for a tag past its TTL share one HEAD.
-    pub(crate) revalidations: SingleFlight<String, Result<ManifestHead, UpstreamError>>,
 }
 
 impl Mirror {
@@ -99,8 +80,6 @@ impl Mirror {
             default_upstream,
             cache,
             metrics,
-            tag_lists: moka::future::Cache::new(10_000),
-            revalidations: SingleFlight::default(),
         }
     }
 }

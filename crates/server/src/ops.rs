@@ -41,12 +41,14 @@ pub async fn serve_ops(
 pub(crate) async fn metrics(mirror: &Mirror) -> Response<Body> {
     mirror.cache.update_gauges().await;
     let text = mirror.metrics.encode();
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, Metrics::content_type())
-        .header(header::CONTENT_LENGTH, text.len())
-        .body(response::full(text))
-        .unwrap_or_else(|_| Response::new(response::empty()))
+    response::built(
+        Response::builder()
+            .status(StatusCode::OK)
+            .header(header::CONTENT_TYPE, Metrics::content_type())
+            .header(header::CONTENT_LENGTH, text.len())
+            .body(response::full(text)),
+        false,
+    )
 }
 
 /// Liveness: the process answers. Readiness: the cache directory takes writes.
@@ -64,9 +66,11 @@ pub(crate) async fn health(mirror: &Mirror, ready: bool) -> Response<Body> {
 }
 
 fn plain(status: StatusCode, text: &str) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-        .body(response::full(text.to_string()))
-        .unwrap_or_else(|_| Response::new(response::empty()))
+    response::built(
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(response::full(text.to_string())),
+        false,
+    )
 }

@@ -44,11 +44,26 @@ pub fn builder(status: StatusCode) -> http::response::Builder {
 /// A JSON document as a 200 response (no body for HEAD).
 pub fn json(body: impl Into<Bytes>, head: bool) -> Response<Body> {
     let body: Bytes = body.into();
-    builder(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len())
-        .body(if head { empty() } else { full(body) })
-        .unwrap_or_else(|_| Response::new(empty()))
+    built(
+        builder(StatusCode::OK)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_LENGTH, body.len())
+            .body(if head { empty() } else { full(body) }),
+        head,
+    )
+}
+
+/// The response a builder made, or, when it refused a part (a header value that is not valid),
+/// a 500 with the registry error body: never a 200 with a body that is not the answer.
+pub fn built(response: http::Result<Response<Body>>, head: bool) -> Response<Body> {
+    response.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "could not build a response");
+        error(
+            &RegistryError::new(ErrorCode::Unknown, "pier could not build the response")
+                .with_status(500),
+            head,
+        )
+    })
 }
 
 /// A registry error as a response (no body for HEAD, as HTTP wants).
@@ -64,8 +79,13 @@ pub fn error(e: &RegistryError, head: bool) -> Response<Body> {
     if e.status == 405 {
         b = b.header(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
     }
-    let body = if head { empty() } else { full(json) };
-    b.body(body).unwrap_or_else(|_| Response::new(empty()))
+    let body = if head { empty() } else { full(json.clone()) };
+    b.body(body).unwrap_or_else(|_| {
+        // Only a retry-after or status pier made up could fail here: answer a plain 500.
+        let mut r = Response::new(if head { empty() } else { full(json) });
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        r
+    })
 }
 
 /// What to tell a client when the upstream failed; `missing` is the code for "not there".
@@ -80,11 +100,34 @@ pub fn from_upstream(e: &UpstreamError, missing: ErrorCode) -> RegistryError {
             "upstream rate limit reached and nothing cached",
         )
         .with_retry_after(*retry_after),
-        UpstreamError::Transport(m) if m.contains("timed out") => {
+        UpstreamError::Transport(t) if t.is_timeout() => {
             RegistryError::new(ErrorCode::Unavailable, e.to_string()).with_status(504)
         }
-        UpstreamError::Transport(_) | UpstreamError::Status(_) | UpstreamError::Invalid(_) => {
+        UpstreamError::Transport(_)
+        | UpstreamError::Status(_)
+        | UpstreamError::Invalid(_)
+        | UpstreamError::InsecureRealm { .. } => {
             RegistryError::new(ErrorCode::Unavailable, e.to_string())
+        }
+    }
+}
+
+/// What to tell a client when the cache could not answer; `missing` is the code for "not there".
+pub fn from_cache(e: &pier_cache::Error, missing: ErrorCode) -> RegistryError {
+    match e {
+        pier_cache::Error::NotFound => RegistryError::new(missing, "not found in this repository"),
+        pier_cache::Error::Upstream(u) => from_upstream(u, missing),
+        pier_cache::Error::Fill(f) => from_fill(f),
+        pier_cache::Error::Io(io) if io.kind() == io::ErrorKind::StorageFull => {
+            RegistryError::new(ErrorCode::Unknown, format!("cache disk full: {io}"))
+                .with_status(507)
+        }
+        pier_cache::Error::Io(io) => {
+            RegistryError::new(ErrorCode::Unknown, format!("cache I/O error: {io}"))
+                .with_status(500)
+        }
+        pier_cache::Error::Internal(m) => {
+            RegistryError::new(ErrorCode::Unknown, *m).with_status(500)
         }
     }
 }
@@ -97,7 +140,9 @@ pub fn from_fill(e: &FillError) -> RegistryError {
             ErrorCode::Unavailable,
             format!("upstream sent a bad blob: {e}"),
         ),
-        FillError::Io(_) => RegistryError::new(ErrorCode::Unknown, e.to_string()),
+        FillError::Io(_) | FillError::Panicked => {
+            RegistryError::new(ErrorCode::Unknown, e.to_string()).with_status(500)
+        }
         FillError::Busy => {
             RegistryError::new(ErrorCode::TooManyRequests, e.to_string()).with_retry_after(Some(1))
         }
@@ -106,5 +151,5 @@ pub fn from_fill(e: &FillError) -> RegistryError {
 
 /// A local I/O failure.
 pub fn from_io(e: &io::Error) -> RegistryError {
-    RegistryError::new(ErrorCode::Unknown, format!("cache I/O error: {e}"))
+    RegistryError::new(ErrorCode::Unknown, format!("cache I/O error: {e}")).with_status(500)
 }

@@ -19,6 +19,18 @@ pub struct Route<'a> {
     pub repo: RepositoryName,
 }
 
+impl Route<'_> {
+    /// The repository as the cache knows it.
+    pub fn at(&self) -> pier_cache::RepoRef<'_> {
+        pier_cache::RepoRef {
+            upstream: &self.upstream.name,
+            client: &self.upstream.client,
+            freshness: &self.upstream.freshness,
+            repo: &self.repo,
+        }
+    }
+}
+
 /// Docker Hub goes by several host names; clients may send any of them.
 fn canonical_registry(name: &str) -> &str {
     match name {
@@ -95,6 +107,14 @@ fn not_configured(registry: &str) -> RegistryError {
     )
 }
 
+/// A repository pattern that is not a glob.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{pattern:?} is not a glob pattern: {message}")]
+pub struct GlobError {
+    pub pattern: String,
+    pub message: String,
+}
+
 /// Allow and deny lists of repository globs for one upstream, checked before anything else.
 ///
 /// `*` matches within one path component (`library/*`), `**` across components (`myorg/**`).
@@ -109,8 +129,8 @@ pub struct RepositoryFilter {
 
 impl RepositoryFilter {
     /// Builds the filter; the error names the bad pattern.
-    pub fn new(allow: &[String], deny: &[String]) -> Result<Self, String> {
-        fn set(patterns: &[String]) -> Result<Option<GlobSet>, String> {
+    pub fn new(allow: &[String], deny: &[String]) -> Result<Self, GlobError> {
+        fn set(patterns: &[String]) -> Result<Option<GlobSet>, GlobError> {
             if patterns.is_empty() {
                 return Ok(None);
             }
@@ -119,10 +139,16 @@ impl RepositoryFilter {
                 let glob: Glob = GlobBuilder::new(p)
                     .literal_separator(true)
                     .build()
-                    .map_err(|e| format!("{p:?} is not a glob pattern: {e}"))?;
+                    .map_err(|e| GlobError {
+                        pattern: p.clone(),
+                        message: e.kind().to_string(),
+                    })?;
                 b.add(glob);
             }
-            b.build().map(Some).map_err(|e| e.to_string())
+            b.build().map(Some).map_err(|e| GlobError {
+                pattern: patterns.join(" "),
+                message: e.to_string(),
+            })
         }
         Ok(RepositoryFilter {
             allow: set(allow)?,
@@ -174,8 +200,11 @@ mod tests {
         assert!(RepositoryFilter::default().permits(&name("any/thing")));
         let deny_only = RepositoryFilter::new(&[], &["bad/*".into()]).unwrap();
         assert!(deny_only.permits(&name("good/x")) && !deny_only.permits(&name("bad/x")));
-        assert!(RepositoryFilter::new(&["a/[".into()], &[])
-            .unwrap_err()
-            .contains("a/["));
+        assert_eq!(
+            RepositoryFilter::new(&["a/[".into()], &[])
+                .unwrap_err()
+                .pattern,
+            "a/["
+        );
     }
 }

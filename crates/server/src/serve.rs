@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::auth::{self, Auth};
-use crate::handlers::{self, Outcome};
+use crate::handlers::{self, Caller, Outcome};
 use crate::limits::{RateLimit, RateLimiter};
 use crate::response::{self, Body};
 use crate::tls::Tls;
@@ -93,24 +93,30 @@ pub async fn serve(
                     .inc();
                 return response::error(&e, req.method() == Method::HEAD);
             }
-            if let Some(auth) = &auth {
-                if req.uri().path() == "/auth/token" {
-                    return auth::token_endpoint(auth, &mirror, &req).await;
+            let caller = match &auth {
+                None => Caller::Anyone,
+                Some(auth) => {
+                    if req.uri().path() == "/auth/token" {
+                        return auth::token_endpoint(auth, &mirror, &req).await;
+                    }
+                    match auth::gate(auth, &mirror, &req, tls).await {
+                        Ok(who) => Caller::Identified { auth, who },
+                        Err(refused) => {
+                            mirror
+                                .metrics
+                                .requests
+                                .with_label_values(&[
+                                    method_label(req.method()),
+                                    path_kind(req.uri().path()),
+                                    "4xx",
+                                ])
+                                .inc();
+                            return *refused;
+                        }
+                    }
                 }
-                if let Some(refused) = auth::gate(auth, &mirror, &req, tls).await {
-                    mirror
-                        .metrics
-                        .requests
-                        .with_label_values(&[
-                            method_label(req.method()),
-                            path_kind(req.uri().path()),
-                            "4xx",
-                        ])
-                        .inc();
-                    return refused;
-                }
-            }
-            answer(&mirror, req, peer, metrics_on_main).await
+            };
+            answer(&mirror, req, &caller, peer, metrics_on_main).await
         }
     };
     accept_loop(listener, &options, shutdown, handler).await
@@ -219,6 +225,7 @@ where
 async fn answer(
     mirror: &Mirror,
     req: Request<Incoming>,
+    caller: &Caller<'_>,
     peer: SocketAddr,
     metrics_on_main: bool,
 ) -> Response<Body> {
@@ -226,7 +233,7 @@ async fn answer(
     if metrics_on_main && req.uri().path() == "/metrics" {
         return ops::metrics(mirror).await;
     }
-    let resp = handlers::handle(mirror, &req).await;
+    let resp = handlers::handle(mirror, &req, caller).await;
     let outcome = resp.extensions().get::<Outcome>().cloned();
     let method = method_label(req.method());
     let kind = outcome

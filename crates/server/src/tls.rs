@@ -26,6 +26,30 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
+/// Why TLS material could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or is not PEM.
+    #[error("cannot read {what} {path}: {message}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+    /// The certificate file holds no certificate.
+    #[error("no certificate in {0}")]
+    NoCertificate(PathBuf),
+    /// The key is not one rustls can sign with, or does not match the certificate.
+    #[error("private key {path}: {message}")]
+    Key { path: PathBuf, message: String },
+    /// The client CA cannot verify client certificates.
+    #[error("client CA {path}: {message}")]
+    ClientCa { path: PathBuf, message: String },
+    /// rustls refused the configuration (no usable protocol versions).
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
 /// The certificate in use, swapped whole on reload.
 struct ReloadingCert {
     current: RwLock<Arc<CertifiedKey>>,
@@ -68,56 +92,67 @@ fn mtime(path: &PathBuf) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-fn load_key(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey, String> {
+fn load_key(files: &TlsFiles, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
+    let read = |what, path: &PathBuf, e: &dyn fmt::Display| TlsError::Read {
+        what,
+        path: path.clone(),
+        message: e.to_string(),
+    };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .map_err(|e| format!("cannot read certificate {}: {e}", files.cert.display()))?
+        .map_err(|e| read("certificate", &files.cert, &e))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate {}: {e}", files.cert.display()))?;
+        .map_err(|e| read("certificate", &files.cert, &e))?;
     if chain.is_empty() {
-        return Err(format!("no certificate in {}", files.cert.display()));
+        return Err(TlsError::NoCertificate(files.cert.clone()));
     }
     let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("private key {}: {e}", files.key.display()))?;
+        .map_err(|e| read("private key", &files.key, &e))?;
+    let key_error = |message: String| TlsError::Key {
+        path: files.key.clone(),
+        message,
+    };
     let signer = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|e| format!("private key {}: {e}", files.key.display()))?;
+        .map_err(|e| key_error(e.to_string()))?;
     let certified = CertifiedKey::new(chain, signer);
-    certified.keys_match().map_err(|e| {
-        format!(
-            "{} does not match {}: {e}",
-            files.key.display(),
-            files.cert.display()
-        )
-    })?;
+    certified
+        .keys_match()
+        .map_err(|e| key_error(format!("does not match {}: {e}", files.cert.display())))?;
     Ok(certified)
 }
 
 impl Tls {
     /// Loads the files and builds the acceptor. Errors name the file and the problem.
-    pub fn load(files: TlsFiles) -> Result<Tls, String> {
+    pub fn load(files: TlsFiles) -> Result<Tls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cert = Arc::new(ReloadingCert {
             current: RwLock::new(Arc::new(load_key(&files, &provider)?)),
         });
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| TlsError::Config(e.to_string()))?;
         let builder = match &files.client_ca {
             None => builder.with_no_client_auth(),
             Some(ca) => {
+                let ca_error = |e: &dyn fmt::Display| TlsError::ClientCa {
+                    path: ca.clone(),
+                    message: e.to_string(),
+                };
                 let mut roots = RootCertStore::empty();
-                for c in CertificateDer::pem_file_iter(ca)
-                    .map_err(|e| format!("cannot read client CA {}: {e}", ca.display()))?
-                {
+                for c in CertificateDer::pem_file_iter(ca).map_err(|e| TlsError::Read {
+                    what: "client CA",
+                    path: ca.clone(),
+                    message: e.to_string(),
+                })? {
                     roots
-                        .add(c.map_err(|e| format!("client CA {}: {e}", ca.display()))?)
-                        .map_err(|e| e.to_string())?;
+                        .add(c.map_err(|e| ca_error(&e))?)
+                        .map_err(|e| ca_error(&e))?;
                 }
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
-                        .map_err(|e| format!("client CA {}: {e}", ca.display()))?;
+                        .map_err(|e| ca_error(&e))?;
                 builder.with_client_cert_verifier(verifier)
             }
         };
@@ -138,7 +173,7 @@ impl Tls {
     }
 
     /// Loads the certificate and key again; on error the one in use stays.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         let stamps = (mtime(&self.files.cert), mtime(&self.files.key));
         let key = load_key(&self.files, &self.provider)?;
         *self.cert.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(key);
@@ -156,12 +191,23 @@ impl Tls {
                 () = tokio::time::sleep(every) => false,
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
             };
-            let now = (mtime(&self.files.cert), mtime(&self.files.key));
-            let changed = now != *self.loaded.read().unwrap_or_else(|p| p.into_inner());
-            if signalled || changed {
-                if let Err(e) = self.reload() {
+            // Reading the files is blocking: off the async workers.
+            let tls = self.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let now = (mtime(&tls.files.cert), mtime(&tls.files.key));
+                let changed = now != *tls.loaded.read().unwrap_or_else(|p| p.into_inner());
+                if signalled || changed {
+                    tls.reload()?;
+                }
+                Ok::<_, TlsError>(())
+            })
+            .await;
+            match checked {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
                     tracing::error!(error = %e, "TLS certificate not reloaded; keeping the previous one");
                 }
+                Err(e) => tracing::error!(error = %e, "TLS certificate check failed"),
             }
         }
     }

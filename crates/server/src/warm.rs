@@ -1,15 +1,16 @@
 //! Warming the cache before anyone asks: an image's manifests (every platform of an index, or the
-//! chosen ones) and all their blobs, pulled through the same handlers, fills and checks as a
-//! client's pull.
+//! chosen ones) and all their blobs, through the same resolver, fills and checks as a client's
+//! pull (the cache's own API, not made-up HTTP requests).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures_util::{stream, StreamExt};
-use http::{header, Method, Request};
-use http_body_util::BodyExt;
-use pier_oci::media_type::{DEFAULT_ACCEPT, DOCKER_MANIFEST_LIST, OCI_INDEX};
+use futures_util::{stream, StreamExt, TryStreamExt};
+use pier_cache::Source;
+use std::collections::HashSet;
 
-use crate::handlers::{self, CACHE_HEADER};
+use pier_oci::{AcceptSet, Digest, Reference, References, Tag};
+
 use crate::Mirror;
 
 /// Blobs fetched at once per image.
@@ -54,6 +55,29 @@ impl WarmReport {
     }
 }
 
+/// What to warm of an image besides its manifest and blobs.
+#[derive(Clone, Debug)]
+pub struct WarmOptions {
+    /// Only these platforms of an index (`os/arch[/variant]`); all when empty.
+    pub platforms: Vec<String>,
+    /// Also the image's signatures and attestations: its sigstore attachment tags
+    /// (`sha256-<hex>.sig`, `.att`, `.sbom`) and its OCI referrers, with their blobs, so that an
+    /// edge node verifies the image with the upstream down.
+    pub signatures: bool,
+}
+
+impl Default for WarmOptions {
+    fn default() -> Self {
+        WarmOptions {
+            platforms: Vec::new(),
+            signatures: true,
+        }
+    }
+}
+
+/// The sigstore attachment tags of a digest.
+const ATTACHMENTS: [&str; 3] = ["sig", "att", "sbom"];
+
 /// `[registry/]name[:tag|@digest]` → (`[registry/]name`, reference); the tag defaults to `latest`.
 pub fn split_image(image: &str) -> (String, String) {
     if let Some((name, digest)) = image.split_once('@') {
@@ -69,87 +93,14 @@ pub fn split_image(image: &str) -> (String, String) {
     }
 }
 
-/// What an internal request answered.
-struct Answer {
-    /// `X-Pier-Cache`: where the answer came from.
-    cache: Option<String>,
-    /// The body, when kept.
-    body: bytes::Bytes,
-    /// Body bytes received.
-    len: u64,
-}
-
-/// A GET (or HEAD) through the registry handlers, as a client would send it. The body is read to
-/// the end, so that a fill it started has completed and verified (or failed); it is kept only
-/// when asked (manifests), never for blobs, which may be gigabytes.
-async fn internal(
-    mirror: &Mirror,
-    method: Method,
-    path: &str,
-    keep_body: bool,
-) -> Result<Answer, String> {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(header::ACCEPT, DEFAULT_ACCEPT)
-        .body(())
-        .map_err(|e| e.to_string())?;
-    let resp = handlers::handle(mirror, &req).await;
-    let status = resp.status();
-    let cache = resp
-        .headers()
-        .get(CACHE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let mut body = resp.into_body();
-    let (mut kept, mut len) = (bytes::BytesMut::new(), 0u64);
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("download broke off: {e}"))?;
-        if let Some(data) = frame.data_ref() {
-            len += data.len() as u64;
-            if keep_body || !status.is_success() {
-                kept.extend_from_slice(data);
-            }
-        }
-    }
-    if !status.is_success() {
-        return Err(format!(
-            "HTTP {}: {}",
-            status.as_u16(),
-            String::from_utf8_lossy(&kept)
-        ));
-    }
-    Ok(Answer {
-        cache,
-        body: kept.freeze(),
-        len,
-    })
-}
-
-/// `os/arch[/variant]` matches a descriptor's `platform`.
-fn platform_matches(wanted: &[String], platform: &serde_json::Value) -> bool {
-    if wanted.is_empty() {
-        return true;
-    }
-    let os = platform["os"].as_str().unwrap_or("");
-    let arch = platform["architecture"].as_str().unwrap_or("");
-    let variant = platform["variant"].as_str();
-    wanted.iter().any(|w| {
-        let mut parts = w.split('/');
-        parts.next() == Some(os)
-            && parts.next() == Some(arch)
-            && parts.next().is_none_or(|v| Some(v) == variant)
-    })
-}
-
 impl Mirror {
-    /// Warms one image: its manifest (and, for an index, the manifests of the wanted platforms,
-    /// all when `platforms` is empty) and every config and layer blob they name. `progress` is
-    /// told of every object as it is done.
+    /// Warms one image: its manifest (and, for an index, the manifests of the wanted platforms),
+    /// with `options.signatures` the signatures and referrers of each, and every config and layer
+    /// blob they name. `progress` is told of every object as it is done.
     pub async fn warm(
         &self,
         image: &str,
-        platforms: &[String],
+        options: &WarmOptions,
         progress: &(dyn Fn(WarmEvent) + Sync),
     ) -> WarmReport {
         let mut report = WarmReport::default();
@@ -157,7 +108,6 @@ impl Mirror {
             report.add(&event);
             progress(event);
         };
-        let (name, reference) = split_image(image);
         let event = |kind: &str, digest: &str| WarmEvent {
             image: image.to_string(),
             kind: kind.to_string(),
@@ -166,81 +116,107 @@ impl Mirror {
             cached: false,
             error: None,
         };
-        // The top manifest, then each platform's.
-        let mut manifests = vec![reference];
-        let mut blobs: Vec<String> = Vec::new();
-        while let Some(reference) = manifests.pop() {
-            let mut e = event("manifest", &reference);
-            match internal(
-                self,
-                Method::GET,
-                &format!("/v2/{name}/manifests/{reference}"),
-                true,
-            )
-            .await
+        let (name, reference) = split_image(image);
+        let route = match self.route(&name, None) {
+            Ok(r) => r,
+            Err(e) => {
+                let mut ev = event("manifest", &reference);
+                ev.error = Some(e.message);
+                emit(ev, &mut report);
+                return report;
+            }
+        };
+        let top = match Reference::parse(&reference) {
+            Ok(r) => r,
+            Err(e) => {
+                let mut ev = event("manifest", &reference);
+                ev.error = Some(format!("invalid reference: {e}"));
+                emit(ev, &mut report);
+                return report;
+            }
+        };
+        let cached = |s: Source| matches!(s, Source::Memory | Source::Disk);
+        // Manifests to warm: (reference, whether it may be absent). The top manifest, each
+        // platform's, and with signatures the attachments and referrers of every one of them.
+        let mut manifests = vec![(top, false)];
+        let mut seen = HashSet::new();
+        let mut blobs: Vec<Digest> = Vec::new();
+        while let Some((reference, optional)) = manifests.pop() {
+            let mut e = event("manifest", &reference.to_string());
+            let m = match self
+                .cache
+                .resolve_manifest(route.at(), &reference, AcceptSet::MODERN)
+                .await
             {
+                Err(pier_cache::Error::NotFound) if optional => continue,
                 Err(err) => {
-                    e.error = Some(err);
+                    e.error = Some(err.to_string());
                     emit(e, &mut report);
                     continue;
                 }
-                Ok(answer) => {
-                    e.cached = matches!(answer.cache.as_deref(), Some("memory" | "disk"));
-                    e.fetched_bytes = if e.cached { 0 } else { answer.len };
-                    let doc: serde_json::Value =
-                        serde_json::from_slice(&answer.body).unwrap_or_default();
-                    let media_type = doc["mediaType"].as_str().unwrap_or("");
-                    if media_type == OCI_INDEX
-                        || media_type == DOCKER_MANIFEST_LIST
-                        || doc["manifests"].is_array()
-                    {
-                        for m in doc["manifests"].as_array().into_iter().flatten() {
-                            if platform_matches(platforms, &m["platform"]) {
-                                if let Some(d) = m["digest"].as_str() {
-                                    manifests.push(d.to_string());
-                                }
-                            }
-                        }
-                    } else {
-                        blobs.extend(doc["config"]["digest"].as_str().map(str::to_string));
-                        for l in doc["layers"].as_array().into_iter().flatten() {
-                            blobs.extend(l["digest"].as_str().map(str::to_string));
+                Ok(m) => m,
+            };
+            if !seen.insert(m.digest.clone()) {
+                continue;
+            }
+            e.digest = m.digest.to_string();
+            e.cached = cached(m.source);
+            e.fetched_bytes = if e.cached {
+                0
+            } else {
+                m.manifest.bytes.len() as u64
+            };
+            if let Some(refs) = References::parse(&m.manifest.bytes) {
+                for child in &refs.manifests {
+                    let wanted = options.platforms.is_empty()
+                        || child
+                            .platform
+                            .as_ref()
+                            .is_none_or(|p| options.platforms.iter().any(|w| p.matches(w)));
+                    if wanted {
+                        manifests.push((Reference::Digest(child.digest.clone()), false));
+                    }
+                }
+                blobs.extend(refs.blobs.into_iter().map(|b| b.digest));
+            }
+            emit(e, &mut report);
+            if options.signatures {
+                for suffix in ATTACHMENTS {
+                    let tag = format!(
+                        "{}-{}.{suffix}",
+                        m.digest.algorithm().as_str(),
+                        m.digest.hex()
+                    );
+                    if let Some(tag) = Tag::parse(&tag) {
+                        manifests.push((Reference::Tag(tag), true));
+                    }
+                }
+                match self.cache.referrers(route.at(), &m.digest).await {
+                    Ok(index) => {
+                        let listed = References::parse(&index.manifest.bytes).unwrap_or_default();
+                        for r in listed.manifests {
+                            manifests.push((Reference::Digest(r.digest), false));
                         }
                     }
-                    emit(e, &mut report);
+                    Err(err) => {
+                        let mut e = event("referrers", &m.digest.to_string());
+                        e.error = Some(err.to_string());
+                        emit(e, &mut report);
+                    }
                 }
             }
         }
         blobs.sort();
         blobs.dedup();
+        let route = &route;
         let mut done = stream::iter(blobs)
             .map(|digest| {
-                let name = name.clone();
-                let mut e = event("blob", &digest);
+                let mut e = event("blob", &digest.to_string());
                 async move {
-                    let path = format!("/v2/{name}/blobs/{digest}");
-                    // A HEAD tells whether it is cached without reading it; only a miss is fetched.
-                    let cached = internal(self, Method::HEAD, &path, false)
-                        .await
-                        .is_ok_and(|a| matches!(a.cache.as_deref(), Some("memory" | "disk")));
-                    if cached {
-                        e.cached = true;
-                    } else {
-                        match internal(self, Method::GET, &path, false).await {
-                            Ok(answer) => {
-                                e.fetched_bytes = answer.len;
-                                // A reader finishes once the blob verified; warm means stored.
-                                if let Ok(d) = digest.parse() {
-                                    self.cache
-                                        .wait_for_fills(
-                                            Some(&d),
-                                            std::time::Duration::from_secs(600),
-                                        )
-                                        .await;
-                                }
-                            }
-                            Err(err) => e.error = Some(err),
-                        }
+                    match self.warm_blob(route, &digest).await {
+                        Ok(None) => e.cached = true,
+                        Ok(Some(bytes)) => e.fetched_bytes = bytes,
+                        Err(err) => e.error = Some(err),
                     }
                     e
                 }
@@ -252,15 +228,46 @@ impl Mirror {
         report
     }
 
+    /// Brings one blob into the store: `None` when it was cached, else the bytes fetched, once
+    /// they verified and were committed.
+    async fn warm_blob(
+        &self,
+        route: &crate::Route<'_>,
+        digest: &Digest,
+    ) -> Result<Option<u64>, String> {
+        let blob = self
+            .cache
+            .blob(route.at(), digest)
+            .await
+            .map_err(|e| e.to_string())?;
+        if matches!(blob.source, Source::Memory | Source::Disk) {
+            return Ok(None);
+        }
+        // Follow the fill to its end: the stream fails if the bytes do not verify.
+        let bytes = blob
+            .stream(0, None)
+            .try_fold(0u64, |n, chunk| async move { Ok(n + chunk.len() as u64) })
+            .await
+            .map_err(|e| format!("download broke off: {e}"))?;
+        // Readers finish once the blob verified; warm means stored.
+        self.cache
+            .wait_for_fills(Some(digest), Duration::from_secs(600))
+            .await;
+        if !self.cache.is_stored(digest) {
+            return Err("verified, but could not be stored".into());
+        }
+        Ok(Some(bytes))
+    }
+
     /// Warms each image in turn; returns one report per image.
     pub async fn warm_all(
         self: &Arc<Self>,
         images: &[String],
-        platforms: &[String],
+        options: &WarmOptions,
     ) -> Vec<(String, WarmReport)> {
         let mut out = Vec::new();
         for image in images {
-            let report = self.warm(image, platforms, &|_| {}).await;
+            let report = self.warm(image, options, &|_| {}).await;
             if report.failures.is_empty() {
                 tracing::info!(%image, manifests = report.manifests, blobs = report.blobs, fetched_bytes = report.fetched_bytes, "warmed");
             } else {
@@ -293,15 +300,5 @@ mod tests {
             split_image(&format!("ghcr.io/org/app@{d}")),
             ("ghcr.io/org/app".into(), d)
         );
-    }
-
-    #[test]
-    fn platforms() {
-        let p = serde_json::json!({"os": "linux", "architecture": "arm64", "variant": "v8"});
-        assert!(platform_matches(&[], &p));
-        assert!(platform_matches(&["linux/arm64".into()], &p));
-        assert!(platform_matches(&["linux/arm64/v8".into()], &p));
-        assert!(!platform_matches(&["linux/arm64/v7".into()], &p));
-        assert!(!platform_matches(&["linux/amd64".into()], &p));
     }
 }

@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(path) = std::str::from_utf8(data) else { return };
     if let Ok(endpoint) = Endpoint::parse(path) {
         match endpoint {
-            Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } | Endpoint::TagsList { name } => {
+            Endpoint::Manifest { name, .. } | Endpoint::Blob { name, .. } | Endpoint::Referrers { name, .. } | Endpoint::TagsList { name } => {
                 // Whatever the router accepts as a name is then checked; a valid one is safe in a path.
                 if let Ok(n) = RepositoryName::parse(&name) {
                     assert!(!n.as_str().contains(".."));

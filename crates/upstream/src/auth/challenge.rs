@@ -1,16 +1,15 @@
-//! Registry auth: parsing `WWW-Authenticate` challenges and caching Bearer tokens per scope.
-
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+//! Parsing `WWW-Authenticate` challenges.
 
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Challenge {
     /// `Bearer realm="...",service="...",scope="..."`: get a token from `realm`.
     Bearer {
+        /// The token endpoint's URL, as the upstream named it (not yet checked in any way).
         realm: String,
+        /// The `service` to name when asking for a token.
         service: Option<String>,
+        /// The scope the upstream says it wants; pier asks for its own pull scope instead.
         scope: Option<String>,
     },
     /// `Basic realm="..."`: send credentials with every request.
@@ -82,42 +81,6 @@ fn parse_params(s: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Bearer tokens by scope, each until shortly before it expires.
-#[derive(Default)]
-pub(crate) struct TokenCache {
-    tokens: Mutex<HashMap<String, (String, Instant)>>,
-}
-
-impl TokenCache {
-    pub(crate) fn get(&self, scope: &str) -> Option<String> {
-        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        tokens
-            .get(scope)
-            .filter(|(_, until)| *until > Instant::now())
-            .map(|(t, _)| t.clone())
-    }
-
-    pub(crate) fn put(&self, scope: &str, token: String, lifetime: Duration) {
-        // Renew a little early so a token never expires between check and use.
-        let margin = (lifetime / 10).min(Duration::from_secs(30));
-        let until = Instant::now() + lifetime.saturating_sub(margin);
-        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        if tokens.len() > 10_000 {
-            let now = Instant::now();
-            tokens.retain(|_, (_, u)| *u > now);
-        }
-        tokens.insert(scope.to_string(), (token, until));
-    }
-}
-
-/// The token endpoint's answer.
-#[derive(serde::Deserialize)]
-pub(crate) struct TokenResponse {
-    pub token: Option<String>,
-    pub access_token: Option<String>,
-    pub expires_in: Option<u64>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,12 +119,17 @@ mod tests {
     }
 
     #[test]
-    fn token_cache_expires() {
-        let c = TokenCache::default();
-        c.put("a", "t".into(), Duration::from_secs(60));
-        assert_eq!(c.get("a").as_deref(), Some("t"));
-        c.put("b", "t".into(), Duration::ZERO);
-        assert_eq!(c.get("b"), None);
-        assert_eq!(c.get("c"), None);
+    fn parses_a_refusal_with_extra_parameters() {
+        // What a registry sends for a token signed with a key it no longer trusts.
+        assert_eq!(
+            Challenge::parse(
+                r#"Bearer realm="https://auth.example/token",service="reg",scope="repository:a/b:pull",error="invalid_token""#
+            ),
+            Some(Challenge::Bearer {
+                realm: "https://auth.example/token".into(),
+                service: Some("reg".into()),
+                scope: Some("repository:a/b:pull".into()),
+            })
+        );
     }
 }

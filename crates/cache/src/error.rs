@@ -1,0 +1,91 @@
+//! What a cache lookup can fail with.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use pier_upstream::UpstreamError;
+
+use crate::fill::FillError;
+
+/// A local I/O failure that can be shared by every waiter of one operation: the kind is kept, so
+/// that callers decide on it (a full disk is [`io::ErrorKind::StorageFull`]), not on the text.
+#[derive(Clone, Debug)]
+pub struct IoFailure(Arc<io::Error>);
+
+impl IoFailure {
+    pub fn kind(&self) -> io::ErrorKind {
+        self.0.kind()
+    }
+}
+
+impl From<io::Error> for IoFailure {
+    fn from(e: io::Error) -> Self {
+        IoFailure(Arc::new(e))
+    }
+}
+
+impl fmt::Display for IoFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Why the cache could not answer.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum Error {
+    /// Not in this repository: the upstream says so, or pier holds the digest only for other
+    /// repositories and the upstream could not confirm it for this one.
+    #[error("not found in this repository")]
+    NotFound,
+    /// The upstream failed and nothing acceptable is cached.
+    #[error(transparent)]
+    Upstream(UpstreamError),
+    /// A blob download failed before its first byte (bad bytes, or too many downloads).
+    #[error(transparent)]
+    Fill(FillError),
+    /// The cache directory failed.
+    #[error("cache I/O error: {0}")]
+    Io(IoFailure),
+    /// A task pier runs for several requests at once panicked; its waiters get this instead of
+    /// hanging. A bug, logged where it happened.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl From<io::Error> for Error {
+    fn from(e: io::Error) -> Self {
+        Error::Io(e.into())
+    }
+}
+
+impl From<FillError> for Error {
+    fn from(e: FillError) -> Self {
+        match e {
+            FillError::Upstream(u) => Error::Upstream(u),
+            FillError::Io(io) => Error::Io(io),
+            other => Error::Fill(other),
+        }
+    }
+}
+
+impl From<crate::flight::Panicked> for Error {
+    fn from(_: crate::flight::Panicked) -> Self {
+        Error::Internal("a shared upstream request panicked")
+    }
+}
+
+impl Error {
+    /// An upstream failure, with "not there" as [`Error::NotFound`].
+    pub fn from_upstream(e: UpstreamError) -> Self {
+        match e {
+            UpstreamError::NotFound => Error::NotFound,
+            e => Error::Upstream(e),
+        }
+    }
+
+    /// An upstream outage (unreachable, timeout, 5xx, 429): cached content may stand in.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, Error::Upstream(e) if e.is_outage())
+    }
+}
