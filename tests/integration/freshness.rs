@@ -350,7 +350,7 @@ async fn catalog_lists_what_pier_holds() {
     assert!(r.headers()["link"]
         .to_str()
         .unwrap()
-        .contains("last=library/app"));
+        .contains("last=library%2Fapp"));
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["repositories"], serde_json::json!(["library/app"]));
 }

@@ -438,7 +438,7 @@ async fn upstream_downloads_are_bounded_and_queued() {
     assert_eq!(third.0, 429);
     assert_eq!(first.await.unwrap(), (200, 300_000));
     assert_eq!(second.await.unwrap(), (200, 300_000));
-    // The queue really was a queue: the second download started after the first had finished.
+    // The queue really was a queue: two downloads, never both in flight at once.
     let log = up.requests();
     assert_eq!(
         log.iter()
@@ -446,6 +446,11 @@ async fn upstream_downloads_are_bounded_and_queued() {
             .count(),
         2,
         "{log:?}"
+    );
+    assert_eq!(
+        up.state.blob_bodies.most(),
+        1,
+        "the queued download overlapped"
     );
 }
 

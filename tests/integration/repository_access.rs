@@ -239,6 +239,6 @@ async fn the_catalog_lists_only_what_the_caller_may_pull() {
     let r = get(&f.pier, "bob", "_catalog?n=1").await;
     assert_eq!(
         r.headers()["link"].to_str().unwrap(),
-        r#"</v2/_catalog?n=1&last=library/allowed>; rel="next""#
+        r#"</v2/_catalog?n=1&last=library%2Fallowed>; rel="next""#
     );
 }

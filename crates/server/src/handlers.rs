@@ -8,7 +8,7 @@ use pier_cache::{CachedManifest, Source};
 use pier_oci::path::PathError;
 use pier_oci::reference::ReferenceError;
 use pier_oci::{
-    AcceptSet, ByteRange, Digest, Endpoint, ErrorCode, RangeError, Reference, RegistryError,
+    AcceptSet, ByteRange, Digest, Endpoint, ErrorCode, Query, RangeError, Reference, RegistryError,
     RepositoryName, Tag,
 };
 
@@ -341,21 +341,17 @@ fn range_error(e: RangeError) -> RegistryError {
 
 /// `n` and `last` of a query string; `n` must be a number and `last` a tag (or, for the
 /// catalog, a repository name), else 400.
-fn page_params(query: Option<&str>) -> Result<(Option<usize>, Option<String>), RegistryError> {
-    let param = |name: &str| {
-        query?
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-    };
+fn page_params(query: &Query<'_>) -> Result<(Option<usize>, Option<String>), RegistryError> {
     let bad = |m: &str| RegistryError::new(ErrorCode::Unsupported, m).with_status(400);
-    let n = param("n")
+    let n = query
+        .get("n")
         .map(|v| {
             v.parse::<u32>()
                 .map(|n| n as usize)
                 .map_err(|_| bad("n must be a non-negative integer"))
         })
         .transpose()?;
-    let last = param("last").map(str::to_string);
+    let last = query.get("last").map(str::to_string);
     if last.as_deref().is_some_and(|l| {
         l.len() > 512
             || !l
@@ -414,7 +410,8 @@ async fn tags_list(
     query: Option<&str>,
     head: bool,
 ) -> Answer {
-    let (n, last) = page_params(query)?;
+    let params = Query::parse_opt(query);
+    let (n, last) = page_params(&params)?;
     if last.as_deref().is_some_and(|l| Tag::parse(l).is_none()) {
         return Err(
             RegistryError::new(ErrorCode::Unsupported, "last must be a tag").with_status(400),
@@ -429,11 +426,13 @@ async fn tags_list(
     let next = match (more, tags.last(), n) {
         (true, Some(last), Some(n)) => {
             // The client's own path, and its `ns` when it routed by one.
-            let ns = query
-                .and_then(|q| q.split('&').find(|kv| kv.starts_with("ns=")))
-                .map(|ns| format!("{ns}&"))
-                .unwrap_or_default();
-            Some(format!("{path}?{ns}n={n}&last={last}"))
+            let mut next = form_urlencoded::Serializer::new(String::new());
+            if let Some(ns) = params.get("ns") {
+                next.append_pair("ns", ns);
+            }
+            next.append_pair("n", &n.to_string());
+            next.append_pair("last", last);
+            Some(format!("{path}?{}", next.finish()))
         }
         _ => None,
     };
@@ -449,7 +448,7 @@ async fn tags_list(
 /// The repositories pier holds that the caller may pull, named as clients name them: plain for
 /// the default upstream, `<registry>/<repository>` for the others.
 async fn catalog(mirror: &Mirror, caller: &Caller<'_>, query: Option<&str>, head: bool) -> Answer {
-    let (n, last) = page_params(query)?;
+    let (n, last) = page_params(&Query::parse_opt(query))?;
     let default = &mirror.upstreams[mirror.default_upstream].name;
     let mut names: Vec<String> = mirror
         .cache
@@ -475,7 +474,13 @@ async fn catalog(mirror: &Mirror, caller: &Caller<'_>, query: Option<&str>, head
     names.dedup();
     let (names, more) = page(&names, n, last.as_deref());
     let next = match (more, names.last(), n) {
-        (true, Some(last), Some(n)) => Some(format!("/v2/_catalog?n={n}&last={last}")),
+        (true, Some(last), Some(n)) => Some(format!(
+            "/v2/_catalog?{}",
+            form_urlencoded::Serializer::new(String::new())
+                .append_pair("n", &n.to_string())
+                .append_pair("last", last)
+                .finish()
+        )),
         _ => None,
     };
     let body = serde_json::json!({ "repositories": names }).to_string();
