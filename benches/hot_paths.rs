@@ -95,15 +95,21 @@ fn parsing(c: &mut Criterion) {
 fn tiers(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let dir = tempfile::tempdir().expect("tempdir");
-    let m = mirror(dir.path(), 64 * 1024);
     let small = vec![7u8; 1024];
     let large = vec![9u8; 4 << 20];
     let (ds, dl) = (Digest::sha256_of(&small), Digest::sha256_of(&large));
+    // On disk before pier opens the directory, so that its start-up scan indexes them.
     for (d, data) in [(&ds, &small), (&dl, &large)] {
-        let path = m.cache.disk().blocking().blob_path(d);
+        let path = dir
+            .path()
+            .join("blobs")
+            .join(d.algorithm().as_str())
+            .join(&d.hex()[..2])
+            .join(d.hex());
         std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
         std::fs::write(path, data).expect("write");
     }
+    let m = mirror(dir.path(), 64 * 1024);
     // First look moves the small blob into memory.
     rt.block_on(async {
         m.cache

@@ -33,7 +33,7 @@ pub fn upstream_client(
         connect_timeout: u.connect_timeout,
         read_timeout: u.read_timeout,
     };
-    Upstream::new(config, metrics)
+    Upstream::new(config, metrics).map_err(|e| e.to_string())
 }
 
 /// Builds the mirror: opens (and locks) the cache directory and builds every upstream client.

@@ -196,24 +196,55 @@ fn now_secs() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn parse_htpasswd(path: &Path) -> Result<HashMap<String, String>, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+/// Why users and rules could not be loaded. Each names the file or the rule.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthSetupError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: expected user:hash")]
+    Line { path: PathBuf, line: usize },
+    #[error(
+        "{path} line {line}: user {user:?} has no bcrypt hash (create entries with htpasswd -B)"
+    )]
+    NotBcrypt {
+        path: PathBuf,
+        line: usize,
+        user: String,
+    },
+    #[error("rule for {user}: {pattern:?} is not a glob: {message}")]
+    Rule {
+        user: String,
+        pattern: String,
+        message: String,
+    },
+    #[error("no randomness for the token key: {0}")]
+    Random(String),
+}
+
+fn parse_htpasswd(path: &Path) -> Result<HashMap<String, String>, AuthSetupError> {
+    let text = std::fs::read_to_string(path).map_err(|source| AuthSetupError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut users = HashMap::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        let (user, hash) = line
-            .split_once(':')
-            .ok_or_else(|| format!("{} line {}: expected user:hash", path.display(), i + 1))?;
+        let (user, hash) = line.split_once(':').ok_or_else(|| AuthSetupError::Line {
+            path: path.to_path_buf(),
+            line: i + 1,
+        })?;
         if !(hash.starts_with("$2y$") || hash.starts_with("$2b$") || hash.starts_with("$2a$")) {
-            return Err(format!(
-                "{} line {}: user {user:?} has no bcrypt hash (create entries with htpasswd -B)",
-                path.display(),
-                i + 1
-            ));
+            return Err(AuthSetupError::NotBcrypt {
+                path: path.to_path_buf(),
+                line: i + 1,
+                user: user.to_string(),
+            });
         }
         users.insert(user.to_string(), hash.to_string());
     }
@@ -222,23 +253,32 @@ fn parse_htpasswd(path: &Path) -> Result<HashMap<String, String>, String> {
 
 impl Auth {
     /// Loads the htpasswd file and compiles the rules; errors name the problem.
-    pub fn load(config: &AuthConfig) -> Result<Auth, String> {
+    pub fn load(config: &AuthConfig) -> Result<Auth, AuthSetupError> {
         let users = parse_htpasswd(&config.htpasswd)?;
         let mut rules = HashMap::new();
         for (user, patterns) in &config.rules {
+            let rule_error = |pattern: &str, message: String| AuthSetupError::Rule {
+                user: user.clone(),
+                pattern: pattern.to_string(),
+                message,
+            };
             let mut b = GlobSetBuilder::new();
             for p in patterns {
                 b.add(
                     GlobBuilder::new(p)
                         .literal_separator(true)
                         .build()
-                        .map_err(|e| format!("rule for {user}: {p:?} is not a glob: {e}"))?,
+                        .map_err(|e| rule_error(p, e.kind().to_string()))?,
                 );
             }
-            rules.insert(user.clone(), b.build().map_err(|e| e.to_string())?);
+            rules.insert(
+                user.clone(),
+                b.build()
+                    .map_err(|e| rule_error(&patterns.join(" "), e.to_string()))?,
+            );
         }
         let mut key = [0u8; 32];
-        getrandom::fill(&mut key).map_err(|e| format!("no randomness for the token key: {e}"))?;
+        getrandom::fill(&mut key).map_err(|e| AuthSetupError::Random(e.to_string()))?;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Auth {
             users,
@@ -874,6 +914,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("h"), "carol:$apr1$abc$def\n").unwrap();
         let err = parse_htpasswd(&dir.path().join("h")).unwrap_err();
-        assert!(err.contains("bcrypt") && err.contains("line 1"), "{err}");
+        assert!(
+            matches!(&err, AuthSetupError::NotBcrypt { line: 1, user, .. } if user == "carol"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("htpasswd -B"), "{err}");
     }
 }

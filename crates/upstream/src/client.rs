@@ -16,7 +16,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, Response, StatusCode, Url};
 
 use crate::auth::{AuthSession, Authorization, Credentials};
-use crate::error::UpstreamError;
+use crate::error::{SetupError, UpstreamError};
 use crate::health::Health;
 use crate::wire::{
     accept_value, check_status, content_length, content_type, header_digest, next_link,
@@ -101,17 +101,19 @@ impl fmt::Debug for Upstream {
 
 impl Upstream {
     /// Builds the client. Fails on a URL that is not http(s) or an unreadable CA file.
-    pub fn new(config: UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, String> {
-        let url =
-            Url::parse(&config.url).map_err(|e| format!("invalid URL {:?}: {e}", config.url))?;
+    pub fn new(config: UpstreamConfig, metrics: Arc<Metrics>) -> Result<Upstream, SetupError> {
+        let url = Url::parse(&config.url).map_err(|e| SetupError::Url {
+            url: config.url.clone(),
+            message: e.to_string(),
+        })?;
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-            return Err(format!(
-                "URL {:?} must be http:// or https:// with a host",
-                config.url
-            ));
+            return Err(SetupError::Url {
+                url: config.url.clone(),
+                message: "must be http:// or https:// with a host".into(),
+            });
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err("put credentials in username/password, not in the URL".into());
+            return Err(SetupError::CredentialsInUrl);
         }
         let mut builder = reqwest::Client::builder()
             .user_agent(concat!("pier/", env!("CARGO_PKG_VERSION")))
@@ -120,17 +122,20 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90))
             .tls_built_in_root_certs(true);
         if let Some(ca) = &config.ca_file {
-            let pem = std::fs::read(ca)
-                .map_err(|e| format!("cannot read CA file {}: {e}", ca.display()))?;
+            let ca_error = |message: String| SetupError::CaFile {
+                path: ca.clone(),
+                message,
+            };
+            let pem = std::fs::read(ca).map_err(|e| ca_error(e.to_string()))?;
             let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| format!("CA file {} is not PEM certificates: {e}", ca.display()))?;
+                .map_err(|e| ca_error(format!("not PEM certificates: {e}")))?;
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
         }
         let http = builder
             .build()
-            .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+            .map_err(|e| SetupError::Client(e.to_string()))?;
         Ok(Upstream {
             auth: AuthSession::new(
                 config.name.clone(),

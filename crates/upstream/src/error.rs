@@ -173,3 +173,23 @@ mod tests {
         assert!(!e.is_outage() && !e.is_retryable() && !e.is_timeout());
     }
 }
+
+/// Why an upstream client could not be built from its configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SetupError {
+    /// The URL does not parse, or is not http(s) with a host.
+    #[error("invalid URL {url:?}: {message}")]
+    Url { url: String, message: String },
+    /// Credentials belong in `username` / `password`, where they are never logged.
+    #[error("put credentials in username/password, not in the URL")]
+    CredentialsInUrl,
+    /// The extra CA file cannot be read or holds no PEM certificates.
+    #[error("CA file {path}: {message}")]
+    CaFile {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    /// The HTTP client could not be built (TLS backend).
+    #[error("cannot build HTTP client: {0}")]
+    Client(String),
+}

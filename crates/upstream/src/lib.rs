@@ -25,4 +25,4 @@ mod wire;
 
 pub use auth::{Challenge, Credentials};
 pub use client::{BlobBody, BlobResponse, Manifest, ManifestHead, Upstream, UpstreamConfig};
-pub use error::{TransportError, TransportKind, UpstreamError};
+pub use error::{SetupError, TransportError, TransportKind, UpstreamError};
