@@ -181,16 +181,9 @@ async fn referrers(
         .referrers(route.at(), digest)
         .await
         .map_err(|e| response::from_cache(&e, ErrorCode::ManifestUnknown))?;
-    let artifact_type = query.and_then(|q| {
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("artifactType="))
-            .map(|v| {
-                v.replace("%2F", "/")
-                    .replace("%2f", "/")
-                    .replace("%2B", "+")
-                    .replace("%2b", "+")
-            })
-    });
+    let artifact_type = Query::parse_opt(query)
+        .get("artifactType")
+        .map(str::to_string);
     let body = match &artifact_type {
         None => m.manifest.bytes.clone(),
         Some(wanted) => {
