@@ -469,7 +469,10 @@ impl Cache {
 
     /// A manifest by digest, from memory or disk. No repository is checked:
     /// [`Cache::resolve_manifest`] does.
-    pub async fn manifest(&self, digest: &Digest) -> io::Result<Option<(CachedManifest, Source)>> {
+    pub(crate) async fn manifest(
+        &self,
+        digest: &Digest,
+    ) -> io::Result<Option<(CachedManifest, Source)>> {
         if let Some(obj) = self.memory.get(digest).await {
             if let Some(media_type) = obj.media_type {
                 self.index.touch(digest);
