@@ -294,3 +294,72 @@ async fn a_flood_of_wrong_passwords_does_not_hold_up_other_pulls() {
     // The remembered password needed no second check; each wrong one needed one.
     assert_eq!(auth.password_checks(), 1 + checked as u64);
 }
+
+/// containerd routes by `?ns=`: the challenge's realm carries it back, so that the token endpoint
+/// grants the repository of the registry the request was for, under that registry's rules.
+#[tokio::test]
+async fn the_token_flow_keeps_the_ns_routing() {
+    let users = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    std::fs::write(users.path().join("htpasswd"), format!("carol:{hash}\n")).unwrap();
+    let auth = Auth::load(&AuthConfig {
+        htpasswd: users.path().join("htpasswd"),
+        anonymous: false,
+        token_ttl: Duration::from_secs(60),
+        rules: HashMap::from([("carol".to_string(), vec!["ghcr.io/org/**".to_string()])]),
+    })
+    .unwrap();
+    let hub = FakeUpstream::start(Behaviour::default()).await;
+    let ghcr = FakeUpstream::start(Behaviour::default()).await;
+    ghcr.add_manifest("org/app", "1", M, "{}");
+    hub.add_manifest("org/app", "1", M, r#"{"hub":1}"#);
+    let mut s = Setup::new(tempfile::tempdir().unwrap());
+    s.upstreams = vec![
+        UpstreamSpec::new("docker.io", hub.url()),
+        UpstreamSpec::new("ghcr.io", ghcr.url()),
+    ];
+    s.options = ServerOptions {
+        auth: Some(Arc::new(auth)),
+        ..ServerOptions::default()
+    };
+    let pier = launch(s).await;
+    let url = format!("{}/v2/org/app/manifests/1?ns=ghcr.io", pier.url);
+    let r = client().get(&url).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let realm = challenge
+        .split("realm=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    assert!(realm.ends_with("/auth/token?ns=ghcr.io"), "{realm}");
+    // As a client does: the realm, plus service and scope.
+    let v: serde_json::Value = client()
+        .get(format!(
+            "{realm}&service=pier&scope=repository:org/app:pull"
+        ))
+        .basic_auth("carol", Some("pw"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = v["token"].as_str().unwrap();
+    let r = client().get(&url).bearer_auth(token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(ghcr.count("/v2/org/app/manifests/1"), 1);
+    // The same name on the default registry stays out of carol's rules.
+    let r = client()
+        .get(format!("{}/v2/org/app/manifests/1", pier.url))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(hub.count("/manifests/"), 0);
+}

@@ -503,7 +503,21 @@ fn realm<B>(req: &Request<B>, tls: bool) -> String {
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || ".-:[]".contains(*c))
         .collect();
-    format!("{}://{host}/auth/token", if tls { "https" } else { "http" })
+    // A client routed by `?ns=` (containerd) gets it back in the realm, so that the token
+    // endpoint routes the scope's repository as the request was routed.
+    let ns = Query::parse_opt(req.uri().query())
+        .get("ns")
+        .map(|ns| {
+            let q = form_urlencoded::Serializer::new(String::new())
+                .append_pair("ns", ns)
+                .finish();
+            format!("?{q}")
+        })
+        .unwrap_or_default();
+    format!(
+        "{}://{host}/auth/token{ns}",
+        if tls { "https" } else { "http" }
+    )
 }
 
 fn challenge<B>(req: &Request<B>, tls: bool, name: Option<&str>, message: &str) -> Response<Body> {
@@ -631,9 +645,10 @@ pub(crate) async fn token_endpoint<B>(
         }
     };
     let query = req.uri().query().unwrap_or("");
+    // Routed as the request that drew the challenge was (its `ns` comes back in the realm).
     let granted: Vec<String> = requested_repositories(query)
         .into_iter()
-        .filter(|n| permitted(auth, mirror, &who, n, None))
+        .filter(|n| permitted(auth, mirror, &who, n, Some(query)))
         .collect();
     let (token, expires_in) = auth.issue_token(&who, granted);
     let issued_at = humantime_rfc3339(SystemTime::now());
