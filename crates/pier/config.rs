@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod region;
+pub use region::{ClusterSection, SharedStoreSection};
+
 /// The file pier reads when no `--config` is given.
 pub const DEFAULT_FILE: &str = "mirror.yaml";
 
@@ -26,6 +29,10 @@ pub struct Config {
     pub auth: Option<AuthSection>,
     pub limits: LimitsSection,
     pub upstreams: Vec<UpstreamSection>,
+    /// The peers of this node in a region (off when absent).
+    pub cluster: Option<ClusterSection>,
+    /// The region's shared object store (off when absent).
+    pub shared_store: Option<SharedStoreSection>,
 }
 
 /// HTTPS on the registry listener. Certificate and key are reloaded when the files change.
@@ -269,6 +276,8 @@ impl Default for Config {
             auth: None,
             limits: LimitsSection::default(),
             upstreams: Vec::new(),
+            cluster: None,
+            shared_store: None,
         }
     }
 }
@@ -440,7 +449,7 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+pub(crate) fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     struct V;
     impl serde::de::Visitor<'_> for V {
         type Value = Duration;
@@ -619,6 +628,12 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+        if let Some(c) = &self.cluster {
+            c.check()?;
+        }
+        if let Some(s) = &self.shared_store {
+            s.check()?;
+        }
         if self.cache.memory_object_size.0 > self.cache.memory_size.0
             && self.cache.memory_size.0 > 0
         {
@@ -628,6 +643,11 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The region this node is part of, with its secrets read. Errors name the key.
+    pub fn region(&self) -> Result<pier_cache::region::RegionConfig, ConfigError> {
+        region::region_config(self.cluster.as_ref(), self.shared_store.as_ref())
     }
 
     /// Index of the default upstream.

@@ -176,6 +176,7 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
             wiring::upstream_client(u, i, Arc::new(Metrics::new()))
                 .map_err(|e| ConfigError::field(&format!("upstreams[{i}]"), e))?;
         }
+        config.region()?;
         Ok((config, path))
     });
     match result {
@@ -191,6 +192,12 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
                     ""
                 };
                 println!("upstream {}: {}{default}", u.name, u.url());
+            }
+            if let Some(c) = &config.cluster {
+                println!("cluster: advertised as {}", c.advertise);
+            }
+            if let Some(s) = &config.shared_store {
+                println!("shared_store: bucket {} at {}", s.bucket, s.endpoint);
             }
             ExitCode::SUCCESS
         }
@@ -286,6 +293,9 @@ fn init_logging(config: &Config) {
 
 async fn serve(config: Config) -> Result<(), String> {
     let mirror = wiring::mirror(&config)?;
+    if let Some(region) = mirror.cache.region() {
+        region.start().await;
+    }
     let options = wiring::server_options(&config)?;
     match &options.tls {
         Some(tls) => {

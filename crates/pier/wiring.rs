@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use pier_cache::region::Region;
 use pier_cache::{Budget, Cache, CacheConfig, RetryPolicy};
 use pier_metrics::Metrics;
 use pier_server::auth::{Auth, AuthConfig};
@@ -70,8 +71,13 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
         max_concurrent_fills: config.limits.max_concurrent_fills,
         max_queued_fills: config.limits.max_queued_fills,
     };
-    let cache = Cache::open(cache_config, metrics.clone())
+    let mut cache = Cache::open(cache_config, metrics.clone())
         .map_err(|e| format!("cannot open cache directory {}: {e}", c.dir.display()))?;
+    if config.cluster.is_some() || config.shared_store.is_some() {
+        let region = config.region().map_err(|e| e.to_string())?;
+        let region = Region::new(&region, metrics.clone()).map_err(|e| e.to_string())?;
+        cache = cache.with_region(Arc::new(region));
+    }
     Ok(Arc::new(Mirror::new(
         upstreams,
         config.default_upstream(),

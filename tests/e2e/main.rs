@@ -13,6 +13,7 @@ mod deploy;
 mod docker;
 mod image;
 mod metrics;
+mod region;
 mod runtimes;
 mod skopeo_pull;
 mod tls;

@@ -95,7 +95,12 @@ pub fn registry_requests(dir: &Path) -> Vec<String> {
 /// pier, started from the binary with `serve --listen <addr> --metrics-listen <ops>` and `args`.
 /// Its log goes to `pier-test-<port>.log` in the temp directory.
 pub fn pier(args: &[&str]) -> Running {
-    let addr = format!("127.0.0.1:{}", free_port());
+    pier_at(&format!("127.0.0.1:{}", free_port()), args)
+}
+
+/// pier listening on `addr`, chosen beforehand (nodes of a region name each other).
+pub fn pier_at(addr: &str, args: &[&str]) -> Running {
+    let addr = addr.to_string();
     let ops = format!("127.0.0.1:{}", free_port());
     let log = std::env::temp_dir().join(format!("pier-test-{}.log", addr.replace(':', "-")));
     let log_file = std::fs::File::create(&log).expect("create pier log");

@@ -28,6 +28,12 @@ pub trait Origin: Send + Sync + 'static {
     /// Starts a download at byte `offset` (the origin may ignore it and start at 0; the fill
     /// then skips what it already has).
     fn open(&self, offset: u64) -> BoxFuture<'static, Result<BlobResponse, UpstreamError>>;
+
+    /// Whether what this origin brings should also go to the region's shared store: true when
+    /// it fetched from the upstream, false when a peer or the store itself answered.
+    fn shares(&self) -> bool {
+        false
+    }
 }
 
 /// How hard a fill tries before giving up.

@@ -20,6 +20,7 @@ mod links;
 mod memory;
 mod reader;
 mod referrers;
+pub mod region;
 mod remote;
 mod resolve;
 pub mod store;
@@ -55,6 +56,8 @@ use fill::{Fill, Phase, Progress};
 use index::Index;
 use links::Links;
 use memory::MemoryTier;
+use region::origin::RegionOrigin;
+use region::Region;
 use remote::UpstreamOrigin;
 use tags::TagRecords;
 
@@ -165,6 +168,9 @@ pub struct Cache {
     /// Tag lists as the upstream gave them, kept briefly and served while the upstream is down.
     tag_lists: moka::future::Cache<String, Arc<TagList>>,
     tag_list_fetches: SingleFlight<String, Result<Arc<TagList>, Error>>,
+    /// The region this node is part of, if any: peers and a shared store between this node's
+    /// tiers and the upstream.
+    region: Option<Arc<Region>>,
 }
 
 impl Cache {
@@ -194,6 +200,7 @@ impl Cache {
             confirmations: SingleFlight::default(),
             tag_lists: moka::future::Cache::new(10_000),
             tag_list_fetches: SingleFlight::default(),
+            region: None,
         };
         cache
             .metrics
@@ -201,6 +208,18 @@ impl Cache {
             .set(i64::try_from(cache.budget.max_size).unwrap_or(i64::MAX));
         cache.disk_usage_changed(cache.index.usage().0);
         Ok(cache)
+    }
+
+    /// Makes this node part of `region`: lookups of what it does not hold go to the region
+    /// before the upstream.
+    pub fn with_region(mut self, region: Arc<Region>) -> Self {
+        self.region = Some(region);
+        self
+    }
+
+    /// The region this node is part of, if any.
+    pub fn region(&self) -> Option<&Arc<Region>> {
+        self.region.as_ref()
     }
 
     /// The disk store, through its async front.
@@ -305,11 +324,23 @@ impl Cache {
             linked = true;
         }
         let origin = || -> Arc<dyn Origin> {
-            Arc::new(UpstreamOrigin {
+            let upstream = UpstreamOrigin {
                 client: at.client.clone(),
                 repo: at.repo.clone(),
                 digest: digest.clone(),
-            })
+            };
+            match &self.region {
+                // The shared store is keyed by digest alone: it may answer only for a digest
+                // the repository is known to hold. The owner checks for itself.
+                Some(region) => Arc::new(RegionOrigin::new(
+                    region.clone(),
+                    upstream,
+                    at.upstream.into(),
+                    !at.from_peer,
+                    linked,
+                )),
+                None => Arc::new(upstream),
+            }
         };
         let blob = match self.fill_blob(digest, origin).await {
             // The fill joined may have been another repository's, which does not hold the
@@ -486,7 +517,7 @@ impl Cache {
             }
         }
         if !self.index.contains(digest) {
-            return Ok(None);
+            return Ok(self.shared_manifest(digest).await);
         }
         let d = digest.clone();
         let read = self
@@ -516,12 +547,44 @@ impl Cache {
         Ok(Some((CachedManifest { bytes, media_type }, Source::Disk)))
     }
 
-    /// Stores a manifest under its digest. The caller checked that `digest` matches `bytes`.
+    /// A manifest from the region's shared store, kept on this node too.
+    async fn shared_manifest(&self, digest: &Digest) -> Option<(CachedManifest, Source)> {
+        let shared = self.region.as_ref()?.shared.as_ref()?;
+        let (bytes, media_type) = shared.manifest(digest).await?;
+        let manifest = CachedManifest {
+            bytes,
+            media_type: media_type.into(),
+        };
+        if let Err(e) = self.store_manifest(digest, &manifest).await {
+            tracing::warn!(error = %e, %digest, "could not cache manifest");
+        }
+        Some((manifest, Source::Upstream { joined: false }))
+    }
+
+    /// Stores a manifest under its digest, and in the region's shared store. The caller
+    /// checked that `digest` matches `bytes`.
     pub(crate) async fn put_manifest(
         &self,
         digest: &Digest,
         manifest: &CachedManifest,
     ) -> io::Result<()> {
+        self.store_manifest(digest, manifest).await?;
+        if let Some(region) = &self.region {
+            if region.shared.is_some() {
+                let (region, d, m) = (region.clone(), digest.clone(), manifest.clone());
+                tokio::spawn(async move {
+                    if let Some(shared) = &region.shared {
+                        shared.put_manifest(&d, m.bytes, &m.media_type).await;
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a manifest under its digest on this node. The caller checked that `digest`
+    /// matches `bytes`.
+    async fn store_manifest(&self, digest: &Digest, manifest: &CachedManifest) -> io::Result<()> {
         let (d, m) = (digest.clone(), manifest.clone());
         self.disk
             .run(move |store| {
@@ -555,6 +618,11 @@ impl Cache {
 /// The fill's task: download, commit or discard, tell the readers, leave the map. A panic
 /// anywhere in it still fails the fill for its readers and removes it from the map.
 async fn run_fill(cache: Arc<Cache>, fill: Arc<Fill>, origin: Arc<dyn Origin>) {
+    if let Some(region) = &cache.region {
+        if region.shared.is_some() {
+            tokio::spawn(share_fill(region.clone(), fill.clone(), origin.clone()));
+        }
+    }
     let outcome = std::panic::AssertUnwindSafe(fill_and_commit(&cache, &fill, origin.as_ref()))
         .catch_unwind()
         .await;
@@ -589,6 +657,37 @@ async fn run_fill(cache: Arc<Cache>, fill: Arc<Fill>, origin: Arc<dyn Origin>) {
         let _ = cache.purge_digest(&fill.digest).await;
     }
     cache.metrics.fills_in_flight.dec();
+}
+
+/// Uploads what a fill brings from the upstream to the region's shared store as it streams,
+/// completing the upload only once the fill verified (its stream holds the last byte back until
+/// then). A fill served by a peer or by the shared store itself is not uploaded again.
+async fn share_fill(region: Arc<Region>, fill: Arc<Fill>, origin: Arc<dyn Origin>) {
+    let mut rx = fill.progress.subscribe();
+    let Ok(ready) = rx
+        .wait_for(|p| !matches!(p.phase, Phase::Connecting))
+        .await
+        .map(|p| p.clone())
+    else {
+        return;
+    };
+    if matches!(ready.phase, Phase::Failed(_)) || !origin.shares() {
+        return;
+    }
+    let (Some(shared), Some(file)) = (&region.shared, fill.file()) else {
+        return;
+    };
+    let blob = Blob {
+        size: ready.total,
+        source: Source::Upstream { joined: true },
+        content: Content::File {
+            file,
+            progress: Some(rx),
+        },
+    };
+    if shared.upload(&fill.digest, blob.stream(0, None)).await {
+        tracing::debug!(digest = %fill.digest, "blob shared with the region");
+    }
 }
 
 /// Downloads into a new temporary file, verifies, and commits it to the store.

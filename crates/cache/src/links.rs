@@ -67,13 +67,14 @@ impl Links {
     }
 
     /// Links `digests` to `upstream`'s `repo`, in memory at once and on disk (appended).
+    /// Returns the digests that were not linked before.
     pub(crate) async fn add(
         &self,
         disk: &Disk,
         upstream: &str,
         repo: &RepositoryName,
         digests: impl IntoIterator<Item = Digest>,
-    ) -> io::Result<()> {
+    ) -> io::Result<Vec<Digest>> {
         let set = self.set(disk, upstream, repo).await?;
         let new: Vec<Digest> = {
             let mut set = set.write().unwrap_or_else(|p| p.into_inner());
@@ -83,10 +84,11 @@ impl Links {
                 .collect()
         };
         if new.is_empty() {
-            return Ok(());
+            return Ok(new);
         }
-        let (u, r) = (upstream.to_string(), repo.clone());
-        disk.run(move |store| store.add_links(&u, &r, &new)).await
+        let (u, r, n) = (upstream.to_string(), repo.clone(), new.clone());
+        disk.run(move |store| store.add_links(&u, &r, &n)).await?;
+        Ok(new)
     }
 
     /// Forgets the in-memory set of a repository (its file was removed).

@@ -99,10 +99,8 @@ impl Cache {
                 let tag =
                     fallback_tag(subject).ok_or(Error::Internal("digest too long for a tag"))?;
                 let at = RepoRef {
-                    upstream: &repo.upstream,
-                    client: &repo.client,
                     freshness,
-                    repo: &repo.repo,
+                    ..repo.at()
                 };
                 let index_only = AcceptSet::from_header(OCI_INDEX);
                 match self

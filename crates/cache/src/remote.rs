@@ -91,6 +91,9 @@ pub struct RepoRef<'a> {
     pub freshness: &'a Freshness,
     /// The repository as the upstream names it (`library/nginx`).
     pub repo: &'a RepositoryName,
+    /// The request came from a peer of the region, which took this node as the owner: it is
+    /// answered from this node's tiers, the shared store and the upstream, never another peer.
+    pub from_peer: bool,
 }
 
 impl RepoRef<'_> {
@@ -103,7 +106,9 @@ impl RepoRef<'_> {
         OwnedRepo {
             upstream: self.upstream.into(),
             client: self.client.clone(),
+            freshness: self.freshness.clone(),
             repo: self.repo.clone(),
+            from_peer: self.from_peer,
         }
     }
 }
@@ -113,10 +118,22 @@ impl RepoRef<'_> {
 pub(crate) struct OwnedRepo {
     pub upstream: Arc<str>,
     pub client: Arc<Upstream>,
+    pub freshness: Freshness,
     pub repo: RepositoryName,
+    pub from_peer: bool,
 }
 
 impl OwnedRepo {
+    pub(crate) fn at(&self) -> RepoRef<'_> {
+        RepoRef {
+            upstream: &self.upstream,
+            client: &self.client,
+            freshness: &self.freshness,
+            repo: &self.repo,
+            from_peer: self.from_peer,
+        }
+    }
+
     pub(crate) fn key(&self) -> String {
         format!("{}/{}", self.upstream, self.repo)
     }

@@ -14,11 +14,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use pier_oci::media_type::{DOCKER_MANIFEST_LIST, OCI_INDEX};
-use pier_oci::{AcceptSet, Digest, Reference, References, Tag};
+use pier_oci::{AcceptSet, Digest, Reference, References, RepositoryName, Tag};
 use pier_upstream::UpstreamError;
 
+use crate::region::peer::PeerError;
+use crate::region::Node;
 use crate::remote::OwnedRepo;
-use crate::store::{RecordName, TagAnswer, TagRecord};
+use crate::store::{OwnedRecordName, RecordName, TagAnswer, TagRecord};
 use crate::{Cache, CachedManifest, Error, RepoRef, Source};
 
 /// A manifest for a client: its digest, bytes and type, and where it came from.
@@ -92,6 +94,13 @@ impl Cache {
         let (fetched, joined) = self
             .manifest_fetches
             .run(key, move || async move {
+                let owner_key = reference.to_string();
+                if let Some(m) = cache
+                    .ask_owner(&repo, &reference, &owner_key, accept)
+                    .await?
+                {
+                    return Ok(m);
+                }
                 cache.fetch_manifest(&repo, &reference, accept).await
             })
             .await;
@@ -127,6 +136,7 @@ impl Cache {
         if at.client.in_outage() {
             // A black-holed link would cost every request a connect timeout: answer from cache
             // while the last failure is recent, if anything cached is acceptable.
+            let record = self.offline_record(at, tag, record.clone()).await?;
             if let Some(m) = self.best_offline(at, &record, accept).await? {
                 return Ok(self.stale(at, RecordName::Tag(tag), &"upstream down", m));
             }
@@ -140,6 +150,9 @@ impl Cache {
         let (asked, joined) = self
             .resolutions
             .run(key, move || async move {
+                if let Some(m) = cache.tag_from_region(&repo, &t, accept).await? {
+                    return Ok(m);
+                }
                 cache
                     .ask_upstream(&repo, &t, accept, known, head_first)
                     .await
@@ -152,12 +165,160 @@ impl Cache {
                 }
                 Ok(m)
             }
-            Err(e) if e.is_outage() => match self.best_offline(at, &record, accept).await? {
-                Some(m) => Ok(self.stale(at, RecordName::Tag(tag), &e, m)),
-                None => Err(e),
-            },
+            Err(e) if e.is_outage() => {
+                let record = self.offline_record(at, tag, record).await?;
+                match self.best_offline(at, &record, accept).await? {
+                    Some(m) => Ok(self.stale(at, RecordName::Tag(tag), &e, m)),
+                    None => Err(e),
+                }
+            }
             Err(e) => Err(e),
         }
+    }
+
+    /// When this node last confirmed `tag`'s answer for `accept` with the upstream (Unix
+    /// seconds), for peers that keep the answer for what is left of its window.
+    pub async fn tag_fetched_at(
+        &self,
+        at: RepoRef<'_>,
+        tag: &Tag,
+        accept: AcceptSet,
+    ) -> Option<u64> {
+        let record = self
+            .tags
+            .get(&self.disk, at.upstream, at.repo, RecordName::Tag(tag))
+            .await
+            .ok()?;
+        record.answer_for(accept).map(|a| a.fetched_at)
+    }
+
+    /// The record to answer from while the upstream cannot be asked: with a shared store,
+    /// what the whole region has seen of the tag.
+    async fn offline_record(
+        &self,
+        at: RepoRef<'_>,
+        tag: &Tag,
+        local: Arc<TagRecord>,
+    ) -> Result<Arc<TagRecord>, Error> {
+        match self.region.as_ref().and_then(|r| r.shared.as_ref()) {
+            Some(_) => self.region_record(&at.owned(), RecordName::Tag(tag)).await,
+            None => Ok(local),
+        }
+    }
+
+    /// A tag's answer from the region, before this node asks the upstream: from the tag's owner
+    /// when that is another node (it revalidates for the whole region), else the region's
+    /// record while it is fresh. `None`: this node asks the upstream itself.
+    async fn tag_from_region(
+        self: &Arc<Self>,
+        repo: &OwnedRepo,
+        tag: &Tag,
+        accept: AcceptSet,
+    ) -> Result<Option<ResolvedManifest>, Error> {
+        let Some(region) = &self.region else {
+            return Ok(None);
+        };
+        let reference = Reference::Tag(tag.clone());
+        let key = format!("{}:{tag}", repo.key());
+        if let Some(m) = self.ask_owner(repo, &reference, &key, accept).await? {
+            return Ok(Some(m));
+        }
+        if region.shared.is_none() {
+            return Ok(None);
+        }
+        let record = self.region_record(repo, RecordName::Tag(tag)).await?;
+        let Some(answer) = record.answer_for(accept) else {
+            return Ok(None);
+        };
+        if !repo
+            .freshness
+            .allows_cached(RecordName::Tag(tag), answer, &repo.client)
+        {
+            return Ok(None);
+        }
+        let Some((_, m)) = self.cached_answer(answer).await? else {
+            return Ok(None);
+        };
+        // The region fetched it from this repository.
+        self.link_manifest(repo, &m.digest, &m.manifest).await;
+        Ok(Some(m))
+    }
+
+    /// A manifest from the owner of `key` when that is another node, stored here with what
+    /// the owner said of it. `None` when this node owns it, or no owner answered.
+    async fn ask_owner(
+        &self,
+        repo: &OwnedRepo,
+        reference: &Reference,
+        key: &str,
+        accept: AcceptSet,
+    ) -> Result<Option<ResolvedManifest>, Error> {
+        let Some(region) = self.region.as_ref().filter(|_| !repo.from_peer) else {
+            return Ok(None);
+        };
+        let Some(client) = &region.peers else {
+            return Ok(None);
+        };
+        for node in region.owners(key) {
+            let Node::Peer(peer) = node else { break };
+            let answer = client
+                .manifest(
+                    &peer,
+                    &repo.upstream,
+                    &repo.repo,
+                    reference,
+                    accept,
+                    &self.metrics,
+                )
+                .await;
+            let pm = match answer {
+                Ok(pm) => pm,
+                Err(PeerError::NotFound) => return Err(Error::NotFound),
+                Err(PeerError::Unavailable(why)) => {
+                    tracing::debug!(%peer, %reference, %why, "owner unavailable; next");
+                    region.mark_down(&peer);
+                    continue;
+                }
+            };
+            self.metrics
+                .region_lookups
+                .with_label_values(&["owner_hit"])
+                .inc();
+            let manifest = CachedManifest {
+                bytes: pm.bytes,
+                media_type: pm.media_type.into(),
+            };
+            if let Err(e) = self.store_manifest(&pm.digest, &manifest).await {
+                tracing::warn!(error = %e, digest = %pm.digest, "could not cache manifest");
+            }
+            if let Reference::Tag(tag) = reference {
+                let now = SystemTime::now();
+                let mut answer = TagAnswer::new(accept, &pm.digest, &manifest.media_type, now);
+                // Kept for what is left of the owner's window, not a window of its own.
+                answer.fetched_at = pm.fetched_at.unwrap_or(0).min(answer.fetched_at);
+                let name = RecordName::Tag(tag);
+                if let Err(e) = self
+                    .tags
+                    .record(&self.disk, &repo.upstream, &repo.repo, name, [answer])
+                    .await
+                {
+                    tracing::warn!(error = %e, %name, "could not record tag");
+                }
+            }
+            // The owner answered for this repository: what it sent is linked to it.
+            let mut digests = vec![pm.digest.clone()];
+            if let Some(refs) = References::parse(&manifest.bytes) {
+                digests.extend(refs.held_digests().cloned());
+            }
+            self.add_links(&repo.upstream, &repo.repo, digests, false)
+                .await;
+            return Ok(Some(ResolvedManifest {
+                digest: pm.digest,
+                manifest,
+                source: Source::Upstream { joined: false },
+            }));
+        }
+        Ok(None)
     }
 
     /// One exchange with the upstream for a tag and accept set, shared by concurrent callers:
@@ -349,15 +510,54 @@ impl Cache {
         m
     }
 
-    /// Records a tag's (or referrers') answer; a failure to write costs only the cache.
+    /// Records a tag's (or referrers') answer, on this node and for the region; a failure to
+    /// write costs only the cache.
     pub(crate) async fn record(&self, repo: &OwnedRepo, name: RecordName<'_>, answer: TagAnswer) {
-        if let Err(e) = self
+        match self
             .tags
-            .record(&self.disk, &repo.upstream, &repo.repo, name, answer)
+            .record(&self.disk, &repo.upstream, &repo.repo, name, [answer])
             .await
         {
-            tracing::warn!(error = %e, upstream = %repo.upstream, repo = %repo.repo, %name, "could not record tag");
+            Ok(record) => self.share_record(repo, name, record),
+            Err(e) => {
+                tracing::warn!(error = %e, upstream = %repo.upstream, repo = %repo.repo, %name, "could not record tag")
+            }
         }
+    }
+
+    /// Writes a record to the region's shared store, in the background.
+    fn share_record(&self, repo: &OwnedRepo, name: RecordName<'_>, record: Arc<TagRecord>) {
+        let Some(region) = self.region.as_ref().filter(|r| r.shared.is_some()) else {
+            return;
+        };
+        let (region, upstream, r) = (region.clone(), repo.upstream.clone(), repo.repo.clone());
+        let name = OwnedRecordName::from(name);
+        tokio::spawn(async move {
+            if let Some(shared) = &region.shared {
+                shared
+                    .put_record(&upstream, &r, name.borrow(), &record)
+                    .await;
+            }
+        });
+    }
+
+    /// The region's answers for a tag (or referrers), merged into this node's record; the
+    /// merged record. Without a shared store, this node's record.
+    pub(crate) async fn region_record(
+        &self,
+        repo: &OwnedRepo,
+        name: RecordName<'_>,
+    ) -> Result<Arc<TagRecord>, Error> {
+        let shared = self.region.as_ref().and_then(|r| r.shared.as_ref());
+        let theirs = match shared {
+            Some(s) => s.record(&repo.upstream, &repo.repo, name).await,
+            None => None,
+        };
+        let answers = theirs.map(|t| t.answers).unwrap_or_default();
+        Ok(self
+            .tags
+            .record(&self.disk, &repo.upstream, &repo.repo, name, answers)
+            .await?)
     }
 
     /// Links a manifest fetched from a repository, and what it refers to, to that repository.
@@ -371,32 +571,63 @@ impl Cache {
         if let Some(refs) = References::parse(&manifest.bytes) {
             digests.extend(refs.held_digests().cloned());
         }
-        if let Err(e) = self
-            .links
-            .add(&self.disk, &repo.upstream, &repo.repo, digests)
-            .await
-        {
-            tracing::warn!(error = %e, repo = %repo.key(), "could not record repository links");
-        }
+        self.add_links(&repo.upstream, &repo.repo, digests, true)
+            .await;
     }
 
     /// Links digests the upstream served from `at`'s repository.
     pub(crate) async fn link(&self, at: RepoRef<'_>, digests: impl IntoIterator<Item = Digest>) {
-        if let Err(e) = self
-            .links
-            .add(&self.disk, at.upstream, at.repo, digests)
-            .await
-        {
-            tracing::warn!(error = %e, repo = %at.key(), "could not record repository links");
-        }
+        self.add_links(at.upstream, at.repo, digests.into_iter().collect(), true)
+            .await;
     }
 
-    /// Whether `at`'s repository is known to hold `digest`.
+    /// The one way links are added: on this node, and (`share`) for the region, when new.
+    async fn add_links(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+        digests: Vec<Digest>,
+        share: bool,
+    ) {
+        let new = match self.links.add(&self.disk, upstream, repo, digests).await {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::warn!(error = %e, %upstream, %repo, "could not record repository links");
+                return;
+            }
+        };
+        let Some(region) = self.region.as_ref().filter(|r| share && r.shared.is_some()) else {
+            return;
+        };
+        if new.is_empty() {
+            return;
+        }
+        let (region, upstream, repo) = (region.clone(), upstream.to_string(), repo.clone());
+        tokio::spawn(async move {
+            if let Some(shared) = &region.shared {
+                shared.put_links(&upstream, &repo, &new).await;
+            }
+        });
+    }
+
+    /// Whether `at`'s repository is known to hold `digest`: to this node, or to the region.
     pub(crate) async fn is_linked(&self, at: RepoRef<'_>, digest: &Digest) -> Result<bool, Error> {
-        Ok(self
+        if self
             .links
             .contains(&self.disk, at.upstream, at.repo, digest)
-            .await?)
+            .await?
+        {
+            return Ok(true);
+        }
+        let Some(shared) = self.region.as_ref().and_then(|r| r.shared.as_ref()) else {
+            return Ok(false);
+        };
+        if !shared.is_linked(at.upstream, at.repo, digest).await {
+            return Ok(false);
+        }
+        self.add_links(at.upstream, at.repo, vec![digest.clone()], false)
+            .await;
+        Ok(true)
     }
 
     /// Asks the upstream whether `at`'s repository holds `digest` (a HEAD), and links it if so.

@@ -38,6 +38,31 @@ pub enum RecordName<'a> {
     Referrers(&'a Digest),
 }
 
+/// A [`RecordName`] that a task can keep.
+#[derive(Clone, Debug)]
+pub(crate) enum OwnedRecordName {
+    Tag(Tag),
+    Referrers(Digest),
+}
+
+impl From<RecordName<'_>> for OwnedRecordName {
+    fn from(n: RecordName<'_>) -> Self {
+        match n {
+            RecordName::Tag(t) => OwnedRecordName::Tag(t.clone()),
+            RecordName::Referrers(d) => OwnedRecordName::Referrers(d.clone()),
+        }
+    }
+}
+
+impl OwnedRecordName {
+    pub(crate) fn borrow(&self) -> RecordName<'_> {
+        match self {
+            OwnedRecordName::Tag(t) => RecordName::Tag(t),
+            OwnedRecordName::Referrers(d) => RecordName::Referrers(d),
+        }
+    }
+}
+
 impl std::fmt::Display for RecordName<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

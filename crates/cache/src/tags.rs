@@ -54,31 +54,47 @@ impl TagRecords {
         Ok(rec)
     }
 
-    /// Records `answer` for its accept set, keeping the answers of other sets.
+    /// Records `answers`, each for its accept set, keeping the answers of other sets and an
+    /// answer newer than the one offered (records merged from the region may be older than
+    /// this node's). Returns the record as it now stands.
     pub(crate) async fn record(
         &self,
         disk: &Disk,
         upstream: &str,
         repo: &RepositoryName,
         name: RecordName<'_>,
-        answer: TagAnswer,
-    ) -> io::Result<()> {
+        answers: impl IntoIterator<Item = TagAnswer>,
+    ) -> io::Result<Arc<TagRecord>> {
         let k = key(upstream, repo, name);
         let mut h = std::collections::hash_map::DefaultHasher::new();
         k.hash(&mut h);
         let _writing = self.writers[h.finish() as usize % WRITE_SHARDS]
             .lock()
             .await;
-        let mut rec = (*self.get(disk, upstream, repo, name).await?).clone();
-        rec.set(answer);
+        let current = self.get(disk, upstream, repo, name).await?;
+        let mut rec = (*current).clone();
+        for answer in answers {
+            let newer = rec
+                .answers
+                .iter()
+                .find(|a| a.accept == answer.accept)
+                .is_none_or(|a| a.fetched_at <= answer.fetched_at && *a != answer);
+            if newer {
+                rec.set(answer);
+            }
+        }
+        if rec == *current {
+            return Ok(current);
+        }
         let (path, stored) = (
             disk.blocking().record_path(upstream, repo, name),
             rec.clone(),
         );
         disk.run(move |store| store.write_record(&path, &stored))
             .await?;
-        self.memory.insert(k, Arc::new(rec)).await;
-        Ok(())
+        let rec = Arc::new(rec);
+        self.memory.insert(k, rec.clone()).await;
+        Ok(rec)
     }
 
     /// Forgets every record held in memory (after a purge removed some from disk).

@@ -8,8 +8,8 @@
 use std::fmt;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric pier exports.
@@ -53,6 +53,19 @@ pub struct Metrics {
     pub memory_entries: IntGauge,
     /// The last `ratelimit-remaining` each `upstream` reported.
     pub rate_limit_remaining: IntGaugeVec,
+    /// Region lookups of a digest this node does not hold, by `result` (owner_hit,
+    /// shared_store_hit, upstream).
+    pub region_lookups: IntCounterVec,
+    /// Requests to peers, by `outcome` (ok, not_found, refused, error, timeout).
+    pub peer_requests: IntCounterVec,
+    /// Time until a peer's response headers.
+    pub peer_duration: Histogram,
+    /// Peers currently taken as live (this node not counted).
+    pub live_peers: IntGauge,
+    /// Bytes read from and written to the shared store, by `direction` (read, written).
+    pub shared_store_bytes: IntCounterVec,
+    /// Failed shared-store operations, by `op` (get, put, head).
+    pub shared_store_errors: IntCounterVec,
 }
 
 impl fmt::Debug for Metrics {
@@ -141,6 +154,18 @@ impl Metrics {
         )
         .expect("valid metric definition");
         r.register(Box::new(rate_limit_remaining.clone()))
+            .expect("metric registered once");
+        let peer_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "pier_peer_request_duration_seconds",
+                "Time until a peer's response headers",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
+        )
+        .expect("valid metric definition");
+        r.register(Box::new(peer_duration.clone()))
             .expect("metric registered once");
         Metrics {
             requests: counter_vec(
@@ -235,6 +260,32 @@ impl Metrics {
                 "Objects held in the memory tier",
             ),
             rate_limit_remaining,
+            region_lookups: counter_vec(
+                &r,
+                "pier_region_lookups_total",
+                "Lookups of digests this node does not hold, by where they were found",
+                &["result"],
+            ),
+            peer_requests: counter_vec(
+                &r,
+                "pier_peer_requests_total",
+                "Requests to peer nodes, by outcome",
+                &["outcome"],
+            ),
+            peer_duration,
+            live_peers: gauge(&r, "pier_live_peers", "Peers taken as live"),
+            shared_store_bytes: counter_vec(
+                &r,
+                "pier_shared_store_bytes_total",
+                "Bytes read from and written to the shared store",
+                &["direction"],
+            ),
+            shared_store_errors: counter_vec(
+                &r,
+                "pier_shared_store_errors_total",
+                "Failed shared-store operations",
+                &["op"],
+            ),
             registry: r,
         }
     }

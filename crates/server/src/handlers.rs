@@ -146,7 +146,7 @@ fn with_outcome(
 // ---- manifests ----
 
 /// A manifest by tag or digest, as the cache resolves it for the client's accept set.
-async fn manifest(
+pub(crate) async fn manifest(
     mirror: &Mirror,
     route: &Route<'_>,
     reference: &Reference,
@@ -244,7 +244,7 @@ fn manifest_response(
 
 // ---- blobs ----
 
-async fn blob(
+pub(crate) async fn blob(
     mirror: &Mirror,
     route: &Route<'_>,
     digest: &Digest,

@@ -2,13 +2,15 @@
 //!
 //! A hyper server for the pull side of the registry API. Each request is routed to one configured
 //! upstream and repository ([`routing`]), answered from the cache or through it ([`handlers`]),
-//! and every failure becomes the registry's JSON error ([`response`]).
+//! and every failure becomes the registry's JSON error ([`response`]). Peers of a region ask
+//! for what this node owns through `region`.
 
 pub mod admin;
 pub mod auth;
 pub mod handlers;
 pub mod limits;
 mod ops;
+mod region;
 pub mod response;
 pub mod routing;
 mod serve;

@@ -17,6 +17,8 @@ use crate::{Mirror, UpstreamEntry};
 pub struct Route<'a> {
     pub upstream: &'a UpstreamEntry,
     pub repo: RepositoryName,
+    /// Asked by a peer of the region that took this node as the owner.
+    pub from_peer: bool,
 }
 
 impl Route<'_> {
@@ -27,6 +29,7 @@ impl Route<'_> {
             client: &self.upstream.client,
             freshness: &self.upstream.freshness,
             repo: &self.repo,
+            from_peer: self.from_peer,
         }
     }
 }
@@ -90,7 +93,11 @@ impl Mirror {
                 format!("{}/{repo} is not allowed on this mirror", upstream.name),
             ));
         }
-        Ok(Route { upstream, repo })
+        Ok(Route {
+            upstream,
+            repo,
+            from_peer: false,
+        })
     }
 }
 

@@ -93,6 +93,10 @@ pub async fn serve(
                     .inc();
                 return response::error(&e, req.method() == Method::HEAD);
             }
+            // Peers of the region prove themselves with the region's secret, not as clients.
+            if crate::region::is_peer_request(req.uri().path()) {
+                return crate::region::answer(&mirror, &req).await;
+            }
             let caller = match &auth {
                 None => Caller::Anyone,
                 Some(auth) => {

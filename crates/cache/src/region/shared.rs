@@ -1,0 +1,348 @@
+//! The region's shared object store (S3 or any store `object_store` speaks): verified content,
+//! tag records and repository links that every node can read, a new one with an empty disk
+//! included.
+//!
+//! ```text
+//! <prefix>blobs/<alg>/<hex>                 verified content (manifests carry their media type)
+//! <prefix>tags/<upstream>/<repo>/<name>     a tag's (or referrers') record, JSON
+//! <prefix>links/<upstream>/<repo>/<alg>/<hex>   an empty object: the repository holds the digest
+//! ```
+//!
+//! Content appears under its key only whole and verified: it is uploaded in parts while the
+//! fill streams, and the upload is completed only after the fill's last byte, which the fill
+//! releases only once the digest matched; otherwise it is aborted. S3 makes a completed
+//! multipart upload visible atomically, so a node killed mid-upload leaves nothing under the
+//! key. The store being slow or down never fails a pull: every caller treats an error as "not
+//! there" and counts it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{
+    Attribute, Attributes, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutOptions,
+    PutPayload, WriteMultipart,
+};
+use pier_metrics::Metrics;
+use pier_oci::{Digest, RepositoryName};
+use pier_upstream::{BlobResponse, TransportError, TransportKind, UpstreamError};
+
+use crate::store::{RecordName, TagRecord};
+
+/// Parts of a multipart upload (S3's minimum is 5 MiB).
+const PART_SIZE: usize = 8 << 20;
+/// Parts uploading at once per blob: bounds the memory an upload holds.
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// Where the shared store is and how to reach it.
+#[derive(Clone, Debug)]
+pub struct SharedStoreConfig {
+    /// `http(s)://host:port` of the S3 API.
+    pub endpoint: String,
+    pub bucket: String,
+    /// Prepended to every key (`pier/`), so that a bucket can hold other things too.
+    pub prefix: String,
+    pub region: String,
+    /// Path-style requests (`endpoint/bucket/key`) rather than virtual-host style.
+    pub path_style: bool,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
+/// The shared store, as this node uses it.
+pub struct SharedStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    metrics: Arc<Metrics>,
+}
+
+impl SharedStore {
+    /// A client for the configured bucket. No request is made here.
+    pub fn new(config: &SharedStoreConfig, metrics: Arc<Metrics>) -> Result<Self, String> {
+        // The store's HTTP client takes the process's TLS provider: pier's, ring. (Installed
+        // already, by this or another client, is as good.)
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let store = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(config.endpoint.trim_end_matches('/'))
+            .with_bucket_name(&config.bucket)
+            .with_region(&config.region)
+            .with_access_key_id(&config.access_key_id)
+            .with_secret_access_key(&config.secret_access_key)
+            .with_virtual_hosted_style_request(!config.path_style)
+            .with_allow_http(config.endpoint.starts_with("http://"))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self::with_store(Arc::new(store), &config.prefix, metrics))
+    }
+
+    /// Over any object store (tests use the in-memory one).
+    pub fn with_store(store: Arc<dyn ObjectStore>, prefix: &str, metrics: Arc<Metrics>) -> Self {
+        let mut prefix = prefix.trim_matches('/').to_string();
+        if !prefix.is_empty() {
+            prefix.push('/');
+        }
+        SharedStore {
+            store,
+            prefix,
+            metrics,
+        }
+    }
+
+    fn path(&self, rest: &str) -> Path {
+        Path::from(format!("{}{rest}", self.prefix))
+    }
+
+    fn blob_path(&self, digest: &Digest) -> Path {
+        self.path(&format!(
+            "blobs/{}/{}",
+            digest.algorithm().as_str(),
+            digest.hex()
+        ))
+    }
+
+    fn record_path(&self, upstream: &str, repo: &RepositoryName, name: RecordName<'_>) -> Path {
+        let name = match name {
+            RecordName::Tag(t) => format!("tag-{t}"),
+            RecordName::Referrers(d) => format!("referrers-{}-{}", d.algorithm().as_str(), d.hex()),
+        };
+        self.path(&format!("tags/{upstream}/{repo}/{name}"))
+    }
+
+    fn link_path(&self, upstream: &str, repo: &RepositoryName, digest: &Digest) -> Path {
+        self.path(&format!(
+            "links/{upstream}/{repo}/{}/{}",
+            digest.algorithm().as_str(),
+            digest.hex()
+        ))
+    }
+
+    fn failed(&self, op: &str, e: &dyn std::fmt::Display) {
+        tracing::warn!(op, error = %e, "shared store");
+        self.metrics
+            .shared_store_errors
+            .with_label_values(&[op])
+            .inc();
+    }
+
+    /// A blob from `offset` on, if the store has it.
+    pub(crate) async fn blob(&self, digest: &Digest, offset: u64) -> Option<BlobResponse> {
+        let options = GetOptions {
+            range: (offset > 0).then_some(GetRange::Offset(offset)),
+            ..GetOptions::default()
+        };
+        let got = match self.store.get_opts(&self.blob_path(digest), options).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return None,
+            Err(e) => {
+                self.failed("get", &e);
+                return None;
+            }
+        };
+        let total = got.meta.size;
+        let start = got.range.start;
+        let metrics = self.metrics.clone();
+        let body = got
+            .into_stream()
+            .inspect_ok(move |b| {
+                metrics
+                    .shared_store_bytes
+                    .with_label_values(&["read"])
+                    .inc_by(b.len() as u64)
+            })
+            .map_err(|e| {
+                UpstreamError::Transport(TransportError::new(
+                    TransportKind::Other,
+                    format!("shared store body broke: {e}"),
+                ))
+            })
+            .boxed();
+        Some(BlobResponse {
+            start,
+            total: Some(total),
+            body,
+        })
+    }
+
+    /// A manifest and its media type, if the store has it.
+    pub(crate) async fn manifest(&self, digest: &Digest) -> Option<(Bytes, String)> {
+        let got = match self.store.get(&self.blob_path(digest)).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return None,
+            Err(e) => {
+                self.failed("get", &e);
+                return None;
+            }
+        };
+        let media_type = got
+            .attributes
+            .get(&Attribute::ContentType)
+            .map(|v| v.to_string())?;
+        let bytes = match got.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                self.failed("get", &e);
+                return None;
+            }
+        };
+        self.metrics
+            .shared_store_bytes
+            .with_label_values(&["read"])
+            .inc_by(bytes.len() as u64);
+        // The store is shared, not trusted: what does not verify is not there.
+        digest.verifies(&bytes).then_some((bytes, media_type))
+    }
+
+    /// Stores a verified manifest with its media type.
+    pub(crate) async fn put_manifest(&self, digest: &Digest, bytes: Bytes, media_type: &str) {
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::ContentType, media_type.to_string().into());
+        let len = bytes.len() as u64;
+        let options = PutOptions {
+            attributes,
+            ..PutOptions::default()
+        };
+        match self
+            .store
+            .put_opts(&self.blob_path(digest), PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => self
+                .metrics
+                .shared_store_bytes
+                .with_label_values(&["written"])
+                .inc_by(len),
+            Err(e) => self.failed("put", &e),
+        }
+    }
+
+    /// Uploads a blob as `stream` yields it, in parts, and completes the upload only when the
+    /// stream ended without error (the fill's stream holds its last byte back until the digest
+    /// verified); aborts it otherwise. Returns whether the blob is now in the store.
+    pub(crate) async fn upload(
+        &self,
+        digest: &Digest,
+        mut stream: BoxStream<'static, std::io::Result<Bytes>>,
+    ) -> bool {
+        let upload = match self.store.put_multipart(&self.blob_path(digest)).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.failed("put", &e);
+                return false;
+            }
+        };
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut written = 0u64;
+        while let Some(item) = stream.next().await {
+            let chunk = match item {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(%digest, error = %e, "fill failed; shared upload aborted");
+                    let _ = writer.abort().await;
+                    return false;
+                }
+            };
+            if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                self.failed("put", &e);
+                let _ = writer.abort().await;
+                return false;
+            }
+            written += chunk.len() as u64;
+            writer.put(chunk);
+        }
+        match writer.finish().await {
+            Ok(_) => {
+                self.metrics
+                    .shared_store_bytes
+                    .with_label_values(&["written"])
+                    .inc_by(written);
+                true
+            }
+            Err(e) => {
+                self.failed("put", &e);
+                false
+            }
+        }
+    }
+
+    /// A tag's (or referrers') record, if the store has one.
+    pub(crate) async fn record(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+        name: RecordName<'_>,
+    ) -> Option<TagRecord> {
+        let path = self.record_path(upstream, repo, name);
+        let bytes = match self.store.get(&path).await {
+            Ok(g) => g.bytes().await,
+            Err(e) => Err(e),
+        };
+        match bytes {
+            Ok(b) => serde_json::from_slice(&b).ok(),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => {
+                self.failed("get", &e);
+                None
+            }
+        }
+    }
+
+    /// Writes a tag's (or referrers') record. Nodes merge what they read, newest answer per
+    /// accept set winning, so a lost race costs at most one more revalidation.
+    pub(crate) async fn put_record(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+        name: RecordName<'_>,
+        record: &TagRecord,
+    ) {
+        let Ok(json) = serde_json::to_vec(record) else {
+            return;
+        };
+        let path = self.record_path(upstream, repo, name);
+        if let Err(e) = self.store.put(&path, PutPayload::from(json)).await {
+            self.failed("put", &e);
+        }
+    }
+
+    /// Whether the region linked `digest` to the repository.
+    pub(crate) async fn is_linked(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> bool {
+        match self
+            .store
+            .head(&self.link_path(upstream, repo, digest))
+            .await
+        {
+            Ok(_) => true,
+            Err(object_store::Error::NotFound { .. }) => false,
+            Err(e) => {
+                self.failed("head", &e);
+                false
+            }
+        }
+    }
+
+    /// Records links for the region.
+    pub(crate) async fn put_links(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+        digests: &[Digest],
+    ) {
+        for d in digests {
+            if let Err(e) = self
+                .store
+                .put(&self.link_path(upstream, repo, d), PutPayload::default())
+                .await
+            {
+                self.failed("put", &e);
+                return;
+            }
+        }
+    }
+}

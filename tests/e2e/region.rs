@@ -1,0 +1,486 @@
+//! A region of pier nodes on a real S3 server (SeaweedFS) in front of a real registry: one
+//! upstream fetch per blob for the whole region, a new node with an empty disk serving what the
+//! region holds (also with the upstream stopped), pulls surviving the shared store's loss, and
+//! the peer interface closed to requests without the region's secret.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::support::image::{self, sha256_hex};
+use crate::support::process::{
+    path_str, pier_at, push_image, registry, registry_requests, skopeo, Running,
+};
+use crate::support::{free_port, require};
+
+const ACCESS_KEY: &str = "pier-test";
+const SECRET_KEY: &str = "pier-test-secret-key";
+const BUCKET: &str = "region";
+const CLUSTER_SECRET: &str = "a-region-secret-of-some-length";
+
+/// SeaweedFS in one process (`weed mini`), S3 on its own port.
+struct Seaweed {
+    child: Child,
+    s3: String,
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn seaweed(dir: &Path) -> Seaweed {
+    std::fs::create_dir_all(dir).expect("mkdir seaweed");
+    let s3 = format!("127.0.0.1:{}", free_port());
+    let port = s3.rsplit(':').next().unwrap_or_default().to_string();
+    let log = std::fs::File::create(dir.join("weed.log")).expect("weed log");
+    // Every port it opens chosen here, so that it collides with nothing else on the machine.
+    let mut args = vec![
+        "mini".to_string(),
+        format!("-dir={}", dir.display()),
+        "-ip=127.0.0.1".into(),
+        "-ip.bind=127.0.0.1".into(),
+        format!("-s3.port={port}"),
+    ];
+    for flag in [
+        "s3.port.grpc",
+        "s3.port.iceberg",
+        "master.port",
+        "master.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "webdav.port",
+        "admin.port",
+        "admin.port.grpc",
+        "metricsPort",
+    ] {
+        args.push(format!("-{flag}={}", free_port()));
+    }
+    let mut child = Command::new("weed")
+        .args(&args)
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start weed");
+    // Up when a signed bucket creation succeeds.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("weed exited early with {status}");
+        }
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                &format!("{ACCESS_KEY}:{SECRET_KEY}"),
+                "-X",
+                "PUT",
+                &format!("http://{s3}/{BUCKET}"),
+            ])
+            .output()
+            .expect("run curl");
+        let code = String::from_utf8_lossy(&out.stdout).to_string();
+        if code == "200" || code == "409" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SeaweedFS did not come up ({code})"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    Seaweed { child, s3 }
+}
+
+/// Keys under `prefix` in the bucket (a signed ListObjectsV2).
+fn list_keys(s3: &str, prefix: &str) -> Vec<String> {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--aws-sigv4",
+            "aws:amz:us-east-1:s3",
+            "--user",
+            &format!("{ACCESS_KEY}:{SECRET_KEY}"),
+            // SigV4 signs the query as encoded: '/' must be %2F.
+            &format!(
+                "http://{s3}/{BUCKET}?list-type=2&prefix={}",
+                prefix.replace('/', "%2F")
+            ),
+        ])
+        .output()
+        .expect("run curl");
+    let xml = String::from_utf8_lossy(&out.stdout).to_string();
+    xml.split("<Key>")
+        .skip(1)
+        .filter_map(|s| s.split("</Key>").next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// A TCP proxy to `target` that sends answers at most `bytes_per_sec`: a slow upstream link.
+fn slow_link(target: String, bytes_per_sec: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy addr").to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = TcpStream::connect(&target) else {
+                continue;
+            };
+            let (mut c2, mut s2) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
+            let (mut client, mut server) = (client, server);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+                let _ = s2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; bytes_per_sec / 20];
+                loop {
+                    match server.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if client.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+                let _ = client.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// GET `path` from `addr` over HTTP/1.1: (status, sha256 hex of the body, body length).
+fn get_hashed(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, u64) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("write request");
+    let mut r = BufReader::new(s);
+    let mut status_line = String::new();
+    r.read_line(&mut status_line).expect("status line");
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let mut chunked = false;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).expect("header");
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if line
+            .to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+        {
+            chunked = true;
+        }
+    }
+    assert!(!chunked, "blob answers carry a Content-Length");
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut total = 0u64;
+    loop {
+        let n = r.read(&mut buf).expect("read body");
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n as u64;
+    }
+    (status, format!("{:x}", hasher.finalize()), total)
+}
+
+struct Region {
+    tmp: tempfile::TempDir,
+    upstream: Running,
+    link: String,
+    s3: Seaweed,
+    secret_file: PathBuf,
+}
+
+impl Region {
+    /// A node of the region at `addr` with `peers`, caching under `name`.
+    fn node(&self, name: &str, addr: &str, peers: &[&str]) -> Running {
+        let config = self.tmp.path().join(format!("{name}.yaml"));
+        let peers: Vec<String> = peers.iter().map(|p| format!("\"http://{p}\"")).collect();
+        std::fs::write(
+            &config,
+            format!(
+                "upstreams:\n  - name: docker.io\n    url: http://{link}\n    tag_ttl: 1h\n\
+                 cluster:\n  advertise: http://{addr}\n  peers: [{peers}]\n  secret_file: {secret}\n  peer_timeout: 5s\n\
+                 shared_store:\n  endpoint: http://{s3}\n  bucket: {BUCKET}\n  prefix: pier/\n  \
+                 access_key_id_env: PIER_TEST_S3_KEY\n  secret_access_key_env: PIER_TEST_S3_SECRET\n",
+                link = self.link,
+                peers = peers.join(", "),
+                secret = self.secret_file.display(),
+                s3 = self.s3.s3,
+            ),
+        )
+        .expect("write config");
+        std::env::set_var("PIER_TEST_S3_KEY", ACCESS_KEY);
+        std::env::set_var("PIER_TEST_S3_SECRET", SECRET_KEY);
+        let cache = self.tmp.path().join(name);
+        pier_at(
+            addr,
+            &[
+                "--config",
+                &path_str(&config),
+                "--cache-dir",
+                &path_str(&cache),
+            ],
+        )
+    }
+}
+
+fn blob_gets(registry_dir: &Path, digest: &str) -> usize {
+    registry_requests(registry_dir)
+        .iter()
+        .filter(|r| r.starts_with("GET ") && r.ends_with(&format!("/blobs/{digest}")))
+        .count()
+}
+
+#[test]
+fn a_region_fetches_once_serves_new_nodes_offline_and_outlives_its_store() {
+    if !require(&["docker-registry", "skopeo", "weed", "curl"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = tmp.path().join("src");
+    // One big layer (the cold blob 30 clients ask for at once) and a small one.
+    let img = image::single_image(&layout, "1.0", &[24 << 20, 200_000]);
+    image::single_image(&tmp.path().join("src2"), "2.0", &[300_000]);
+    let registry_dir = tmp.path().join("registry");
+    let upstream = registry(&registry_dir);
+    push_image(
+        &layout,
+        "1.0",
+        &format!("{}/library/app:1.0", upstream.addr),
+        false,
+    );
+    push_image(
+        &tmp.path().join("src2"),
+        "2.0",
+        &format!("{}/library/other:2.0", upstream.addr),
+        false,
+    );
+    // 12 MB/s: the 24 MiB layer takes about two seconds, so every client arrives mid-fill.
+    let link = slow_link(upstream.addr.clone(), 12 << 20);
+    let s3 = seaweed(&tmp.path().join("seaweed"));
+    let secret_file = tmp.path().join("cluster-secret");
+    std::fs::write(&secret_file, format!("{CLUSTER_SECRET}\n")).expect("secret");
+    let region = Region {
+        tmp,
+        upstream,
+        link,
+        s3,
+        secret_file,
+    };
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let peers: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let nodes: Vec<Running> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| region.node(&format!("node{i}"), a, &peers))
+        .collect();
+
+    // 30 clients over the three nodes on the cold big layer: one upstream GET, 30 good bodies.
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(img.top.digest.trim_start_matches("sha256:")),
+        )
+        .expect("read manifest"),
+    )
+    .expect("manifest JSON");
+    let digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("layer digest")
+        .to_string();
+    let layer_size = manifest["layers"][0]["size"].as_u64().expect("layer size");
+    let want = digest.trim_start_matches("sha256:").to_string();
+    let clients: Vec<_> = (0..30)
+        .map(|i| {
+            let addr = nodes[i % 3].addr.clone();
+            let path = format!("/v2/library/app/blobs/{digest}");
+            std::thread::spawn(move || get_hashed(&addr, &path, &[]))
+        })
+        .collect();
+    for c in clients {
+        let (status, hash, len) = c.join().expect("client thread");
+        assert_eq!(status, 200);
+        assert_eq!(len, layer_size);
+        assert_eq!(hash, want, "a client got wrong bytes");
+    }
+    assert_eq!(
+        blob_gets(&registry_dir, &digest),
+        1,
+        "the region fetched the layer more than once: {:?}",
+        registry_requests(&registry_dir)
+    );
+
+    // The whole image through the region, so that every part of it is shared.
+    let dir = region.tmp.path().to_path_buf();
+    let oci = move |name: &str| format!("oci:{}", path_str(&dir.join(name)));
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/library/app:1.0", nodes[1].addr),
+        &oci("pulled1"),
+    ]);
+    // Uploads to the store run beside the fills: give them a moment to complete.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !list_keys(&region.s3.s3, "pier/blobs/")
+        .iter()
+        .any(|k| k.ends_with(&want))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the layer never reached the shared store"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+
+    // A fourth node, empty disk, which no other node lists: the image with no upstream request.
+    let before = registry_requests(&registry_dir).len();
+    let fourth_addr = format!("127.0.0.1:{}", free_port());
+    let mut fourth_peers = peers.clone();
+    fourth_peers.push(&fourth_addr);
+    let fourth = region.node("node3", &fourth_addr, &fourth_peers);
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/library/app:1.0", fourth.addr),
+        &oci("pulled4"),
+    ]);
+    assert_eq!(
+        registry_requests(&registry_dir).len(),
+        before,
+        "a new node went upstream for what the region holds: {:?}",
+        &registry_requests(&registry_dir)[before..]
+    );
+    drop(fourth);
+
+    // A peer request without the secret, or with another, is refused.
+    let peer_path = format!("/_pier/region/v1/blobs/{digest}?upstream=docker.io&repo=library/app");
+    let (status, _, _) = get_hashed(&nodes[0].addr, &peer_path, &[]);
+    assert_eq!(status, 401, "a peer request without the secret was served");
+    let (status, _, _) = get_hashed(
+        &nodes[0].addr,
+        &peer_path,
+        &[("X-Pier-Region-Secret", "not-the-region-secret-at-all")],
+    );
+    assert_eq!(status, 401, "a peer request with a wrong secret was served");
+    let (status, hash, _) = get_hashed(
+        &nodes[0].addr,
+        &peer_path,
+        &[("X-Pier-Region-Secret", CLUSTER_SECRET)],
+    );
+    assert_eq!((status, hash.as_str()), (200, want.as_str()));
+
+    // The shared store stopped: pulls go on through the local tiers and the upstream.
+    let Region {
+        tmp,
+        mut upstream,
+        link,
+        s3,
+        secret_file,
+    } = region;
+    drop(s3);
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/library/other:2.0", nodes[2].addr),
+        &format!("oci:{}", path_str(&tmp.path().join("other-no-store"))),
+    ]);
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/library/app:1.0", nodes[0].addr),
+        &format!("oci:{}", path_str(&tmp.path().join("app-no-store"))),
+    ]);
+
+    // The store back (same data), the upstream stopped: a fifth node with an empty disk serves
+    // the image by tag and by digest.
+    let s3 = seaweed(&tmp.path().join("seaweed"));
+    upstream.stop();
+    let region = Region {
+        tmp,
+        upstream,
+        link,
+        s3,
+        secret_file,
+    };
+    let fifth_addr = format!("127.0.0.1:{}", free_port());
+    let fifth = region.node("node4", &fifth_addr, &[fifth_addr.as_str()]);
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/library/app:1.0", fifth.addr),
+        &oci("offline-tag"),
+    ]);
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/library/app@{}", fifth.addr, img.top.digest),
+        &oci("offline-digest"),
+    ]);
+    // What it served is the image that was pushed.
+    let pulled = image::blobs(&region.tmp.path().join("offline-tag"));
+    assert!(
+        pulled.contains_key(&want),
+        "the big layer is missing offline"
+    );
+    assert_eq!(sha256_hex(&pulled[&want]), want);
+    // Nothing partial or wrong under a blob key: every object's key is its content's digest.
+    for key in list_keys(&region.s3.s3, "pier/blobs/sha256/") {
+        let hex = key.rsplit('/').next().unwrap_or_default();
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                &format!("{ACCESS_KEY}:{SECRET_KEY}"),
+                &format!("http://{}/{BUCKET}/{key}", region.s3.s3),
+            ])
+            .output()
+            .expect("curl");
+        assert_eq!(
+            sha256_hex(&out.stdout),
+            hex,
+            "{key} does not hold its digest's bytes"
+        );
+    }
+    drop(nodes);
+}
