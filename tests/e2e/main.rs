@@ -14,6 +14,7 @@ mod docker;
 mod image;
 mod metrics;
 mod runtimes;
+mod signing;
 mod skopeo_pull;
 mod tls;
 mod warm;
