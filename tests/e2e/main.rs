@@ -15,6 +15,7 @@ mod image;
 mod metrics;
 mod region;
 mod runtimes;
+mod signing;
 mod skopeo_pull;
 mod tls;
 mod warm;

@@ -53,6 +53,9 @@ pub struct Behaviour {
     /// Answer `GET /v2/<repo>/referrers/<digest>` (OCI 1.1) from the manifests whose `subject`
     /// is that digest; without it, referrers requests get 404 as from Distribution 2.x.
     pub referrers_api: bool,
+    /// Digests a hostile referrers API lists besides the repository's own referrers (as
+    /// descriptors of OCI manifests), held there or not.
+    pub referrers_also: Vec<String>,
 }
 
 #[derive(Default)]
@@ -397,6 +400,14 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
                 })
             })
             .collect();
+        listed.extend(behaviour.referrers_also.iter().map(|d| {
+            serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "digest": d,
+                "size": 1,
+                "artifactType": "application/vnd.dev.cosign.artifact.sig.v1+json",
+            })
+        }));
         listed.sort_by_key(|d| d["digest"].as_str().unwrap_or_default().to_string());
         let index = serde_json::json!({
             "schemaVersion": 2,

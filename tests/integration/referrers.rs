@@ -273,3 +273,103 @@ async fn warm_without_signatures_leaves_them_out() {
     assert_eq!(up.count("/referrers/"), 0);
     assert_eq!(up.count(".sig"), 0);
 }
+
+// ---- hostile probes ----
+
+/// A referrers answer is the upstream's word on what refers to a digest, not on what a
+/// repository holds: a digest it lists from another repository does not become fetchable here.
+#[tokio::test]
+async fn referrers_listing_another_repositorys_manifest_does_not_link_it() {
+    let (up, pier, s) = setup(
+        Behaviour {
+            referrers_api: true,
+            ..Behaviour::default()
+        },
+        Duration::from_secs(300),
+    )
+    .await;
+    let secret = up.add_manifest(
+        "library/secret",
+        "1",
+        OCI,
+        r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[],"secret":true}"#,
+    );
+    // Someone allowed library/secret pulls it: pier holds it now.
+    let r = client()
+        .get(format!("{}/v2/secret/manifests/1", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    up.set(|b| b.referrers_also = vec![secret.clone()]);
+    let (status, _, listed) = referrers(&pier, &s.image, "").await;
+    assert_eq!(status, 200);
+    assert!(listed.contains(&secret));
+    // library/app does not hold it: asked by digest under app, pier must not hand it out.
+    let r = client()
+        .get(format!("{}/v2/app/manifests/{secret}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "another repository's manifest leaked");
+    // What app's referrers list and app holds is still served, offline too once fetched.
+    let r = client()
+        .get(format!("{}/v2/app/manifests/{}", pier.url, s.sig))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// A subject digest that is not sha256: no fallback tag can name a sha512 digest (too long for
+/// a tag), so an upstream without the referrers API means an empty index, not a server error.
+#[tokio::test]
+async fn referrers_of_a_sha512_digest_without_the_api() {
+    let (_up, pier, _s) = setup(Behaviour::default(), Duration::from_secs(300)).await;
+    let subject = format!("sha512:{}", "ab".repeat(64));
+    let (status, _, listed) = referrers(&pier, &subject, "").await;
+    assert_eq!((status, listed.len()), (200, 0));
+}
+
+/// Odd artifactType filters: empty, percent-encoded, repeated, with a parameter; an Accept
+/// header the referrers API does not serve. Always an image index, filtered exactly.
+#[tokio::test]
+async fn referrers_odd_filters_and_accept_headers() {
+    let (_up, pier, s) = setup(
+        Behaviour {
+            referrers_api: true,
+            ..Behaviour::default()
+        },
+        Duration::from_secs(300),
+    )
+    .await;
+    let sig = "application%2Fvnd.dev.cosign.artifact.sig.v1%2Bjson";
+    for (query, expect) in [
+        ("?artifactType=".to_string(), 0),
+        (format!("?artifactType={sig}"), 1),
+        (format!("?artifactType={sig}&artifactType={sig}"), 1),
+        // Unencoded: a media type has no spaces, so '+' is itself, not a form-encoded space.
+        ("?artifactType=application/spdx+json".to_string(), 1),
+        ("?artifactType=%ZZ".to_string(), 0),
+        (
+            "?artifactType=application%2Fspdx%2Bjson%3Bcharset%3Dutf-8".to_string(),
+            0,
+        ),
+    ] {
+        let (status, filters, listed) = referrers(&pier, &s.image, &query).await;
+        assert_eq!(status, 200, "{query}");
+        assert_eq!(filters.as_deref(), Some("artifactType"), "{query}");
+        assert_eq!(listed.len(), expect, "{query}: {listed:?}");
+    }
+    let r = client()
+        .get(format!("{}/v2/app/referrers/{}", pier.url, s.image))
+        .header(
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], INDEX);
+}

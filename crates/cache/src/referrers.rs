@@ -96,8 +96,11 @@ impl Cache {
             Ok(m) => m.bytes,
             // No referrers API (Distribution 2.x answers 404; some registries 400 or 405).
             Err(UpstreamError::NotFound | UpstreamError::Status(400 | 405)) => {
-                let tag =
-                    fallback_tag(subject).ok_or(Error::Internal("digest too long for a tag"))?;
+                // A digest too long for a tag (sha512: 135 characters) has no fallback tag, so
+                // no referrers anyone could have pushed there.
+                let Some(tag) = fallback_tag(subject) else {
+                    return Ok(Self::unrecorded(Bytes::from_static(EMPTY_INDEX)));
+                };
                 let at = RepoRef {
                     freshness,
                     ..repo.at()
@@ -132,13 +135,27 @@ impl Cache {
             }
             Err(e) => tracing::warn!(error = %e, %subject, "could not cache referrers"),
         }
-        // What it lists belongs to this repository: fetched later by digest, offline too.
-        self.link_manifest(repo, &digest, &manifest).await;
+        // What it lists is not linked to the repository: a referrers answer says what refers to
+        // a digest, not what the repository holds, and an upstream (or whoever pushed the
+        // fallback tag) may list another repository's manifests. Each is linked when fetched
+        // from this repository (by warm, offline use included) or confirmed there.
         Ok(ResolvedManifest {
             digest,
             manifest,
             source: Source::Upstream { joined: false },
         })
+    }
+
+    /// An answer made up by pier, neither stored nor recorded.
+    fn unrecorded(bytes: Bytes) -> ResolvedManifest {
+        ResolvedManifest {
+            digest: Digest::sha256_of(&bytes),
+            manifest: CachedManifest {
+                bytes,
+                media_type: OCI_INDEX.into(),
+            },
+            source: Source::Upstream { joined: false },
+        }
     }
 }
 

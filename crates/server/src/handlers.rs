@@ -181,7 +181,10 @@ async fn referrers(
         .referrers(route.at(), digest)
         .await
         .map_err(|e| response::from_cache(&e, ErrorCode::ManifestUnknown))?;
-    let artifact_type = Query::parse_opt(query)
+    // A media type has no spaces: a `+` a client left unencoded (`...+json`) is itself, not a
+    // form-encoded space.
+    let query = query.map(|q| q.replace('+', "%2B"));
+    let artifact_type = Query::parse_opt(query.as_deref())
         .get("artifactType")
         .map(str::to_string);
     let body = match &artifact_type {
