@@ -484,3 +484,125 @@ fn a_region_fetches_once_serves_new_nodes_offline_and_outlives_its_store() {
     }
     drop(nodes);
 }
+
+/// The region's owner ranking for `key`, as pier computes it (rendezvous hashing with SHA-256),
+/// so that the test knows which node to kill.
+fn owner_rank<'a>(key: &str, nodes: &[&'a str]) -> Vec<&'a str> {
+    let mut ranked: Vec<(u64, &str)> = nodes
+        .iter()
+        .map(|n| {
+            let mut h = Sha256::new();
+            h.update(format!("http://{n}").as_bytes());
+            h.update([0]);
+            h.update(key.as_bytes());
+            let out = h.finalize();
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&out[..8]);
+            (u64::from_be_bytes(first), *n)
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    ranked.into_iter().map(|(_, n)| n).collect()
+}
+
+#[test]
+fn the_owner_killed_mid_fill_costs_a_fetch_not_a_pull() {
+    if !require(&["docker-registry", "skopeo", "weed", "curl"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = tmp.path().join("src");
+    let img = image::single_image(&layout, "1.0", &[32 << 20]);
+    let registry_dir = tmp.path().join("registry");
+    let upstream = registry(&registry_dir);
+    push_image(
+        &layout,
+        "1.0",
+        &format!("{}/library/big:1.0", upstream.addr),
+        false,
+    );
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(
+            layout
+                .join("blobs/sha256")
+                .join(img.top.digest.trim_start_matches("sha256:")),
+        )
+        .expect("read manifest"),
+    )
+    .expect("manifest JSON");
+    let digest = manifest["layers"][0]["digest"]
+        .as_str()
+        .expect("layer digest")
+        .to_string();
+    let want = digest.trim_start_matches("sha256:").to_string();
+    // 8 MB/s: the 32 MiB layer takes about four seconds.
+    let link = slow_link(upstream.addr.clone(), 8 << 20);
+    let s3 = seaweed(&tmp.path().join("seaweed"));
+    let secret_file = tmp.path().join("cluster-secret");
+    std::fs::write(&secret_file, CLUSTER_SECRET).expect("secret");
+    let region = Region {
+        tmp,
+        upstream,
+        link,
+        s3,
+        secret_file,
+    };
+    let addrs: Vec<String> = (0..3)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let peers: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let mut nodes: Vec<Running> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| region.node(&format!("node{i}"), a, &peers))
+        .collect();
+    let owner = owner_rank(&digest, &peers)[0].to_string();
+    let others: Vec<String> = addrs.iter().filter(|a| **a != owner).cloned().collect();
+
+    // Ten clients on each of the two other nodes; their nodes ask the owner.
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            let addr = others[i % 2].clone();
+            let path = format!("/v2/library/big/blobs/{digest}");
+            std::thread::spawn(move || get_hashed(&addr, &path, &[]))
+        })
+        .collect();
+    // The owner dies about a second into its four-second fill.
+    std::thread::sleep(Duration::from_millis(1200));
+    let victim = nodes
+        .iter_mut()
+        .find(|n| n.addr == owner)
+        .expect("owner node");
+    victim.stop(); // SIGKILL
+    for c in clients {
+        let (status, hash, _) = c.join().expect("client thread");
+        assert_eq!(status, 200);
+        assert_eq!(hash, want, "a client of a surviving node got wrong bytes");
+    }
+    let gets = blob_gets(&registry_dir, &digest);
+    assert!(
+        (1..=2).contains(&gets),
+        "{gets} upstream GETs of the layer: the owner's, and at most one to finish it"
+    );
+    // The killed owner's upload was never completed: nothing, or only the whole verified
+    // object, under the layer's key.
+    for key in list_keys(&region.s3.s3, "pier/blobs/sha256/") {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                &format!("{ACCESS_KEY}:{SECRET_KEY}"),
+                &format!("http://{}/{BUCKET}/{key}", region.s3.s3),
+            ])
+            .output()
+            .expect("curl");
+        let hex = key.rsplit('/').next().unwrap_or_default();
+        assert_eq!(
+            sha256_hex(&out.stdout),
+            hex,
+            "{key} holds a partial or wrong object"
+        );
+    }
+}

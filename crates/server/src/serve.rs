@@ -94,8 +94,9 @@ pub async fn serve(
                 return response::error(&e, req.method() == Method::HEAD);
             }
             // Peers of the region prove themselves with the region's secret, not as clients.
+            // (The caller is not consulted for them.)
             if crate::region::is_peer_request(req.uri().path()) {
-                return crate::region::answer(&mirror, &req).await;
+                return answer(&mirror, req, &Caller::Anyone, peer, metrics_on_main).await;
             }
             let caller = match &auth {
                 None => Caller::Anyone,
@@ -237,7 +238,11 @@ async fn answer(
     if metrics_on_main && req.uri().path() == "/metrics" {
         return ops::metrics(mirror).await;
     }
-    let resp = handlers::handle(mirror, &req, caller).await;
+    let resp = if crate::region::is_peer_request(req.uri().path()) {
+        crate::region::answer(mirror, &req).await
+    } else {
+        handlers::handle(mirror, &req, caller).await
+    };
     let outcome = resp.extensions().get::<Outcome>().cloned();
     let method = method_label(req.method());
     let kind = outcome
