@@ -251,6 +251,21 @@ impl SharedStore {
             written += chunk.len() as u64;
             writer.put(chunk);
         }
+        if written == 0 {
+            // S3 completes no upload without parts: the empty blob goes in one put.
+            let _ = writer.abort().await;
+            return match self
+                .store
+                .put(&self.blob_path(digest), PutPayload::default())
+                .await
+            {
+                Ok(_) => true,
+                Err(e) => {
+                    self.failed("put", &e);
+                    false
+                }
+            };
+        }
         match writer.finish().await {
             Ok(_) => {
                 self.metrics
@@ -344,5 +359,117 @@ impl SharedStore {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::stream;
+    use object_store::memory::InMemory;
+
+    fn store() -> (SharedStore, Arc<InMemory>) {
+        let mem = Arc::new(InMemory::new());
+        let shared = SharedStore::with_store(mem.clone(), "pier/", Arc::new(Metrics::new()));
+        (shared, mem)
+    }
+
+    fn chunks(data: &[u8], fail_at_end: bool) -> BoxStream<'static, std::io::Result<Bytes>> {
+        let mut items: Vec<std::io::Result<Bytes>> = data
+            .chunks(1 << 20)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        if fail_at_end {
+            items.push(Err(std::io::Error::other("digest mismatch")));
+        }
+        stream::iter(items).boxed()
+    }
+
+    #[tokio::test]
+    async fn an_upload_completes_only_when_its_stream_ends_well() {
+        let (shared, mem) = store();
+        let data = vec![7u8; 12 << 20];
+        let digest = Digest::sha256_of(&data);
+        assert!(!shared.upload(&digest, chunks(&data, true)).await);
+        assert!(
+            mem.head(&shared.blob_path(&digest)).await.is_err(),
+            "a failed fill left an object"
+        );
+        assert!(shared.upload(&digest, chunks(&data, false)).await);
+        let resp = shared.blob(&digest, 5).await.expect("stored");
+        assert_eq!((resp.start, resp.total), (5, Some(data.len() as u64)));
+        let body: Vec<Bytes> = resp.body.try_collect().await.expect("body");
+        assert_eq!(body.concat(), data[5..]);
+    }
+
+    #[tokio::test]
+    async fn a_manifest_that_does_not_verify_is_not_there() {
+        let (shared, mem) = store();
+        let bytes = Bytes::from_static(br#"{"schemaVersion":2}"#);
+        let digest = Digest::sha256_of(&bytes);
+        shared
+            .put_manifest(
+                &digest,
+                bytes.clone(),
+                "application/vnd.oci.image.manifest.v1+json",
+            )
+            .await;
+        let (got, media_type) = shared.manifest(&digest).await.expect("stored");
+        assert_eq!(
+            (got, media_type.as_str()),
+            (bytes, "application/vnd.oci.image.manifest.v1+json")
+        );
+        // Someone with write access to the bucket swaps the bytes: pier does not take them.
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::ContentType, "application/json".into());
+        mem.put_opts(
+            &shared.blob_path(&digest),
+            PutPayload::from_static(b"{}"),
+            PutOptions {
+                attributes,
+                ..PutOptions::default()
+            },
+        )
+        .await
+        .expect("put");
+        assert!(shared.manifest(&digest).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn records_and_links_round_trip_per_repository() {
+        let (shared, _) = store();
+        let repo = RepositoryName::parse("library/app").expect("name");
+        let other = RepositoryName::parse("library/other").expect("name");
+        let tag = pier_oci::Tag::parse("1.0").expect("tag");
+        let digest = Digest::sha256_of(b"x");
+        let record = TagRecord {
+            answers: vec![crate::store::TagAnswer::new(
+                pier_oci::AcceptSet::ALL,
+                &digest,
+                "application/vnd.oci.image.index.v1+json",
+                std::time::SystemTime::now(),
+            )],
+        };
+        shared
+            .put_record("docker.io", &repo, RecordName::Tag(&tag), &record)
+            .await;
+        assert_eq!(
+            shared
+                .record("docker.io", &repo, RecordName::Tag(&tag))
+                .await,
+            Some(record)
+        );
+        assert_eq!(
+            shared
+                .record("docker.io", &other, RecordName::Tag(&tag))
+                .await,
+            None
+        );
+        shared
+            .put_links("docker.io", &repo, &[digest.clone()])
+            .await;
+        assert!(shared.is_linked("docker.io", &repo, &digest).await);
+        assert!(!shared.is_linked("docker.io", &other, &digest).await);
+        assert!(!shared.is_linked("ghcr.io", &repo, &digest).await);
     }
 }
