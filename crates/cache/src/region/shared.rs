@@ -466,7 +466,7 @@ mod tests {
             None
         );
         shared
-            .put_links("docker.io", &repo, &[digest.clone()])
+            .put_links("docker.io", &repo, std::slice::from_ref(&digest))
             .await;
         assert!(shared.is_linked("docker.io", &repo, &digest).await);
         assert!(!shared.is_linked("docker.io", &other, &digest).await);
