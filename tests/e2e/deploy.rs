@@ -67,6 +67,7 @@ fn kubernetes_manifests_validate() {
     for file in [
         "namespace.yaml",
         "regional-mirror.yaml",
+        "regional-cluster.yaml",
         "node-local-daemonset.yaml",
     ] {
         let (ok, text) = run(Command::new("kubernetes-validate")
@@ -122,6 +123,7 @@ fn example_configurations_check() {
     ));
     for file in [
         "kubernetes/regional-mirror.yaml",
+        "kubernetes/regional-cluster.yaml",
         "kubernetes/node-local-daemonset.yaml",
     ] {
         let text = std::fs::read_to_string(deploy(file)).expect("read");
@@ -132,12 +134,17 @@ fn example_configurations_check() {
             }
         }
     }
-    assert_eq!(configs.len(), 6);
+    assert_eq!(configs.len(), 7);
     for (name, text) in configs {
         let path = tmp.path().join("check.yaml");
         std::fs::write(&path, &text).expect("write");
         let (ok, out) = run(Command::new(crate::support::pier_bin())
             .env("DOCKERHUB_TOKEN", "x")
+            // What the regional cluster's pods get from the downward API and their Secrets.
+            .env("POD_IP", "10.0.0.7")
+            .env("PIER_CLUSTER_SECRET", "a-secret-of-at-least-16-characters")
+            .env("AWS_ACCESS_KEY_ID", "key")
+            .env("AWS_SECRET_ACCESS_KEY", "secret")
             .arg("check-config")
             .arg(&path));
         assert!(ok, "{name}: {out}");
