@@ -307,6 +307,57 @@ mod tests {
         assert!(base_url("http://a:port").is_none());
     }
 
+    fn finish(yaml: &str) -> Result<super::super::Config, ConfigError> {
+        let mut c = super::super::Config::parse(yaml)?;
+        c.finish()?;
+        c.region()?;
+        Ok(c)
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("cluster:\n  advertise: http://a:5000\n  secret_env: PIER_TEST_SECRET_1\n", "cluster.peers"),
+            (
+                "cluster:\n  advertise: http://a:5000\n  peers: [http://b:5000]\n  peers_dns: pier\n  secret_env: PIER_TEST_SECRET_1\n",
+                "cluster.peers",
+            ),
+            ("cluster:\n  advertise: http://a:5000\n  peers: [b:5000]\n  secret_env: PIER_TEST_SECRET_1\n", "cluster.peers[0]"),
+            ("cluster:\n  advertise: http://a:5000\n  peers: [http://b:5000]\n", "cluster.secret"),
+            ("cluster:\n  advertise: a:5000\n  peers: [http://b:5000]\n  secret_env: PIER_TEST_SECRET_1\n", "cluster.advertise"),
+            ("cluster:\n  advertise: http://a:5000\n  peers: [http://b:5000]\n  secret_env: PIER_TEST_UNSET_SECRET\n", "cluster.secret_env"),
+            ("cluster:\n  advertise: http://a:5000\n  peers: [http://b:5000]\n  secret_env: PIER_TEST_SHORT_SECRET\n", "cluster.secret"),
+            ("shared_store:\n  endpoint: s3.example\n  bucket: pier\n", "shared_store.endpoint"),
+            ("shared_store:\n  endpoint: http://s3:8333\n  bucket: Pier_Bucket\n", "shared_store.bucket"),
+            (
+                "shared_store:\n  endpoint: http://s3:8333\n  bucket: pier\n  access_key_id_env: PIER_TEST_UNSET_KEY\n",
+                "shared_store.access_key_id_env",
+            ),
+            ("shared_store:\n  endpoint: http://s3:8333\n  buckett: pier\n", "buckett"),
+        ];
+        std::env::set_var("PIER_TEST_SECRET_1", "a-secret-long-enough-for-the-region");
+        std::env::set_var("PIER_TEST_SHORT_SECRET", "short");
+        for (yaml, key) in cases {
+            let e = finish(yaml)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {yaml}"));
+            assert!(e.0.contains(key), "{yaml}: {e} does not name {key}");
+        }
+        std::env::set_var("PIER_TEST_S3_KEY_1", "k");
+        std::env::set_var("PIER_TEST_S3_SECRET_1", "s");
+        let ok = finish(
+            "cluster:\n  advertise: http://a:5000\n  peers: [http://a:5000, http://b:5000]\n  secret_env: PIER_TEST_SECRET_1\n\
+             shared_store:\n  endpoint: http://s3:8333\n  bucket: pier-region\n  access_key_id_env: PIER_TEST_S3_KEY_1\n  secret_access_key_env: PIER_TEST_S3_SECRET_1\n",
+        )
+        .expect("a good region");
+        let region = ok.region().expect("region");
+        assert_eq!(region.cluster.map(|c| c.secret.len()), Some(35));
+        assert_eq!(
+            region.shared_store.map(|s| s.access_key_id),
+            Some("k".to_string())
+        );
+    }
+
     #[test]
     fn expands_environment_variables() {
         std::env::set_var("PIER_TEST_POD_IP", "10.1.2.3");
