@@ -373,3 +373,64 @@ async fn referrers_odd_filters_and_accept_headers() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], INDEX);
 }
+
+/// With the upstream down, a signature tag pier never saw is absent (404), not a gateway error: a
+/// client that looks for signatures of an unsigned image (podman with use-sigstore-attachments)
+/// still pulls it when its policy accepts unsigned images. A signature pier holds is served.
+#[tokio::test]
+async fn an_unseen_signature_tag_is_absent_while_the_upstream_is_down() {
+    let (up, pier, signed) = setup(Behaviour::default(), Duration::ZERO).await;
+    let unsigned = up.add_manifest(
+        "library/plain",
+        "1",
+        OCI,
+        &format!(r#"{{"schemaVersion":2,"mediaType":"{OCI}","layers":[]}}"#),
+    );
+    let sig_tag = |d: &str| format!("sha256-{}.sig", d.trim_start_matches("sha256:"));
+    // Cache both images and the signed one's signature tag (it points at the sig manifest).
+    let sig_body = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI}","artifactType":"{SIG}","layers":[{{"digest":"{}","size":17}}],"subject":{{"mediaType":"{OCI}","digest":"{}","size":1}}}}"#,
+        signed.sig_layer, signed.image
+    );
+    up.add_manifest("library/app", &sig_tag(&signed.image), OCI, &sig_body);
+    let get = |path: String| {
+        let url = format!("{}{path}", pier.url);
+        async move {
+            let r = client()
+                .get(url)
+                .header("accept", OCI)
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    };
+    assert_eq!(get("/v2/plain/manifests/1".into()).await, 200);
+    assert_eq!(
+        get(format!("/v2/plain/manifests/{}", sig_tag(&unsigned))).await,
+        404
+    );
+    assert_eq!(get("/v2/app/manifests/1".into()).await, 200);
+    assert_eq!(
+        get(format!("/v2/app/manifests/{}", sig_tag(&signed.image))).await,
+        200
+    );
+    up.set(|b| b.drop_connections = true);
+    // Online it was 404 from the upstream; offline pier says the same, not 502/503.
+    assert_eq!(
+        get(format!("/v2/plain/manifests/{}", sig_tag(&unsigned))).await,
+        404
+    );
+    // A tag that is not an attachment is still a gateway error when nothing is cached.
+    let other = get("/v2/plain/manifests/never-seen".into()).await;
+    assert!(
+        other >= 500,
+        "an unknown ordinary tag offline answered {other}"
+    );
+    // The signature pier holds is served offline.
+    assert_eq!(
+        get(format!("/v2/app/manifests/{}", sig_tag(&signed.image))).await,
+        200
+    );
+    let _ = signed.sig;
+}

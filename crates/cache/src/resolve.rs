@@ -19,7 +19,7 @@ use pier_upstream::UpstreamError;
 
 use crate::region::peer::PeerError;
 use crate::region::Node;
-use crate::remote::OwnedRepo;
+use crate::remote::{is_attachment_tag, OwnedRepo};
 use crate::store::{OwnedRecordName, RecordName, TagAnswer, TagRecord};
 use crate::{Cache, CachedManifest, Error, RepoRef, Source};
 
@@ -169,6 +169,11 @@ impl Cache {
                 let record = self.offline_record(at, tag, record).await?;
                 match self.best_offline(at, &record, accept).await? {
                     Some(m) => Ok(self.stale(at, RecordName::Tag(tag), &e, m)),
+                    // A signature or attestation pier never saw is, as far as anyone can tell
+                    // now, absent: the client's policy then decides (a policy that requires one
+                    // refuses, one that does not pulls on), where a gateway error would fail
+                    // every pull of an unsigned image by a client that looks for signatures.
+                    None if is_attachment_tag(tag) => Err(Error::NotFound),
                     None => Err(e),
                 }
             }
