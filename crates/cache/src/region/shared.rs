@@ -15,7 +15,9 @@
 //! key. The store being slow or down never fails a pull: every caller treats an error as "not
 //! there" and counts it.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -35,6 +37,11 @@ use crate::store::{RecordName, TagRecord};
 const PART_SIZE: usize = 8 << 20;
 /// Parts uploading at once per blob: bounds the memory an upload holds.
 const PARTS_IN_FLIGHT: usize = 2;
+/// Longest wait for the store's answer to a request (headers), and between two chunks of a body.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a failure, how long the store is left alone: a store that is down or black-holed must
+/// cost one timeout per interval, not one per pull.
+const DOWN_FOR: Duration = Duration::from_secs(10);
 
 /// Where the shared store is and how to reach it.
 #[derive(Clone, Debug)]
@@ -56,6 +63,8 @@ pub struct SharedStore {
     store: Arc<dyn ObjectStore>,
     prefix: String,
     metrics: Arc<Metrics>,
+    /// Until when the store is skipped after a failure.
+    down_until: Mutex<Option<Instant>>,
 }
 
 impl SharedStore {
@@ -72,6 +81,18 @@ impl SharedStore {
             .with_secret_access_key(&config.secret_access_key)
             .with_virtual_hosted_style_request(!config.path_style)
             .with_allow_http(config.endpoint.starts_with("http://"))
+            // No overall deadline (a large blob streams for as long as it takes); pier bounds
+            // each wait itself, and retries little: the next source is better than a wait.
+            .with_client_options(
+                object_store::ClientOptions::new()
+                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_timeout_disabled(),
+            )
+            .with_retry(object_store::RetryConfig {
+                max_retries: 1,
+                retry_timeout: Duration::from_secs(10),
+                ..object_store::RetryConfig::default()
+            })
             .build()
             .map_err(|e| e.to_string())?;
         Ok(Self::with_store(Arc::new(store), &config.prefix, metrics))
@@ -87,6 +108,33 @@ impl SharedStore {
             store,
             prefix,
             metrics,
+            down_until: Mutex::new(None),
+        }
+    }
+
+    /// Runs one request against the store, within [`ANSWER_TIMEOUT`], unless the store is being
+    /// left alone after a failure. `None`: not there, or the store failed (counted and logged;
+    /// a missing object is no failure).
+    async fn call<T>(
+        &self,
+        op: &str,
+        request: impl Future<Output = object_store::Result<T>>,
+    ) -> Option<T> {
+        let down = *self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        if down.is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
+        match tokio::time::timeout(ANSWER_TIMEOUT, request).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(object_store::Error::NotFound { .. })) => None,
+            Ok(Err(e)) => {
+                self.failed(op, &e);
+                None
+            }
+            Err(_) => {
+                self.failed(op, &"no answer in time");
+                None
+            }
         }
     }
 
@@ -118,8 +166,14 @@ impl SharedStore {
         ))
     }
 
+    /// Counts a failure and leaves the store alone for a while.
     fn failed(&self, op: &str, e: &dyn std::fmt::Display) {
-        tracing::warn!(op, error = %e, "shared store");
+        let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        if down.is_none_or(|until| until <= Instant::now()) {
+            tracing::warn!(op, error = %e, "shared store failed; skipped for {}s", DOWN_FOR.as_secs());
+        }
+        *down = Some(Instant::now() + DOWN_FOR);
+        drop(down);
         self.metrics
             .shared_store_errors
             .with_label_values(&[op])
@@ -132,19 +186,14 @@ impl SharedStore {
             range: (offset > 0).then_some(GetRange::Offset(offset)),
             ..GetOptions::default()
         };
-        let got = match self.store.get_opts(&self.blob_path(digest), options).await {
-            Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return None,
-            Err(e) => {
-                self.failed("get", &e);
-                return None;
-            }
-        };
+        let path = self.blob_path(digest);
+        let got = self
+            .call("get", self.store.get_opts(&path, options))
+            .await?;
         let total = got.meta.size;
         let start = got.range.start;
         let metrics = self.metrics.clone();
-        let body = got
-            .into_stream()
+        let body = idle_timeout(got.into_stream())
             .inspect_ok(move |b| {
                 metrics
                     .shared_store_bytes
@@ -167,25 +216,13 @@ impl SharedStore {
 
     /// A manifest and its media type, if the store has it.
     pub(crate) async fn manifest(&self, digest: &Digest) -> Option<(Bytes, String)> {
-        let got = match self.store.get(&self.blob_path(digest)).await {
-            Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return None,
-            Err(e) => {
-                self.failed("get", &e);
-                return None;
-            }
-        };
+        let path = self.blob_path(digest);
+        let got = self.call("get", self.store.get(&path)).await?;
         let media_type = got
             .attributes
             .get(&Attribute::ContentType)
             .map(|v| v.to_string())?;
-        let bytes = match got.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                self.failed("get", &e);
-                return None;
-            }
-        };
+        let bytes = self.call("get", got.bytes()).await?;
         self.metrics
             .shared_store_bytes
             .with_label_values(&["read"])
@@ -203,17 +240,13 @@ impl SharedStore {
             attributes,
             ..PutOptions::default()
         };
-        match self
-            .store
-            .put_opts(&self.blob_path(digest), PutPayload::from(bytes), options)
-            .await
-        {
-            Ok(_) => self
-                .metrics
+        let path = self.blob_path(digest);
+        let put = self.store.put_opts(&path, PutPayload::from(bytes), options);
+        if self.call("put", put).await.is_some() {
+            self.metrics
                 .shared_store_bytes
                 .with_label_values(&["written"])
-                .inc_by(len),
-            Err(e) => self.failed("put", &e),
+                .inc_by(len);
         }
     }
 
@@ -225,12 +258,9 @@ impl SharedStore {
         digest: &Digest,
         mut stream: BoxStream<'static, std::io::Result<Bytes>>,
     ) -> bool {
-        let upload = match self.store.put_multipart(&self.blob_path(digest)).await {
-            Ok(u) => u,
-            Err(e) => {
-                self.failed("put", &e);
-                return false;
-            }
+        let path = self.blob_path(digest);
+        let Some(upload) = self.call("put", self.store.put_multipart(&path)).await else {
+            return false;
         };
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
         let mut written = 0u64;
@@ -289,18 +319,9 @@ impl SharedStore {
         name: RecordName<'_>,
     ) -> Option<TagRecord> {
         let path = self.record_path(upstream, repo, name);
-        let bytes = match self.store.get(&path).await {
-            Ok(g) => g.bytes().await,
-            Err(e) => Err(e),
-        };
-        match bytes {
-            Ok(b) => serde_json::from_slice(&b).ok(),
-            Err(object_store::Error::NotFound { .. }) => None,
-            Err(e) => {
-                self.failed("get", &e);
-                None
-            }
-        }
+        let read = async { self.store.get(&path).await?.bytes().await };
+        let bytes = self.call("get", read).await?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Writes a tag's (or referrers') record. Nodes merge what they read, newest answer per
@@ -316,9 +337,9 @@ impl SharedStore {
             return;
         };
         let path = self.record_path(upstream, repo, name);
-        if let Err(e) = self.store.put(&path, PutPayload::from(json)).await {
-            self.failed("put", &e);
-        }
+        let _ = self
+            .call("put", self.store.put(&path, PutPayload::from(json)))
+            .await;
     }
 
     /// Whether the region linked `digest` to the repository.
@@ -350,16 +371,35 @@ impl SharedStore {
         digests: &[Digest],
     ) {
         for d in digests {
-            if let Err(e) = self
-                .store
-                .put(&self.link_path(upstream, repo, d), PutPayload::default())
-                .await
-            {
-                self.failed("put", &e);
+            let path = self.link_path(upstream, repo, d);
+            let put = self.store.put(&path, PutPayload::default());
+            if self.call("put", put).await.is_none() {
                 return;
             }
         }
     }
+}
+
+/// A body that fails when the store sends nothing for [`ANSWER_TIMEOUT`]: the fill then resumes
+/// from its next source.
+fn idle_timeout(
+    body: BoxStream<'static, object_store::Result<Bytes>>,
+) -> BoxStream<'static, object_store::Result<Bytes>> {
+    futures_util::stream::unfold(Some(body), |body| async move {
+        let mut body = body?;
+        match tokio::time::timeout(ANSWER_TIMEOUT, body.next()).await {
+            Ok(Some(item)) => Some((item, Some(body))),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(object_store::Error::Generic {
+                    store: "shared",
+                    source: "no bytes in time".into(),
+                }),
+                None,
+            )),
+        }
+    })
+    .boxed()
 }
 
 #[cfg(test)]
