@@ -192,6 +192,12 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
                 };
                 println!("upstream {}: {}{default}", u.name, u.url());
             }
+            if let Some(h) = &config.hosted {
+                println!("hosted: {}", h.repositories.join(", "));
+            }
+            for w in config.warnings() {
+                eprintln!("warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -285,6 +291,9 @@ fn init_logging(config: &Config) {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     let mirror = wiring::mirror(&config)?;
     let options = wiring::server_options(&config)?;
     match &options.tls {

@@ -99,6 +99,12 @@ impl Cache {
         if victims.is_empty() {
             return Ok(EvictionReport::default());
         }
+        // A victim may have been pinned (mounted into or pushed to a hosted repository) since
+        // it was chosen: it stays.
+        let victims: Vec<(Digest, u64)> = victims
+            .into_iter()
+            .filter(|(d, _)| !self.index.is_pinned(d))
+            .collect();
         let digests: Vec<Digest> = victims.iter().map(|(d, _)| d.clone()).collect();
         // Every victim is tried; one that cannot be removed stays indexed and is tried again.
         let removed = self
@@ -238,6 +244,7 @@ impl Cache {
                 () = self.evict_now.notified() => {}
             }
             self.flush_access_times().await;
+            self.expire_uploads().await;
             if let Err(e) = self.evict().await {
                 tracing::warn!(error = %e, "eviction failed");
             }

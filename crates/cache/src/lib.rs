@@ -15,6 +15,7 @@ mod error;
 mod eviction;
 mod fill;
 mod flight;
+mod hosted;
 mod index;
 mod links;
 mod memory;
@@ -24,6 +25,7 @@ mod remote;
 mod resolve;
 pub mod store;
 mod tags;
+mod uploads;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -41,10 +43,11 @@ use pier_upstream::UpstreamError;
 use tokio::sync::watch;
 
 pub use disk::Disk;
-pub use error::{Error, IoFailure};
+pub use error::{Error, IoFailure, PushError};
 pub use eviction::{Budget, EvictionReport, Usage};
 pub use fill::{FillError, Origin, RetryPolicy};
 pub use flight::{Panicked, SingleFlight};
+pub use hosted::{HostedConfig, HostedUsage, MountFrom, PushedManifest, HOSTED, MAX_MANIFEST_SIZE};
 pub use memory::MemoryObject;
 pub use referrers::{fallback_tag, EMPTY_INDEX};
 pub use remote::{is_attachment_tag, Freshness, RepoRef};
@@ -73,6 +76,8 @@ pub struct CacheConfig {
     pub max_concurrent_fills: usize,
     /// Misses that may wait for a download slot; beyond, requests get "busy" at once.
     pub max_queued_fills: usize,
+    /// Hosted content's budget and upload expiry.
+    pub hosted: HostedConfig,
 }
 
 /// Where an answer came from.
@@ -165,6 +170,11 @@ pub struct Cache {
     /// Tag lists as the upstream gave them, kept briefly and served while the upstream is down.
     tag_lists: moka::future::Cache<String, Arc<TagList>>,
     tag_list_fetches: SingleFlight<String, Result<Arc<TagList>, Error>>,
+    hosted: HostedConfig,
+    uploads: uploads::Uploads,
+    /// Bytes held by upload sessions (and manifests being written): reserved in the hosted
+    /// budget. Its lock also orders every hosted budget check.
+    uploading: Mutex<u64>,
 }
 
 impl Cache {
@@ -173,7 +183,9 @@ impl Cache {
     /// Blocking: call it before serving.
     pub fn open(config: CacheConfig, metrics: Arc<Metrics>) -> io::Result<Cache> {
         let store = DiskStore::open(&config.dir)?;
-        let index = Index::from_scan(store.scan()?);
+        // Whatever a hosted repository links is hosted content: pinned, never evicted.
+        let index = Index::from_scan(store.scan()?, &store.all_links(HOSTED)?);
+        let uploading = store.uploads()?.iter().map(|(_, u)| u.size).sum();
         let cache = Cache {
             disk: Disk::new(store),
             memory: MemoryTier::new(config.memory_size, config.memory_object_size),
@@ -194,6 +206,9 @@ impl Cache {
             confirmations: SingleFlight::default(),
             tag_lists: moka::future::Cache::new(10_000),
             tag_list_fetches: SingleFlight::default(),
+            hosted: config.hosted,
+            uploads: uploads::Uploads::default(),
+            uploading: Mutex::new(uploading),
         };
         cache
             .metrics

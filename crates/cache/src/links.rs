@@ -66,7 +66,7 @@ impl Links {
         Ok(linked)
     }
 
-    /// Links `digests` to `upstream`'s `repo`, in memory at once and on disk (appended).
+    /// Links `digests` to `upstream`'s `repo`, on disk (appended) and in memory.
     pub(crate) async fn add(
         &self,
         disk: &Disk,
@@ -75,18 +75,57 @@ impl Links {
         digests: impl IntoIterator<Item = Digest>,
     ) -> io::Result<()> {
         let set = self.set(disk, upstream, repo).await?;
-        let new: Vec<Digest> = {
-            let mut set = set.write().unwrap_or_else(|p| p.into_inner());
-            digests
-                .into_iter()
-                .filter(|d| set.insert(d.clone()))
-                .collect()
+        let digests: Vec<Digest> = digests.into_iter().collect();
+        let known = {
+            let set = set.read().unwrap_or_else(|p| p.into_inner());
+            digests.iter().all(|d| set.contains(d))
         };
-        if new.is_empty() {
+        if known {
             return Ok(());
         }
         let (u, r) = (upstream.to_string(), repo.clone());
-        disk.run(move |store| store.add_links(&u, &r, &new)).await
+        // The set and the file change together, under the set's lock on a blocking thread, so
+        // that an unlink's rewrite never loses a concurrent append.
+        disk.run(move |store| {
+            let mut set = set.write().unwrap_or_else(|p| p.into_inner());
+            let new: Vec<Digest> = digests
+                .into_iter()
+                .filter(|d| set.insert(d.clone()))
+                .collect();
+            if new.is_empty() {
+                return Ok(());
+            }
+            let written = store.add_links(&u, &r, &new);
+            if written.is_err() {
+                for d in &new {
+                    set.remove(d);
+                }
+            }
+            written
+        })
+        .await
+    }
+
+    /// Unlinks `digests` from `upstream`'s `repo` (a hosted manifest deleted): the file is
+    /// rewritten without them.
+    pub(crate) async fn remove(
+        &self,
+        disk: &Disk,
+        upstream: &str,
+        repo: &RepositoryName,
+        digests: &[Digest],
+    ) -> io::Result<()> {
+        let set = self.set(disk, upstream, repo).await?;
+        let (u, r, gone) = (upstream.to_string(), repo.clone(), digests.to_vec());
+        disk.run(move |store| {
+            let mut set = set.write().unwrap_or_else(|p| p.into_inner());
+            for d in &gone {
+                set.remove(d);
+            }
+            let left: Vec<Digest> = set.iter().cloned().collect();
+            store.set_links(&u, &r, &left)
+        })
+        .await
     }
 
     /// Forgets the in-memory set of a repository (its file was removed).
