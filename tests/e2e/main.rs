@@ -15,5 +15,6 @@ mod image;
 mod metrics;
 mod runtimes;
 mod skopeo_pull;
+mod skopeo_push;
 mod tls;
 mod warm;
