@@ -392,9 +392,20 @@ async fn du(config: &Config) -> Result<(), String> {
     println!(
         "{}: {} bytes in {} objects",
         config.cache.dir.display(),
-        usage.disk_bytes,
+        usage.disk_bytes + usage.hosted.stored_bytes,
         usage.disk_objects
     );
+    if usage.hosted.stored_bytes + usage.hosted.uploading_bytes > 0 {
+        println!(
+            "hosted: {} bytes stored, {} bytes in uploads under way{}",
+            usage.hosted.stored_bytes,
+            usage.hosted.uploading_bytes,
+            match usage.hosted.max_size {
+                0 => String::new(),
+                max => format!(" (budget {max} bytes)"),
+            }
+        );
+    }
     if usage.max_size > 0 {
         println!(
             "budget: {} bytes ({:.1}% used)",

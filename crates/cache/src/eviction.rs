@@ -51,12 +51,16 @@ impl Budget {
 /// What the cache holds, for the admin API and `pier du`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Usage {
+    /// Bytes of mirrored content (what `max_size` limits and eviction removes).
     pub disk_bytes: u64,
+    /// Objects on disk, mirrored and hosted.
     pub disk_objects: usize,
     pub max_size: u64,
     pub memory_bytes: u64,
     pub memory_entries: u64,
     pub fills_in_flight: usize,
+    /// Hosted content: never evicted, limited by its own budget.
+    pub hosted: crate::HostedUsage,
 }
 
 /// What an eviction run removed.
@@ -198,6 +202,7 @@ impl Cache {
             memory_bytes,
             memory_entries,
             fills_in_flight,
+            hosted: self.hosted_usage(),
         }
     }
 
