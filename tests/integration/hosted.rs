@@ -964,6 +964,37 @@ async fn push_needs_a_user_whose_rules_allow_it() {
     let (_users, _up, pier) = with_users(false).await;
     let c = client();
     let uploads = format!("{}/v2/team/app/blobs/uploads/", pier.url);
+    // The ping challenges anonymous clients, so that clients holding credentials send them;
+    // one without gets an anonymous token, good for pulls.
+    let r = c.get(format!("{}/v2/", pier.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(!header(&r, "www-authenticate").contains("scope="));
+    let v: serde_json::Value = c
+        .get(format!(
+            "{}/auth/token?service=pier&scope=repository:team/app:pull,push",
+            pier.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let anonymous = v["token"].as_str().unwrap().to_string();
+    let r = c
+        .get(format!("{}/v2/", pier.url))
+        .bearer_auth(&anonymous)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(&uploads)
+        .bearer_auth(&anonymous)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "an anonymous token grants no push");
     // Anonymous: challenged for push.
     let r = c.post(&uploads).send().await.unwrap();
     assert_eq!(r.status(), 401);

@@ -619,6 +619,11 @@ fn requested_name(path: &str) -> Option<String> {
     }
 }
 
+/// Whether a path is the API's base, `/v2/`.
+fn is_base(path: &str) -> bool {
+    matches!(Endpoint::parse(path), Ok(Endpoint::Base))
+}
+
 fn realm<B>(req: &Request<B>, tls: bool) -> String {
     let host = req
         .headers()
@@ -744,6 +749,18 @@ pub(crate) async fn gate<B>(
             name.as_deref(),
             "authentication required",
         ))),
+        // Clients learn from the `/v2/` ping whether to authenticate at all (podman and Docker
+        // send no credentials to a registry whose ping answered 200, and so could never push).
+        // With hosted repositories, the ping challenges anonymous clients as Docker Hub does;
+        // those without credentials get an anonymous token and pull as before.
+        Credentials::None if mirror.hosted.is_configured() && is_base(req.uri().path()) => {
+            Err(Box::new(challenge(
+                req,
+                tls,
+                None,
+                "authenticate, or ask for an anonymous token",
+            )))
+        }
         Credentials::None => match name {
             Some(n) if !permitted(auth, mirror, &Identity::Anonymous, &n, query, action) => {
                 Err(Box::new(challenge(

@@ -46,6 +46,11 @@ impl HostedRepositories {
         })
     }
 
+    /// Whether any repository is hosted.
+    pub fn is_configured(&self) -> bool {
+        self.globs.is_some()
+    }
+
     /// Whether `repo` (as the client names it) is hosted.
     pub fn contains(&self, repo: &str) -> bool {
         self.globs.as_ref().is_some_and(|g| g.is_match(repo))
