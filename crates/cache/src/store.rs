@@ -772,6 +772,52 @@ mod tests {
     }
 
     #[test]
+    fn upload_sessions_append_in_order_and_commit_once_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let repo = RepositoryName::parse("team/app").unwrap();
+        store.create_upload("s1", &repo).unwrap();
+        assert_eq!(store.append_upload("s1", 0, b"hello ").unwrap(), 6);
+        // Not at the end: refused, nothing written.
+        assert!(store.append_upload("s1", 2, b"x").is_err());
+        assert_eq!(store.append_upload("s1", 6, b"world!!").unwrap(), 13);
+        store.truncate_upload("s1", 11).unwrap();
+        let info = store.upload_info("s1").unwrap().unwrap();
+        assert_eq!((info.repository.as_str(), info.size), ("team/app", 11));
+        assert_eq!(store.uploads().unwrap().len(), 1);
+        // A wrong digest keeps nothing.
+        let wrong = Digest::sha256_of(b"other");
+        assert_eq!(store.commit_upload("s1", &wrong).unwrap(), None);
+        assert!(store.upload_info("s1").unwrap().is_none());
+        assert!(!store.blob_path(&wrong).exists());
+        // The right one becomes the blob; a second upload of it is not written again.
+        let d = Digest::sha256_of(b"hello world");
+        for session in ["s2", "s3"] {
+            store.create_upload(session, &repo).unwrap();
+            store.append_upload(session, 0, b"hello world").unwrap();
+        }
+        assert_eq!(store.commit_upload("s2", &d).unwrap(), Some(11));
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+        let first = inode(&store.blob_path(&d));
+        assert_eq!(store.commit_upload("s3", &d).unwrap(), Some(11));
+        assert_eq!(inode(&store.blob_path(&d)), first);
+        assert!(store.uploads().unwrap().is_empty());
+        // Hosted links are found wherever the repository is.
+        store
+            .add_links("_hosted", &repo, std::slice::from_ref(&d))
+            .unwrap();
+        store
+            .set_links(
+                "_hosted",
+                &RepositoryName::parse("x/y/z").unwrap(),
+                std::slice::from_ref(&wrong),
+            )
+            .unwrap();
+        let all = store.all_links("_hosted").unwrap();
+        assert!(all.contains(&d) && all.contains(&wrong) && all.len() == 2);
+    }
+
+    #[test]
     fn a_directory_is_open_once() {
         let dir = tempfile::tempdir().unwrap();
         let _first = DiskStore::open(dir.path()).unwrap();
