@@ -677,24 +677,35 @@ impl DiskStore {
         }
     }
 
-    /// Finishes an upload: hashes its data and, when it is `digest`, makes it that blob (fsync,
-    /// rename, fsync), unless the store holds it already (written once). The session goes
-    /// either way. Returns the size, or `None` when the data is not `digest`.
-    pub fn commit_upload(&self, session: &str, digest: &Digest) -> io::Result<Option<u64>> {
+    /// Finishes an upload: hashes its data (unless `known`, the digest its bytes were hashed to
+    /// as they were written) and, when it is `digest`, makes it that blob (fsync, rename,
+    /// fsync), unless the store holds it already (written once). The session goes either way.
+    /// Returns the size, or `None` when the data is not `digest`.
+    pub fn commit_upload(
+        &self,
+        session: &str,
+        digest: &Digest,
+        known: Option<&Digest>,
+    ) -> io::Result<Option<u64>> {
         let data = self.upload_dir(session).join("data");
         let file = File::open(&data)?;
-        let mut hasher = pier_oci::Hasher::new(digest.algorithm());
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0u64;
-        loop {
-            let n = io::Read::read(&mut &file, &mut buf)?;
-            if n == 0 {
-                break;
+        let size = file.metadata()?.len();
+        let actual = match known {
+            Some(d) => d.clone(),
+            None => {
+                let mut hasher = pier_oci::Hasher::new(digest.algorithm());
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = io::Read::read(&mut &file, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                }
+                hasher.finish()
             }
-            hasher.update(&buf[..n]);
-            size += n as u64;
-        }
-        if hasher.finish() != *digest {
+        };
+        if actual != *digest {
             self.remove_upload(session)?;
             return Ok(None);
         }
@@ -787,7 +798,7 @@ mod tests {
         assert_eq!(store.uploads().unwrap().len(), 1);
         // A wrong digest keeps nothing.
         let wrong = Digest::sha256_of(b"other");
-        assert_eq!(store.commit_upload("s1", &wrong).unwrap(), None);
+        assert_eq!(store.commit_upload("s1", &wrong, None).unwrap(), None);
         assert!(store.upload_info("s1").unwrap().is_none());
         assert!(!store.blob_path(&wrong).exists());
         // The right one becomes the blob; a second upload of it is not written again.
@@ -796,10 +807,10 @@ mod tests {
             store.create_upload(session, &repo).unwrap();
             store.append_upload(session, 0, b"hello world").unwrap();
         }
-        assert_eq!(store.commit_upload("s2", &d).unwrap(), Some(11));
+        assert_eq!(store.commit_upload("s2", &d, None).unwrap(), Some(11));
         let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
         let first = inode(&store.blob_path(&d));
-        assert_eq!(store.commit_upload("s3", &d).unwrap(), Some(11));
+        assert_eq!(store.commit_upload("s3", &d, Some(&d)).unwrap(), Some(11));
         assert_eq!(inode(&store.blob_path(&d)), first);
         assert!(store.uploads().unwrap().is_empty());
         // Hosted links are found wherever the repository is.

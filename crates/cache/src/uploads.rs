@@ -6,6 +6,10 @@
 //! A chunk is all or nothing: one that breaks off, does not match its `Content-Range` or would
 //! exceed the hosted budget is cut back off the session, which stays where it was. Sessions that
 //! take no bytes for `upload_expiry` are removed (on access and by the maintenance task).
+//!
+//! Chunks are hashed (sha256) as they are written, so that finishing an upload reads nothing
+//! back; a session whose running hash was lost (a restart, a chunk cut back) or that finishes
+//! with another algorithm is hashed from its file instead.
 
 use std::collections::HashMap;
 use std::io;
@@ -14,7 +18,7 @@ use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{BoxStream, StreamExt};
-use pier_oci::{Digest, RepositoryName};
+use pier_oci::{Algorithm, Digest, Hasher, RepositoryName};
 
 use crate::error::PushError;
 use crate::hosted::HOSTED;
@@ -23,11 +27,13 @@ use crate::Cache;
 /// Bytes gathered from a request body before one write to the session's file.
 const WRITE_BATCH: usize = 1 << 20;
 
-/// Upload sessions' locks and the bytes they hold (counted against the hosted budget).
+/// Upload sessions' locks and running hashes.
 #[derive(Default)]
 pub(crate) struct Uploads {
     /// One lock per session, so that its chunks are written one at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The sha256 of each session's first `u64` bytes.
+    hashes: Mutex<HashMap<String, (u64, Hasher)>>,
 }
 
 impl Uploads {
@@ -45,6 +51,29 @@ impl Uploads {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(session);
+        self.take_hash(session, None);
+    }
+
+    /// The running hash of a session of `size` bytes (a new one for an empty session), if it is
+    /// known; it is taken out, to be put back with the bytes that follow.
+    fn take_hash(&self, session: &str, size: Option<u64>) -> Option<Hasher> {
+        let kept = self
+            .hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session);
+        match (kept, size) {
+            (Some((at, h)), Some(size)) if at == size => Some(h),
+            (_, Some(0)) => Some(Hasher::new(Algorithm::Sha256)),
+            _ => None,
+        }
+    }
+
+    fn put_hash(&self, session: &str, size: u64, hasher: Hasher) {
+        self.hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.to_string(), (size, hasher));
     }
 }
 
@@ -122,10 +151,15 @@ impl Cache {
         let _writing = lock.lock().await;
         let size = self.live_upload(repo, session).await?;
         let end = self.append(session, size, body).await?;
+        let known = self
+            .uploads
+            .take_hash(session, Some(end))
+            .filter(|_| digest.algorithm() == Algorithm::Sha256)
+            .map(Hasher::finish);
         let (s, d) = (session.to_string(), digest.clone());
         let committed = self
             .disk
-            .run(move |store| store.commit_upload(&s, &d))
+            .run(move |store| store.commit_upload(&s, &d, known.as_ref()))
             .await;
         self.uploads.forget(session);
         self.release(end);
@@ -206,8 +240,9 @@ impl Cache {
     }
 
     /// Streams `body` onto the end of a session of `size` bytes, a batch at a time, each batch
-    /// first reserved against the hosted budget. On any failure what this call wrote is cut off
-    /// again. Returns the new size.
+    /// first reserved against the hosted budget and hashed as it is written. On any failure what
+    /// this call wrote is cut off again (and the session's running hash is dropped: the file is
+    /// hashed when it finishes). Returns the new size.
     async fn append(
         &self,
         session: &str,
@@ -215,6 +250,7 @@ impl Cache {
         mut body: BoxStream<'_, io::Result<Bytes>>,
     ) -> Result<u64, PushError> {
         let mut end = size;
+        let mut hasher = self.uploads.take_hash(session, Some(size));
         let mut batch = BytesMut::new();
         let mut done = false;
         while !done {
@@ -236,18 +272,32 @@ impl Cache {
                 return Err(e);
             }
             let s = session.to_string();
+            let mut h = hasher.take();
+            // Hashed on the blocking thread too: a megabyte of sha256 is no work for a worker.
             let written = self
                 .disk
-                .run(move |store| store.append_upload(&s, end, &chunk))
+                .run(move |store| {
+                    let new_end = store.append_upload(&s, end, &chunk)?;
+                    if let Some(h) = h.as_mut() {
+                        h.update(&chunk);
+                    }
+                    Ok((new_end, h))
+                })
                 .await;
             match written {
-                Ok(new_end) => end = new_end,
+                Ok((new_end, h)) => {
+                    end = new_end;
+                    hasher = h;
+                }
                 Err(e) => {
                     self.release(n);
                     self.cut_back(session, size, end - size).await;
                     return Err(e.into());
                 }
             }
+        }
+        if let Some(h) = hasher {
+            self.uploads.put_hash(session, end, h);
         }
         Ok(end)
     }
