@@ -492,6 +492,37 @@ async fn manifests_are_checked_stored_served_and_deleted() {
     let r = put_manifest(&pier, "team/app", &ad, &artifact).await;
     assert_eq!(r.status(), 201);
     assert_eq!(header(&r, "oci-subject"), md);
+    // The referrers API lists it (OCI-Subject promised so), filtered by artifactType if asked.
+    let r = c
+        .get(format!("{}/v2/team/app/referrers/{md}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-type"), OCI_INDEX);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["manifests"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["manifests"][0]["digest"], ad.as_str());
+    assert_eq!(v["manifests"][0]["artifactType"], "application/example");
+    assert_eq!(v["manifests"][0]["size"], artifact.len());
+    let r = c
+        .get(format!(
+            "{}/v2/team/app/referrers/{md}?artifactType=application%2Fother",
+            pier.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "oci-filters-applied"), "artifactType");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["manifests"].as_array().unwrap().is_empty());
+    let r = c
+        .get(format!("{}/v2/team/app/referrers/{ad}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["manifests"].as_array().unwrap().is_empty());
 
     // Tags, paged.
     let r = put_manifest(&pier, "team/app", "v2", &manifest).await;

@@ -352,6 +352,66 @@ impl Cache {
         Ok(tags)
     }
 
+    /// The referrers of `subject` in a hosted repository (OCI 1.1): an image index of the
+    /// manifests it holds whose `subject` is that digest, with their artifact types and
+    /// annotations; empty when there are none. Worked out from the repository's manifests on
+    /// each request: one pass over what it holds, no index kept to go stale.
+    pub async fn hosted_referrers(
+        &self,
+        repo: &RepositoryName,
+        subject: &Digest,
+    ) -> Result<Bytes, Error> {
+        let linked = self.links.all(&self.disk, HOSTED, repo).await?;
+        let wanted = subject.to_string();
+        let found = self
+            .disk
+            .run(move |store| {
+                let mut out = Vec::new();
+                for d in linked {
+                    let Some(media_type) = store.manifest_type(&d) else {
+                        continue;
+                    };
+                    let Ok(bytes) = std::fs::read(store.blob_path(&d)) else {
+                        continue;
+                    };
+                    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                        continue;
+                    };
+                    if doc["subject"]["digest"].as_str() != Some(wanted.as_str()) {
+                        continue;
+                    }
+                    let mut descriptor = serde_json::json!({
+                        "mediaType": media_type,
+                        "digest": d.to_string(),
+                        "size": bytes.len(),
+                    });
+                    // The artifact type, else the config's media type (OCI 1.1).
+                    let artifact_type = doc["artifactType"]
+                        .as_str()
+                        .or_else(|| doc["config"]["mediaType"].as_str());
+                    if let Some(t) = artifact_type {
+                        descriptor["artifactType"] = t.into();
+                    }
+                    if let Some(a) = doc.get("annotations").filter(|a| a.is_object()) {
+                        descriptor["annotations"] = a.clone();
+                    }
+                    out.push((d.to_string(), descriptor));
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut found = found;
+        // A stable order, whatever the set's.
+        found.sort_by(|a, b| a.0.cmp(&b.0));
+        let manifests: Vec<serde_json::Value> = found.into_iter().map(|(_, d)| d).collect();
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": pier_oci::media_type::OCI_INDEX,
+            "manifests": manifests,
+        });
+        Ok(Bytes::from(index.to_string()))
+    }
+
     /// Deletes a manifest from a hosted repository: the tags pointing at it go, and the
     /// repository no longer holds it. Its bytes stay until garbage collection (other
     /// repositories may hold them).

@@ -66,6 +66,23 @@ impl Links {
         Ok(linked)
     }
 
+    /// Every digest linked to `upstream`'s `repo`.
+    pub(crate) async fn all(
+        &self,
+        disk: &Disk,
+        upstream: &str,
+        repo: &RepositoryName,
+    ) -> io::Result<Vec<Digest>> {
+        let set = self.set(disk, upstream, repo).await?;
+        let all = set
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        Ok(all)
+    }
+
     /// Links `digests` to `upstream`'s `repo`, on disk (appended) and in memory.
     pub(crate) async fn add(
         &self,

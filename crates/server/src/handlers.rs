@@ -244,16 +244,27 @@ async fn referrers(
         .referrers(route.at(), digest)
         .await
         .map_err(|e| response::from_cache(&e, ErrorCode::ManifestUnknown))?;
+    let resp = referrers_response(m.manifest.bytes.clone(), query, head)?;
+    Ok(with_outcome(
+        resp,
+        "manifest",
+        m.source,
+        route.upstream.name.clone(),
+    ))
+}
+
+/// A referrers index as an answer, filtered by the query's `artifactType` when it names one
+/// (`OCI-Filters-Applied` then says so).
+pub(crate) fn referrers_response(index: bytes::Bytes, query: Option<&str>, head: bool) -> Answer {
     let artifact_type = Query::parse_opt(query)
         .get("artifactType")
         .map(str::to_string);
     let body = match &artifact_type {
-        None => m.manifest.bytes.clone(),
+        None => index,
         Some(wanted) => {
-            let mut index: serde_json::Value =
-                serde_json::from_slice(&m.manifest.bytes).map_err(|_| {
-                    RegistryError::new(ErrorCode::Unavailable, "referrers index is not JSON")
-                })?;
+            let mut index: serde_json::Value = serde_json::from_slice(&index).map_err(|_| {
+                RegistryError::new(ErrorCode::Unavailable, "referrers index is not JSON")
+            })?;
             if let Some(list) = index.get_mut("manifests").and_then(|l| l.as_array_mut()) {
                 list.retain(|d| d["artifactType"].as_str() == Some(wanted.as_str()));
             }
@@ -266,19 +277,13 @@ async fn referrers(
     if artifact_type.is_some() {
         b = b.header("oci-filters-applied", "artifactType");
     }
-    let resp = response::built(
+    Ok(response::built(
         b.body(if head {
             response::empty()
         } else {
             response::full(body)
         }),
         head,
-    );
-    Ok(with_outcome(
-        resp,
-        "manifest",
-        m.source,
-        route.upstream.name.clone(),
     ))
 }
 

@@ -107,10 +107,14 @@ where
         (Method::GET | Method::HEAD, Endpoint::TagsList { .. }) => {
             tags_list(mirror, &repo, parts.uri.path(), query, head).await
         }
-        (Method::GET | Method::HEAD, Endpoint::Referrers { .. }) => Err(RegistryError::new(
-            ErrorCode::ManifestUnknown,
-            "referrers of hosted repositories are not listed yet; use the sha256-<hex> tag",
-        )),
+        (Method::GET | Method::HEAD, Endpoint::Referrers { digest, .. }) => {
+            let index = mirror
+                .cache
+                .hosted_referrers(&repo, &digest)
+                .await
+                .map_err(|e| response::from_cache(&e, ErrorCode::ManifestUnknown))?;
+            handlers::referrers_response(index, query, head)
+        }
         (Method::POST, Endpoint::Upload { session: None, .. }) => {
             start_upload(mirror, caller, &repo, query, body).await
         }
