@@ -102,7 +102,10 @@ impl Cache {
         };
         // Under the uploads' lock, so that no chunk reserves the same room meanwhile.
         self.within_budget(*uploading, size)?;
-        Ok(self.index.pin(digest).is_some())
+        let pinned = self.index.pin(digest).is_some();
+        // Its bytes left the mirror's total.
+        self.disk_usage_changed(self.index.usage().0);
+        Ok(pinned)
     }
 
     /// Records hosted content that just landed on disk (pinned from the start, so eviction

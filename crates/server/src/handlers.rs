@@ -117,7 +117,7 @@ where
     if let Some(repo) = hosted_target {
         let action = Action::of(req.method());
         if !caller.may(mirror, action, &Target::Hosted(repo.clone())) {
-            return Err(hosted::refused(mirror, caller, action, &repo));
+            return Err(hosted::refused(caller, action, &repo));
         }
         return hosted::dispatch(mirror, req, caller, endpoint, repo, head).await;
     }

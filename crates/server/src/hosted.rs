@@ -21,22 +21,14 @@ use crate::routing::Target;
 use crate::Mirror;
 
 /// Why a caller may not do `action` to a hosted repository.
-pub(crate) fn refused(
-    mirror: &Mirror,
-    caller: &Caller<'_>,
-    action: Action,
-    repo: &RepositoryName,
-) -> RegistryError {
+pub(crate) fn refused(caller: &Caller<'_>, action: Action, repo: &RepositoryName) -> RegistryError {
     let message = match (caller, action) {
         (_, Action::Pull) => format!("you may not pull {repo}"),
         (Caller::Anyone, _) => format!(
             "{repo} is read-only: pushing needs client authentication (auth) or \
              hosted.allow_anonymous_push"
         ),
-        _ if !mirror.hosted.allow_anonymous_push => {
-            format!("your rules do not let you push to or delete from {repo}")
-        }
-        _ => format!("you may not push to or delete from {repo}"),
+        _ => format!("your rules do not let you push to or delete from {repo}"),
     };
     RegistryError::new(ErrorCode::Denied, message)
 }
