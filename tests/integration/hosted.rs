@@ -45,6 +45,7 @@ async fn start(up: &FakeUpstream, o: Options) -> Pier {
     s.budget = o.budget;
     s.options = ServerOptions {
         auth: o.auth,
+        metrics_on_main: true,
         ..ServerOptions::default()
     };
     launch(s).await
@@ -832,6 +833,24 @@ async fn the_hosted_budget_refuses_pushes_past_it_and_keeps_nothing() {
     push_blob(&pier, "team/app", &[4u8; 150]).await;
     assert_eq!(pier.mirror.cache.hosted_usage().stored_bytes, 950);
     assert_eq!(pier.mirror.cache.hosted_usage().uploading_bytes, 0);
+    let metrics = c
+        .get(format!("{}/metrics", pier.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "pier_hosted_bytes 950",
+        "pier_hosted_upload_bytes 0",
+        "pier_hosted_budget_bytes 1000",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -241,6 +241,14 @@ impl Cache {
         self.metrics
             .memory_entries
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        let hosted = self.hosted_usage();
+        for (gauge, value) in [
+            (&self.metrics.hosted_bytes, hosted.stored_bytes),
+            (&self.metrics.hosted_upload_bytes, hosted.uploading_bytes),
+            (&self.metrics.hosted_budget_bytes, hosted.max_size),
+        ] {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
     }
 
     /// A blob from memory or disk, without going upstream. No repository is checked: for
