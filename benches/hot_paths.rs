@@ -45,6 +45,7 @@ fn mirror(dir: &std::path::Path, memory_object_size: u64) -> Arc<Mirror> {
             budget: Budget::default(),
             max_concurrent_fills: 0,
             max_queued_fills: 0,
+            hosted: Default::default(),
         },
         metrics.clone(),
     )

@@ -55,6 +55,7 @@ fn main() {
             budget: Budget::default(),
             max_concurrent_fills: 0,
             max_queued_fills: 0,
+            hosted: Default::default(),
         };
         if cold {
             // Needs root; the scan then reads every directory and inode from disk.

@@ -33,6 +33,66 @@ pub struct Config {
     pub cluster: Option<ClusterSection>,
     /// The region's shared object store (off when absent).
     pub shared_store: Option<SharedStoreSection>,
+    pub hosted: Option<HostedSection>,
+}
+
+/// Hosted repositories: pushed to pier, never looked up upstream.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostedSection {
+    /// Repository globs as clients name them (`team/**`, `local/*`). The first component must
+    /// be a literal namespace: not a wildcard, not a registry host, not Docker Hub's `library`.
+    pub repositories: Vec<String>,
+    /// Disk budget for hosted content; 0 (the default) means no limit.
+    #[serde(default = "no_size")]
+    pub max_size: Size,
+    /// Upload sessions that take no bytes for this long are removed.
+    #[serde(default = "default_upload_expiry", deserialize_with = "duration")]
+    pub upload_expiry: Duration,
+    /// Anonymous clients (everyone, without an `auth` section) may push and delete. For labs.
+    #[serde(default)]
+    pub allow_anonymous_push: bool,
+}
+
+fn no_size() -> Size {
+    Size(0)
+}
+
+fn default_upload_expiry() -> Duration {
+    Duration::from_secs(3600)
+}
+
+impl HostedSection {
+    /// The repositories, compiled for the front.
+    pub fn repositories(&self) -> Result<pier_server::HostedRepositories, pier_server::GlobError> {
+        pier_server::HostedRepositories::new(&self.repositories, self.allow_anonymous_push)
+    }
+}
+
+/// A per-user rule as written: a bare glob (pulls), or a glob with its actions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RuleEntry {
+    Pull(String),
+    Actions {
+        repository: String,
+        actions: Vec<pier_server::auth::Action>,
+    },
+}
+
+impl RuleEntry {
+    pub fn rule(&self) -> pier_server::auth::Rule {
+        match self {
+            RuleEntry::Pull(p) => pier_server::auth::Rule::pull(p.clone()),
+            RuleEntry::Actions {
+                repository,
+                actions,
+            } => pier_server::auth::Rule {
+                pattern: repository.clone(),
+                actions: actions.clone(),
+            },
+        }
+    }
 }
 
 /// HTTPS on the registry listener. Certificate and key are reloaded when the files change.
@@ -59,9 +119,12 @@ pub struct AuthSection {
     /// Lifetime of the tokens pier issues.
     #[serde(default = "default_token_ttl", deserialize_with = "duration")]
     pub token_ttl: Duration,
-    /// Per user, the `<registry>/<repository>` globs they may pull (users not listed: all).
+    /// Per user, what they may do where: a bare `<registry>/<repository>` glob allows pulls; a
+    /// `{repository, actions: [pull, push, delete]}` entry allows those actions (push and
+    /// delete on hosted repositories, named without a registry). Users not listed pull
+    /// anything and push nothing.
     #[serde(default)]
-    pub users: std::collections::HashMap<String, Vec<String>>,
+    pub users: std::collections::HashMap<String, Vec<RuleEntry>>,
 }
 
 fn default_token_ttl() -> Duration {
@@ -278,6 +341,7 @@ impl Default for Config {
             upstreams: Vec::new(),
             cluster: None,
             shared_store: None,
+            hosted: None,
         }
     }
 }
@@ -634,6 +698,7 @@ impl Config {
         if let Some(s) = &self.shared_store {
             s.check()?;
         }
+        self.check_hosted()?;
         if self.cache.memory_object_size.0 > self.cache.memory_size.0
             && self.cache.memory_size.0 > 0
         {
@@ -648,6 +713,77 @@ impl Config {
     /// The region this node is part of, with its secrets read. Errors name the key.
     pub fn region(&self) -> Result<pier_cache::region::RegionConfig, ConfigError> {
         region::region_config(self.cluster.as_ref(), self.shared_store.as_ref())
+    }
+
+    /// Hosted globs must claim names no upstream is routed by: a name is hosted or mirrored,
+    /// never both, whatever convention the client routes by.
+    fn check_hosted(&self) -> Result<(), ConfigError> {
+        let Some(h) = &self.hosted else {
+            return Ok(());
+        };
+        if h.repositories.is_empty() {
+            return Err(ConfigError::field(
+                "hosted.repositories",
+                "give at least one repository glob (e.g. team/**)",
+            ));
+        }
+        let default = &self.upstreams[self.default_upstream()];
+        for (i, pattern) in h.repositories.iter().enumerate() {
+            let field = format!("hosted.repositories[{i}]");
+            pier_server::HostedRepositories::new(std::slice::from_ref(pattern), false)
+                .map_err(|e| ConfigError::field(&field, e))?;
+            let first = pattern.split('/').next().unwrap_or_default();
+            if first.is_empty() || first.contains(['*', '?', '[', ']', '{', '}', '\\']) {
+                return Err(ConfigError::field(
+                    &field,
+                    format!("{pattern:?} must start with a literal namespace (team/**, not */**): a wildcard first component would claim names routed to upstreams"),
+                ));
+            }
+            if first.contains(['.', ':']) || first == "localhost" {
+                return Err(ConfigError::field(
+                    &field,
+                    format!("{pattern:?} starts with a registry host: such names are routed to upstreams by their first component"),
+                ));
+            }
+            if first == "library" && default.library_prefix() {
+                return Err(ConfigError::field(
+                    &field,
+                    format!("{pattern:?} overlaps Docker Hub's library/ names, which upstream {} serves (nginx means library/nginx)", default.name),
+                ));
+            }
+            if h.repositories[..i].contains(pattern) {
+                return Err(ConfigError::field(
+                    &field,
+                    format!("{pattern:?} is listed twice"),
+                ));
+            }
+        }
+        if h.upload_expiry.is_zero() {
+            return Err(ConfigError::field(
+                "hosted.upload_expiry",
+                "must be greater than zero",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What is allowed but risky, for `check-config` and the log at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(h) = self.hosted.as_ref().filter(|h| h.allow_anonymous_push) {
+            out.push(format!(
+                "hosted.allow_anonymous_push is on: anyone who reaches pier may push to and delete from {}",
+                h.repositories.join(", ")
+            ));
+        }
+        if let (Some(h), Some(auth)) = (&self.hosted, &self.auth) {
+            if h.allow_anonymous_push && !auth.anonymous {
+                out.push(
+                    "hosted.allow_anonymous_push has no effect: auth.anonymous is false".into(),
+                );
+            }
+        }
+        out
     }
 
     /// Index of the default upstream.
@@ -715,6 +851,61 @@ mod tests {
         assert!(e.0.starts_with("upstreams[0].immutable_tags"), "{e}");
         let mut c = Config::parse("upstreams:\n  - name: a.io\n    url: ftp://x\n").unwrap();
         assert!(c.finish().unwrap_err().0.starts_with("upstreams[0].url"));
+    }
+
+    #[test]
+    fn hosted_globs_must_not_overlap_upstream_routing() {
+        let check = |yaml: &str| {
+            let mut c = Config::parse(yaml).unwrap();
+            c.finish()
+        };
+        let ok = "hosted:\n  repositories: [\"team/**\", \"local/*\"]\n  max_size: 10GiB\n";
+        check(ok).unwrap();
+        for (bad, why) in [
+            ("[\"**\"]", "literal namespace"),
+            ("[\"*/app\"]", "literal namespace"),
+            ("[\"ghcr.io/**\"]", "registry host"),
+            ("[\"localhost/x\"]", "registry host"),
+            ("[\"library/*\"]", "library/"),
+            ("[\"team/[\"]", "glob"),
+            ("[\"a/*\", \"a/*\"]", "twice"),
+            ("[]", "at least one"),
+        ] {
+            let e = check(&format!("hosted:\n  repositories: {bad}\n")).unwrap_err();
+            assert!(e.0.starts_with("hosted.repositories"), "{bad}: {e}");
+            assert!(e.0.contains(why), "{bad}: {e}");
+        }
+        // library/ is Docker Hub's only when the default upstream adds the prefix.
+        check("upstreams:\n  - name: ghcr.io\nhosted:\n  repositories: [\"library/*\"]\n").unwrap();
+        let c =
+            Config::parse("hosted:\n  repositories: [\"lab/**\"]\n  allow_anonymous_push: true\n")
+                .unwrap();
+        assert!(c.warnings()[0].contains("allow_anonymous_push"));
+        assert!(Config::parse(ok).unwrap().warnings().is_empty());
+        let e =
+            Config::parse("hosted:\n  repositories: [a/*]\n  upload_expiry: never\n").unwrap_err();
+        assert!(e.0.contains("hosted.upload_expiry"), "{e}");
+    }
+
+    #[test]
+    fn user_rules_with_and_without_actions() {
+        let c = Config::parse(
+            "auth:\n  htpasswd: /x\n  users:\n    ci:\n      - docker.io/library/*\n      - repository: team/**\n        actions: [pull, push]\n",
+        )
+        .unwrap();
+        let rules: Vec<_> = c.auth.unwrap().users["ci"]
+            .iter()
+            .map(RuleEntry::rule)
+            .collect();
+        assert_eq!(
+            rules[0],
+            pier_server::auth::Rule::pull("docker.io/library/*")
+        );
+        assert_eq!(rules[1].actions.len(), 2);
+        assert!(Config::parse(
+            "auth:\n  htpasswd: /x\n  users:\n    ci:\n      - repository: a\n        actions: [fly]\n"
+        )
+        .is_err());
     }
 
     #[test]

@@ -199,6 +199,12 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
             if let Some(s) = &config.shared_store {
                 println!("shared_store: bucket {} at {}", s.bucket, s.endpoint);
             }
+            if let Some(h) = &config.hosted {
+                println!("hosted: {}", h.repositories.join(", "));
+            }
+            for w in config.warnings() {
+                eprintln!("warning: {w}");
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -292,6 +298,9 @@ fn init_logging(config: &Config) {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     let mirror = wiring::mirror(&config)?;
     if let Some(region) = mirror.cache.region() {
         region.start().await;
@@ -393,9 +402,20 @@ async fn du(config: &Config) -> Result<(), String> {
     println!(
         "{}: {} bytes in {} objects",
         config.cache.dir.display(),
-        usage.disk_bytes,
+        usage.disk_bytes + usage.hosted.stored_bytes,
         usage.disk_objects
     );
+    if usage.hosted.stored_bytes + usage.hosted.uploading_bytes > 0 {
+        println!(
+            "hosted: {} bytes stored, {} bytes in uploads under way{}",
+            usage.hosted.stored_bytes,
+            usage.hosted.uploading_bytes,
+            match usage.hosted.max_size {
+                0 => String::new(),
+                max => format!(" (budget {max} bytes)"),
+            }
+        );
+    }
     if usage.max_size > 0 {
         println!(
             "budget: {} bytes ({:.1}% used)",

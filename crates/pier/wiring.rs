@@ -8,7 +8,7 @@ use pier_metrics::Metrics;
 use pier_server::auth::{Auth, AuthConfig};
 use pier_server::limits::RateLimit;
 use pier_server::tls::{Tls, TlsFiles};
-use pier_server::{Mirror, ServerOptions, UpstreamEntry};
+use pier_server::{HostedRepositories, Mirror, ServerOptions, UpstreamEntry};
 use pier_upstream::{Credentials, Upstream, UpstreamConfig};
 
 use crate::config::{Config, UpstreamSection};
@@ -70,6 +70,20 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
         },
         max_concurrent_fills: config.limits.max_concurrent_fills,
         max_queued_fills: config.limits.max_queued_fills,
+        hosted: config
+            .hosted
+            .as_ref()
+            .map(|h| pier_cache::HostedConfig {
+                max_size: h.max_size.0,
+                upload_expiry: h.upload_expiry,
+            })
+            .unwrap_or_default(),
+    };
+    let hosted = match &config.hosted {
+        Some(h) => h
+            .repositories()
+            .map_err(|e| format!("hosted.repositories: {e}"))?,
+        None => HostedRepositories::default(),
     };
     let mut cache = Cache::open(cache_config, metrics.clone())
         .map_err(|e| format!("cannot open cache directory {}: {e}", c.dir.display()))?;
@@ -78,12 +92,15 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
         let region = Region::new(&region, metrics.clone()).map_err(|e| e.to_string())?;
         cache = cache.with_region(Arc::new(region));
     }
-    Ok(Arc::new(Mirror::new(
-        upstreams,
-        config.default_upstream(),
-        Arc::new(cache),
-        metrics,
-    )))
+    Ok(Arc::new(
+        Mirror::new(
+            upstreams,
+            config.default_upstream(),
+            Arc::new(cache),
+            metrics,
+        )
+        .with_hosted(hosted),
+    ))
 }
 
 /// How the registry listener serves: TLS (loaded and checked here), limits, metrics.
@@ -106,7 +123,11 @@ pub fn server_options(config: &Config) -> Result<ServerOptions, String> {
                 htpasswd: a.htpasswd.clone(),
                 anonymous: a.anonymous,
                 token_ttl: a.token_ttl,
-                rules: a.users.clone(),
+                rules: a
+                    .users
+                    .iter()
+                    .map(|(user, rules)| (user.clone(), rules.iter().map(|r| r.rule()).collect()))
+                    .collect(),
             })
             .map_err(|e| format!("auth: {e}"))?,
         )),

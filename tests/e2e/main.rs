@@ -17,5 +17,6 @@ mod region;
 mod runtimes;
 mod signing;
 mod skopeo_pull;
+mod skopeo_push;
 mod tls;
 mod warm;

@@ -38,7 +38,7 @@ async fn setup_with(
         token_ttl: Duration::from_secs(60),
         rules: HashMap::from([(
             "bob".to_string(),
-            vec!["docker.io/library/allowed".to_string()],
+            vec![pier_server::auth::Rule::pull("docker.io/library/allowed")],
         )]),
     })
     .unwrap();
@@ -306,7 +306,10 @@ async fn the_token_flow_keeps_the_ns_routing() {
         htpasswd: users.path().join("htpasswd"),
         anonymous: false,
         token_ttl: Duration::from_secs(60),
-        rules: HashMap::from([("carol".to_string(), vec!["ghcr.io/org/**".to_string()])]),
+        rules: HashMap::from([(
+            "carol".to_string(),
+            vec![pier_server::auth::Rule::pull("ghcr.io/org/**")],
+        )]),
     })
     .unwrap();
     let hub = FakeUpstream::start(Behaviour::default()).await;

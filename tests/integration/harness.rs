@@ -118,6 +118,11 @@ pub struct Setup {
     pub options: ServerOptions,
     pub max_concurrent_fills: usize,
     pub max_queued_fills: usize,
+    /// Hosted content's budget and upload expiry.
+    pub hosted: pier_cache::HostedConfig,
+    /// Hosted repository globs, and whether anonymous clients may push.
+    pub hosted_repositories: Vec<String>,
+    pub allow_anonymous_push: bool,
 }
 
 impl Setup {
@@ -133,6 +138,9 @@ impl Setup {
             },
             max_concurrent_fills: 0,
             max_queued_fills: 0,
+            hosted: pier_cache::HostedConfig::default(),
+            hosted_repositories: Vec::new(),
+            allow_anonymous_push: false,
         }
     }
 }
@@ -146,6 +154,9 @@ pub async fn launch(setup: Setup) -> Pier {
         options,
         max_concurrent_fills,
         max_queued_fills,
+        hosted,
+        hosted_repositories,
+        allow_anonymous_push,
     } = setup;
     let metrics = Arc::new(Metrics::new());
     let entries = upstreams
@@ -183,9 +194,14 @@ pub async fn launch(setup: Setup) -> Pier {
         budget,
         max_concurrent_fills,
         max_queued_fills,
+        hosted,
     };
     let cache = Arc::new(Cache::open(cache_config, metrics.clone()).expect("open cache"));
-    let mirror = Arc::new(Mirror::new(entries, 0, cache.clone(), metrics));
+    let hosted_repositories =
+        pier_server::HostedRepositories::new(&hosted_repositories, allow_anonymous_push)
+            .expect("valid hosted globs");
+    let mirror =
+        Arc::new(Mirror::new(entries, 0, cache.clone(), metrics).with_hosted(hosted_repositories));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind pier");

@@ -112,9 +112,11 @@ fn users(rules: &[(&str, &str)]) -> (tempfile::TempDir, Auth) {
     let names: Vec<&str> = vec!["bob", "mallory"];
     let lines: String = names.iter().map(|n| format!("{n}:{hash}\n")).collect();
     std::fs::write(users.path().join("htpasswd"), lines).unwrap();
-    let mut map: HashMap<String, Vec<String>> = HashMap::new();
+    let mut map: HashMap<String, Vec<pier_server::auth::Rule>> = HashMap::new();
     for (u, g) in rules {
-        map.entry(u.to_string()).or_default().push(g.to_string());
+        map.entry(u.to_string())
+            .or_default()
+            .push(pier_server::auth::Rule::pull(*g));
     }
     let auth = Auth::load(&AuthConfig {
         htpasswd: users.path().join("htpasswd"),

@@ -15,6 +15,7 @@ mod disk;
 mod fills;
 mod freshness;
 mod hardening;
+mod hosted;
 mod hostile;
 mod metrics;
 mod negotiation;

@@ -41,7 +41,7 @@ async fn setup(deny: Vec<String>, dir: Option<tempfile::TempDir>) -> Fixture {
         token_ttl: Duration::from_secs(60),
         rules: HashMap::from([(
             "alice".to_string(),
-            vec!["docker.io/library/allowed".to_string()],
+            vec![pier_server::auth::Rule::pull("docker.io/library/allowed")],
         )]),
     })
     .unwrap();

@@ -89,3 +89,61 @@ impl Error {
         matches!(self, Error::Upstream(e) if e.is_outage())
     }
 }
+
+/// Why a push (an upload, a mount, a manifest, a delete) to a hosted repository was refused.
+/// Nothing it sent is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum PushError {
+    /// No such upload session in this repository (never was, finished, cancelled or expired).
+    #[error("no such upload in this repository")]
+    UploadUnknown,
+    /// A chunk that does not start where the upload is: the upload holds `size` bytes.
+    #[error("chunk does not start at the end of the upload ({size} bytes)")]
+    OutOfOrder { size: u64 },
+    /// A chunk whose length is not the one its `Content-Range` gave.
+    #[error("chunk length {got} does not match its Content-Range ({expected} bytes)")]
+    ChunkLength { expected: u64, got: u64 },
+    /// The uploaded bytes are not the digest the client named.
+    #[error("uploaded content does not match digest {0}")]
+    DigestMismatch(pier_oci::Digest),
+    /// The hosted budget (`hosted.max_size`) would be exceeded.
+    #[error(
+        "hosted storage budget hosted.max_size ({max} bytes) would be exceeded ({used} bytes used)"
+    )]
+    Budget { max: u64, used: u64 },
+    /// A manifest that names a blob or manifest its repository does not hold.
+    #[error("manifest refers to {0}, which this repository does not hold")]
+    BlobUnknown(pier_oci::Digest),
+    /// A manifest that is not one (not JSON of a manifest's shape, no media type, ...).
+    #[error("invalid manifest: {0}")]
+    ManifestInvalid(&'static str),
+    /// A manifest pushed by digest whose bytes have another digest.
+    #[error("manifest bytes do not match digest {0}")]
+    ManifestDigest(pier_oci::Digest),
+    /// Nothing by that reference in this repository (a delete).
+    #[error("not found in this repository")]
+    NotFound,
+    /// The client's body broke off.
+    #[error("request body failed: {0}")]
+    Body(io::Error),
+    /// The cache directory failed.
+    #[error("cache I/O error: {0}")]
+    Io(IoFailure),
+}
+
+impl From<io::Error> for PushError {
+    fn from(e: io::Error) -> Self {
+        PushError::Io(e.into())
+    }
+}
+
+impl From<Error> for PushError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::NotFound => PushError::NotFound,
+            Error::Io(io) => PushError::Io(io),
+            // A hosted operation asks no upstream and runs no fill; anything else is local.
+            other => PushError::Io(io::Error::other(other.to_string()).into()),
+        }
+    }
+}

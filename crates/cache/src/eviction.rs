@@ -51,12 +51,16 @@ impl Budget {
 /// What the cache holds, for the admin API and `pier du`.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Usage {
+    /// Bytes of mirrored content (what `max_size` limits and eviction removes).
     pub disk_bytes: u64,
+    /// Objects on disk, mirrored and hosted.
     pub disk_objects: usize,
     pub max_size: u64,
     pub memory_bytes: u64,
     pub memory_entries: u64,
     pub fills_in_flight: usize,
+    /// Hosted content: never evicted, limited by its own budget.
+    pub hosted: crate::HostedUsage,
 }
 
 /// What an eviction run removed.
@@ -99,6 +103,12 @@ impl Cache {
         if victims.is_empty() {
             return Ok(EvictionReport::default());
         }
+        // A victim may have been pinned (mounted into or pushed to a hosted repository) since
+        // it was chosen: it stays.
+        let victims: Vec<(Digest, u64)> = victims
+            .into_iter()
+            .filter(|(d, _)| !self.index.is_pinned(d))
+            .collect();
         let digests: Vec<Digest> = victims.iter().map(|(d, _)| d.clone()).collect();
         // Every victim is tried; one that cannot be removed stays indexed and is tried again.
         let removed = self
@@ -192,6 +202,7 @@ impl Cache {
             memory_bytes,
             memory_entries,
             fills_in_flight,
+            hosted: self.hosted_usage(),
         }
     }
 
@@ -238,6 +249,7 @@ impl Cache {
                 () = self.evict_now.notified() => {}
             }
             self.flush_access_times().await;
+            self.expire_uploads().await;
             if let Err(e) = self.evict().await {
                 tracing::warn!(error = %e, "eviction failed");
             }

@@ -4,6 +4,9 @@
 //! Last access is updated in memory on every hit (no disk write). Changed times are written back
 //! to the files' mtimes in batches by the maintenance task, and read back by the scan at start-up,
 //! so the order survives a restart to within one maintenance interval.
+//!
+//! Hosted content (pushed to pier, or mounted into a hosted repository) is *pinned*: never an
+//! eviction victim, and counted apart, against the hosted budget rather than the mirror's.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -25,12 +28,32 @@ struct Entry {
     last_access: u64,
     /// Accessed since the last write-back.
     dirty: bool,
+    /// Held by a hosted repository: never evicted, counted in `pinned_total`.
+    pinned: bool,
 }
 
 #[derive(Default)]
 struct Inner {
     entries: HashMap<Digest, Entry>,
+    /// Bytes of mirrored (unpinned) content: what the mirror's budget and eviction see.
     total: u64,
+    /// Bytes of hosted (pinned) content.
+    pinned_total: u64,
+}
+
+impl Inner {
+    fn account(&mut self, e: &Entry, add: bool) {
+        let t = if e.pinned {
+            &mut self.pinned_total
+        } else {
+            &mut self.total
+        };
+        if add {
+            *t += e.size;
+        } else {
+            *t -= e.size;
+        }
+    }
 }
 
 #[derive(Default)]
@@ -39,18 +62,21 @@ pub(crate) struct Index {
 }
 
 impl Index {
-    pub(crate) fn from_scan(blobs: Vec<StoredBlob>) -> Index {
+    /// The index of what a scan found; digests in `pinned` are hosted content.
+    pub(crate) fn from_scan(
+        blobs: Vec<StoredBlob>,
+        pinned: &std::collections::HashSet<Digest>,
+    ) -> Index {
         let mut inner = Inner::default();
         for b in blobs {
-            inner.total += b.size;
-            inner.entries.insert(
-                b.digest,
-                Entry {
-                    size: b.size,
-                    last_access: b.last_access,
-                    dirty: false,
-                },
-            );
+            let entry = Entry {
+                size: b.size,
+                last_access: b.last_access,
+                dirty: false,
+                pinned: pinned.contains(&b.digest),
+            };
+            inner.account(&entry, true);
+            inner.entries.insert(b.digest, entry);
         }
         Index {
             inner: Mutex::new(inner),
@@ -61,19 +87,63 @@ impl Index {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records a new blob; returns the new total.
+    /// Records a new blob (pinned if it was already); returns the new mirror total.
     pub(crate) fn insert(&self, digest: Digest, size: u64) -> u64 {
+        let mut inner = self.lock();
+        let pinned = inner.entries.get(&digest).is_some_and(|e| e.pinned);
+        let entry = Entry {
+            size,
+            last_access: now_millis(),
+            dirty: false,
+            pinned,
+        };
+        inner.account(&entry, true);
+        if let Some(old) = inner.entries.insert(digest, entry) {
+            inner.account(&old, false);
+        }
+        inner.total
+    }
+
+    /// Records new hosted content, pinned from the start; returns the new mirror total.
+    pub(crate) fn insert_pinned(&self, digest: Digest, size: u64) -> u64 {
         let mut inner = self.lock();
         let entry = Entry {
             size,
             last_access: now_millis(),
             dirty: false,
+            pinned: true,
         };
+        inner.account(&entry, true);
         if let Some(old) = inner.entries.insert(digest, entry) {
-            inner.total -= old.size;
+            inner.account(&old, false);
         }
-        inner.total += size;
         inner.total
+    }
+
+    /// Pins a blob on disk as hosted content. Returns its size when it was not pinned before
+    /// (its bytes move from the mirror's total to the hosted one), `Some(0)` when it already
+    /// was, `None` when it is not indexed.
+    pub(crate) fn pin(&self, digest: &Digest) -> Option<u64> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let e = inner.entries.get_mut(digest)?;
+        if e.pinned {
+            return Some(0);
+        }
+        e.pinned = true;
+        inner.total -= e.size;
+        inner.pinned_total += e.size;
+        Some(e.size)
+    }
+
+    /// Whether a blob is pinned as hosted content.
+    pub(crate) fn is_pinned(&self, digest: &Digest) -> bool {
+        self.lock().entries.get(digest).is_some_and(|e| e.pinned)
+    }
+
+    /// Bytes of hosted (pinned) content.
+    pub(crate) fn pinned_bytes(&self) -> u64 {
+        self.lock().pinned_total
     }
 
     /// Whether verified content with this digest is on disk.
@@ -102,11 +172,11 @@ impl Index {
     pub(crate) fn remove(&self, digest: &Digest) -> Option<u64> {
         let mut inner = self.lock();
         let e = inner.entries.remove(digest)?;
-        inner.total -= e.size;
+        inner.account(&e, false);
         Some(inner.total)
     }
 
-    /// Bytes and objects.
+    /// Bytes of mirrored content, and objects (mirrored and hosted).
     pub(crate) fn usage(&self) -> (u64, usize) {
         let inner = self.lock();
         (inner.total, inner.entries.len())
@@ -131,7 +201,9 @@ impl Index {
         older_than: Option<u64>,
     ) -> Vec<(Digest, u64)> {
         let inner = self.lock();
-        let mut all: Vec<(&Digest, &Entry)> = inner.entries.iter().collect();
+        // Hosted content is never a victim, and is not in `total`.
+        let mut all: Vec<(&Digest, &Entry)> =
+            inner.entries.iter().filter(|(_, e)| !e.pinned).collect();
         all.sort_by_key(|(_, e)| e.last_access);
         let mut total = inner.total;
         let mut out = Vec::new();
@@ -162,12 +234,15 @@ mod tests {
 
     #[test]
     fn victims_are_least_recently_used_first_down_to_target() {
-        let idx = Index::from_scan(vec![
-            blob(1, 100, 30),
-            blob(2, 100, 10),
-            blob(3, 100, 20),
-            blob(4, 100, 40),
-        ]);
+        let idx = Index::from_scan(
+            vec![
+                blob(1, 100, 30),
+                blob(2, 100, 10),
+                blob(3, 100, 20),
+                blob(4, 100, 40),
+            ],
+            &Default::default(),
+        );
         assert_eq!(idx.usage(), (400, 4));
         let v: Vec<Digest> = idx
             .victims(Some(200), None)
@@ -188,8 +263,31 @@ mod tests {
     }
 
     #[test]
+    fn pinned_blobs_are_never_victims_and_counted_apart() {
+        let pinned: std::collections::HashSet<Digest> = [Digest::sha256_of(&[2])].into();
+        let idx = Index::from_scan(vec![blob(1, 100, 30), blob(2, 100, 10)], &pinned);
+        assert_eq!(idx.usage(), (100, 2));
+        assert_eq!(idx.pinned_bytes(), 100);
+        let v = idx.victims(Some(0), Some(u64::MAX));
+        assert_eq!(v, vec![(Digest::sha256_of(&[1]), 100)]);
+        // Pinning moves the bytes; a second pin adds nothing; re-inserting keeps the pin.
+        assert_eq!(idx.pin(&Digest::sha256_of(&[1])), Some(100));
+        assert_eq!(idx.pin(&Digest::sha256_of(&[1])), Some(0));
+        assert_eq!(idx.pin(&Digest::sha256_of(&[9])), None);
+        assert_eq!(idx.insert(Digest::sha256_of(&[1]), 100), 0);
+        assert!(idx.is_pinned(&Digest::sha256_of(&[1])));
+        assert_eq!(idx.pinned_bytes(), 200);
+        assert!(idx.victims(Some(0), Some(u64::MAX)).is_empty());
+        assert_eq!(idx.remove(&Digest::sha256_of(&[1])), Some(0));
+        assert_eq!(idx.pinned_bytes(), 100);
+    }
+
+    #[test]
     fn victims_by_age() {
-        let idx = Index::from_scan(vec![blob(1, 100, 30), blob(2, 100, 10), blob(3, 100, 20)]);
+        let idx = Index::from_scan(
+            vec![blob(1, 100, 30), blob(2, 100, 10), blob(3, 100, 20)],
+            &Default::default(),
+        );
         let v = idx.victims(None, Some(25));
         assert_eq!(v.len(), 2);
         assert!(idx.victims(None, None).is_empty());

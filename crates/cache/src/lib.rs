@@ -15,6 +15,7 @@ mod error;
 mod eviction;
 mod fill;
 mod flight;
+mod hosted;
 mod index;
 mod links;
 mod memory;
@@ -25,6 +26,7 @@ mod remote;
 mod resolve;
 pub mod store;
 mod tags;
+mod uploads;
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -42,10 +44,11 @@ use pier_upstream::UpstreamError;
 use tokio::sync::watch;
 
 pub use disk::Disk;
-pub use error::{Error, IoFailure};
+pub use error::{Error, IoFailure, PushError};
 pub use eviction::{Budget, EvictionReport, Usage};
 pub use fill::{FillError, Origin, RetryPolicy};
 pub use flight::{Panicked, SingleFlight};
+pub use hosted::{HostedConfig, HostedUsage, MountFrom, PushedManifest, HOSTED, MAX_MANIFEST_SIZE};
 pub use memory::MemoryObject;
 pub use referrers::{fallback_tag, EMPTY_INDEX};
 pub use remote::{is_attachment_tag, Freshness, RepoRef};
@@ -76,6 +79,8 @@ pub struct CacheConfig {
     pub max_concurrent_fills: usize,
     /// Misses that may wait for a download slot; beyond, requests get "busy" at once.
     pub max_queued_fills: usize,
+    /// Hosted content's budget and upload expiry.
+    pub hosted: HostedConfig,
 }
 
 /// Where an answer came from.
@@ -171,6 +176,11 @@ pub struct Cache {
     /// The region this node is part of, if any: peers and a shared store between this node's
     /// tiers and the upstream.
     region: Option<Arc<Region>>,
+    hosted: HostedConfig,
+    uploads: uploads::Uploads,
+    /// Bytes held by upload sessions (and manifests being written): reserved in the hosted
+    /// budget. Its lock also orders every hosted budget check.
+    uploading: Mutex<u64>,
 }
 
 impl Cache {
@@ -179,7 +189,9 @@ impl Cache {
     /// Blocking: call it before serving.
     pub fn open(config: CacheConfig, metrics: Arc<Metrics>) -> io::Result<Cache> {
         let store = DiskStore::open(&config.dir)?;
-        let index = Index::from_scan(store.scan()?);
+        // Whatever a hosted repository links is hosted content: pinned, never evicted.
+        let index = Index::from_scan(store.scan()?, &store.all_links(HOSTED)?);
+        let uploading = store.uploads()?.iter().map(|(_, u)| u.size).sum();
         let cache = Cache {
             disk: Disk::new(store),
             memory: MemoryTier::new(config.memory_size, config.memory_object_size),
@@ -201,6 +213,9 @@ impl Cache {
             tag_lists: moka::future::Cache::new(10_000),
             tag_list_fetches: SingleFlight::default(),
             region: None,
+            hosted: config.hosted,
+            uploads: uploads::Uploads::default(),
+            uploading: Mutex::new(uploading),
         };
         cache
             .metrics
@@ -245,6 +260,14 @@ impl Cache {
         self.metrics
             .memory_entries
             .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        let hosted = self.hosted_usage();
+        for (gauge, value) in [
+            (&self.metrics.hosted_bytes, hosted.stored_bytes),
+            (&self.metrics.hosted_upload_bytes, hosted.uploading_bytes),
+            (&self.metrics.hosted_budget_bytes, hosted.max_size),
+        ] {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
     }
 
     /// A blob from memory or disk, without going upstream. No repository is checked: for

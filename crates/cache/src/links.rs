@@ -66,8 +66,25 @@ impl Links {
         Ok(linked)
     }
 
-    /// Links `digests` to `upstream`'s `repo`, in memory at once and on disk (appended).
-    /// Returns the digests that were not linked before.
+    /// Every digest linked to `upstream`'s `repo`.
+    pub(crate) async fn all(
+        &self,
+        disk: &Disk,
+        upstream: &str,
+        repo: &RepositoryName,
+    ) -> io::Result<Vec<Digest>> {
+        let set = self.set(disk, upstream, repo).await?;
+        let all = set
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .cloned()
+            .collect();
+        Ok(all)
+    }
+
+    /// Links `digests` to `upstream`'s `repo`, on disk (appended) and in memory. Returns the
+    /// digests that were not linked before.
     pub(crate) async fn add(
         &self,
         disk: &Disk,
@@ -76,19 +93,59 @@ impl Links {
         digests: impl IntoIterator<Item = Digest>,
     ) -> io::Result<Vec<Digest>> {
         let set = self.set(disk, upstream, repo).await?;
-        let new: Vec<Digest> = {
+        let digests: Vec<Digest> = digests.into_iter().collect();
+        let known = {
+            let set = set.read().unwrap_or_else(|p| p.into_inner());
+            digests.iter().all(|d| set.contains(d))
+        };
+        if known {
+            return Ok(Vec::new());
+        }
+        let (u, r) = (upstream.to_string(), repo.clone());
+        // The set and the file change together, under the set's lock on a blocking thread, so
+        // that an unlink's rewrite never loses a concurrent append.
+        disk.run(move |store| {
             let mut set = set.write().unwrap_or_else(|p| p.into_inner());
-            digests
+            let new: Vec<Digest> = digests
                 .into_iter()
                 .filter(|d| set.insert(d.clone()))
-                .collect()
-        };
-        if new.is_empty() {
-            return Ok(new);
-        }
-        let (u, r, n) = (upstream.to_string(), repo.clone(), new.clone());
-        disk.run(move |store| store.add_links(&u, &r, &n)).await?;
-        Ok(new)
+                .collect();
+            if new.is_empty() {
+                return Ok(new);
+            }
+            match store.add_links(&u, &r, &new) {
+                Ok(()) => Ok(new),
+                Err(e) => {
+                    for d in &new {
+                        set.remove(d);
+                    }
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Unlinks `digests` from `upstream`'s `repo` (a hosted manifest deleted): the file is
+    /// rewritten without them.
+    pub(crate) async fn remove(
+        &self,
+        disk: &Disk,
+        upstream: &str,
+        repo: &RepositoryName,
+        digests: &[Digest],
+    ) -> io::Result<()> {
+        let set = self.set(disk, upstream, repo).await?;
+        let (u, r, gone) = (upstream.to_string(), repo.clone(), digests.to_vec());
+        disk.run(move |store| {
+            let mut set = set.write().unwrap_or_else(|p| p.into_inner());
+            for d in &gone {
+                set.remove(d);
+            }
+            let left: Vec<Digest> = set.iter().cloned().collect();
+            store.set_links(&u, &r, &left)
+        })
+        .await
     }
 
     /// Forgets the in-memory set of a repository (its file was removed).

@@ -6,7 +6,12 @@
 //! <root>/tags/<upstream>/<repo>/_tags/<tag>   which digest a tag pointed at, per accept set
 //! <root>/tags/<upstream>/<repo>/_links        digests known to be in that repository, a line each
 //! <root>/tmp/                          fills in progress; anything here at start-up is a leftover
+//! <root>/uploads/<session>/data        a push's blob upload so far (kept across restarts)
+//! <root>/uploads/<session>/repository  the hosted repository it is for
 //! ```
+//!
+//! Hosted repositories keep their tags and links under `tags/_hosted/<repo>/`: `_hosted` is no
+//! registry host name (configured upstream names cannot hold `_`), so it never meets an upstream.
 //!
 //! A file appears under `blobs/` only by `rename` from `tmp/` after its digest and size were
 //! checked and its bytes were fsynced, and the directory is fsynced after the rename. So a crash at
@@ -167,6 +172,17 @@ pub struct DiskStore {
     _lock: File,
 }
 
+/// An upload session as the disk has it.
+#[derive(Clone, Debug)]
+pub struct UploadInfo {
+    /// The hosted repository it is for.
+    pub repository: String,
+    /// Bytes received so far.
+    pub size: u64,
+    /// When it last took bytes (or was created).
+    pub touched: SystemTime,
+}
+
 /// One verified blob found on disk.
 #[derive(Clone, Debug)]
 pub struct StoredBlob {
@@ -180,7 +196,7 @@ impl DiskStore {
     /// Opens (creating) a cache directory, and removes what crashed fills left in `tmp/`.
     /// Fails if another process has the directory open.
     pub fn open(root: &Path) -> io::Result<DiskStore> {
-        for dir in ["blobs", "manifests", "tags", "tmp"] {
+        for dir in ["blobs", "manifests", "tags", "tmp", "uploads"] {
             fs::create_dir_all(root.join(dir))?;
         }
         let lock = OpenOptions::new()
@@ -553,6 +569,178 @@ impl DiskStore {
         Ok(out)
     }
 
+    /// Replaces the repository's links file with exactly `digests` (write-then-rename).
+    pub fn set_links(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+        digests: &[Digest],
+    ) -> io::Result<()> {
+        let mut lines = String::new();
+        for d in digests {
+            lines.push_str(&d.to_string());
+            lines.push('\n');
+        }
+        self.write_atomic(&self.links_path(upstream, repo), lines.as_bytes())
+    }
+
+    /// Removes one record (a tag), if it is there.
+    pub fn remove_record(&self, path: &Path) -> io::Result<()> {
+        match fs::remove_file(path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every digest linked to any repository of `upstream` (for hosted content: what is pinned).
+    /// Blocking.
+    pub fn all_links(&self, upstream: &str) -> io::Result<std::collections::HashSet<Digest>> {
+        fn walk(dir: &Path, out: &mut std::collections::HashSet<Digest>) -> io::Result<()> {
+            let entries = match fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let kind = entry.file_type()?;
+                if kind.is_dir() {
+                    walk(&entry.path(), out)?;
+                } else if entry.file_name() == "_links" {
+                    let text = fs::read_to_string(entry.path())?;
+                    out.extend(text.lines().filter_map(|l| l.parse::<Digest>().ok()));
+                }
+            }
+            Ok(())
+        }
+        let mut out = std::collections::HashSet::new();
+        walk(&self.root.join("tags").join(upstream), &mut out)?;
+        Ok(out)
+    }
+
+    // ---- upload sessions ----
+
+    fn upload_dir(&self, session: &str) -> PathBuf {
+        // Session ids are `[A-Za-z0-9_-]{1,64}` (checked by the router and by whoever made them).
+        self.root.join("uploads").join(session)
+    }
+
+    /// Creates an empty upload session for `repo`.
+    pub fn create_upload(&self, session: &str, repo: &RepositoryName) -> io::Result<()> {
+        let dir = self.upload_dir(session);
+        fs::create_dir(&dir)?;
+        fs::write(dir.join("repository"), repo.as_str())?;
+        File::create(dir.join("data"))?;
+        Ok(())
+    }
+
+    /// An upload session's repository, its size so far and when it last took bytes; `None`
+    /// when there is no such session.
+    pub fn upload_info(&self, session: &str) -> io::Result<Option<UploadInfo>> {
+        let dir = self.upload_dir(session);
+        let repo = match fs::read_to_string(dir.join("repository")) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = match fs::metadata(dir.join("data")) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(Some(UploadInfo {
+            repository: repo,
+            size: meta.len(),
+            touched: meta.modified().unwrap_or(UNIX_EPOCH),
+        }))
+    }
+
+    /// Every upload session on disk, with its info.
+    pub fn uploads(&self) -> io::Result<Vec<(String, UploadInfo)>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(self.root.join("uploads"))? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if !pier_oci::valid_session_id(&name) {
+                continue;
+            }
+            if let Some(info) = self.upload_info(&name)? {
+                out.push((name, info));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Appends `bytes` to a session's data, which must be `offset` bytes long. Returns the new
+    /// length.
+    pub fn append_upload(&self, session: &str, offset: u64, bytes: &[u8]) -> io::Result<u64> {
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(self.upload_dir(session).join("data"))?;
+        let len = f.metadata()?.len();
+        if len != offset {
+            return Err(io::Error::other(format!(
+                "upload data is {len} bytes, expected {offset}"
+            )));
+        }
+        f.write_all(bytes)?;
+        Ok(offset + bytes.len() as u64)
+    }
+
+    /// Cuts a session's data back to `len` bytes (a chunk that did not arrive whole).
+    pub fn truncate_upload(&self, session: &str, len: u64) -> io::Result<()> {
+        OpenOptions::new()
+            .write(true)
+            .open(self.upload_dir(session).join("data"))?
+            .set_len(len)
+    }
+
+    /// Removes an upload session and its data.
+    pub fn remove_upload(&self, session: &str) -> io::Result<()> {
+        match fs::remove_dir_all(self.upload_dir(session)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Finishes an upload: hashes its data (unless `known`, the digest its bytes were hashed to
+    /// as they were written) and, when it is `digest`, makes it that blob (fsync, rename,
+    /// fsync), unless the store holds it already (written once). The session goes either way.
+    /// Returns the size, or `None` when the data is not `digest`.
+    pub fn commit_upload(
+        &self,
+        session: &str,
+        digest: &Digest,
+        known: Option<&Digest>,
+    ) -> io::Result<Option<u64>> {
+        let data = self.upload_dir(session).join("data");
+        let file = File::open(&data)?;
+        let size = file.metadata()?.len();
+        let actual = match known {
+            Some(d) => d.clone(),
+            None => {
+                let mut hasher = pier_oci::Hasher::new(digest.algorithm());
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = io::Read::read(&mut &file, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    hasher.update(&buf[..n]);
+                }
+                hasher.finish()
+            }
+        };
+        if actual != *digest {
+            self.remove_upload(session)?;
+            return Ok(None);
+        }
+        if !self.blob_path(digest).exists() {
+            self.commit(&file, &data, digest)?;
+        }
+        self.remove_upload(session)?;
+        Ok(Some(size))
+    }
+
     /// Replaces a small file whole: write a temporary file, then rename it over the old one.
     fn write_atomic(&self, dest: &Path, data: &[u8]) -> io::Result<()> {
         let dir = dest
@@ -617,6 +805,52 @@ mod tests {
         assert_eq!(rec.answers[0].accept_set(), None);
         let new = serde_json::to_string(&rec).unwrap();
         assert_eq!(serde_json::from_str::<TagRecord>(&new).unwrap(), rec);
+    }
+
+    #[test]
+    fn upload_sessions_append_in_order_and_commit_once_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let repo = RepositoryName::parse("team/app").unwrap();
+        store.create_upload("s1", &repo).unwrap();
+        assert_eq!(store.append_upload("s1", 0, b"hello ").unwrap(), 6);
+        // Not at the end: refused, nothing written.
+        assert!(store.append_upload("s1", 2, b"x").is_err());
+        assert_eq!(store.append_upload("s1", 6, b"world!!").unwrap(), 13);
+        store.truncate_upload("s1", 11).unwrap();
+        let info = store.upload_info("s1").unwrap().unwrap();
+        assert_eq!((info.repository.as_str(), info.size), ("team/app", 11));
+        assert_eq!(store.uploads().unwrap().len(), 1);
+        // A wrong digest keeps nothing.
+        let wrong = Digest::sha256_of(b"other");
+        assert_eq!(store.commit_upload("s1", &wrong, None).unwrap(), None);
+        assert!(store.upload_info("s1").unwrap().is_none());
+        assert!(!store.blob_path(&wrong).exists());
+        // The right one becomes the blob; a second upload of it is not written again.
+        let d = Digest::sha256_of(b"hello world");
+        for session in ["s2", "s3"] {
+            store.create_upload(session, &repo).unwrap();
+            store.append_upload(session, 0, b"hello world").unwrap();
+        }
+        assert_eq!(store.commit_upload("s2", &d, None).unwrap(), Some(11));
+        let inode = |p: &Path| std::os::unix::fs::MetadataExt::ino(&fs::metadata(p).unwrap());
+        let first = inode(&store.blob_path(&d));
+        assert_eq!(store.commit_upload("s3", &d, Some(&d)).unwrap(), Some(11));
+        assert_eq!(inode(&store.blob_path(&d)), first);
+        assert!(store.uploads().unwrap().is_empty());
+        // Hosted links are found wherever the repository is.
+        store
+            .add_links("_hosted", &repo, std::slice::from_ref(&d))
+            .unwrap();
+        store
+            .set_links(
+                "_hosted",
+                &RepositoryName::parse("x/y/z").unwrap(),
+                std::slice::from_ref(&wrong),
+            )
+            .unwrap();
+        let all = store.all_links("_hosted").unwrap();
+        assert!(all.contains(&d) && all.contains(&wrong) && all.len() == 2);
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Tag records: what the upstream answered for each tag (and each digest's referrers), per accept
-//! set. [`TagRecords::record`] is the only writer, on disk and in memory.
+//! set. [`TagRecords::record`] (mirrored answers, one accept set at a time) and
+//! [`TagRecords::replace`] / [`TagRecords::remove`] (hosted tags, whole records) are the only
+//! writers, on disk and in memory.
 
 use std::hash::{Hash, Hasher};
 use std::io;
@@ -66,11 +68,7 @@ impl TagRecords {
         answers: impl IntoIterator<Item = TagAnswer>,
     ) -> io::Result<Arc<TagRecord>> {
         let k = key(upstream, repo, name);
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        k.hash(&mut h);
-        let _writing = self.writers[h.finish() as usize % WRITE_SHARDS]
-            .lock()
-            .await;
+        let _writing = self.writer(&k).lock().await;
         let current = self.get(disk, upstream, repo, name).await?;
         let mut rec = (*current).clone();
         for answer in answers {
@@ -95,6 +93,49 @@ impl TagRecords {
         let rec = Arc::new(rec);
         self.memory.insert(k, rec.clone()).await;
         Ok(rec)
+    }
+
+    /// Replaces a record whole (a hosted tag: one answer, whatever the client accepts).
+    pub(crate) async fn replace(
+        &self,
+        disk: &Disk,
+        upstream: &str,
+        repo: &RepositoryName,
+        name: RecordName<'_>,
+        record: TagRecord,
+    ) -> io::Result<()> {
+        let k = key(upstream, repo, name);
+        let _writing = self.writer(&k).lock().await;
+        let (path, stored) = (
+            disk.blocking().record_path(upstream, repo, name),
+            record.clone(),
+        );
+        disk.run(move |store| store.write_record(&path, &stored))
+            .await?;
+        self.memory.insert(k, Arc::new(record)).await;
+        Ok(())
+    }
+
+    /// Removes a record (a hosted tag deleted).
+    pub(crate) async fn remove(
+        &self,
+        disk: &Disk,
+        upstream: &str,
+        repo: &RepositoryName,
+        name: RecordName<'_>,
+    ) -> io::Result<()> {
+        let k = key(upstream, repo, name);
+        let _writing = self.writer(&k).lock().await;
+        let path = disk.blocking().record_path(upstream, repo, name);
+        disk.run(move |store| store.remove_record(&path)).await?;
+        self.memory.insert(k, Arc::new(TagRecord::default())).await;
+        Ok(())
+    }
+
+    fn writer(&self, key: &str) -> &tokio::sync::Mutex<()> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        &self.writers[h.finish() as usize % WRITE_SHARDS]
     }
 
     /// Forgets every record held in memory (after a purge removed some from disk).

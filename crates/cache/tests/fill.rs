@@ -117,6 +117,7 @@ fn cache_with(dir: &std::path::Path, memory: u64, budget: pier_cache::Budget) ->
                 budget,
                 max_concurrent_fills: 0,
                 max_queued_fills: 0,
+                hosted: Default::default(),
             },
             Arc::new(pier_metrics::Metrics::new()),
         )

@@ -48,6 +48,11 @@ pub struct Metrics {
     pub disk_budget_bytes: IntGauge,
     /// Objects removed to keep to the budget or age limit.
     pub evictions: IntCounter,
+    /// Bytes of hosted content (pushed or mounted; never evicted), and held by uploads under way.
+    pub hosted_bytes: IntGauge,
+    pub hosted_upload_bytes: IntGauge,
+    /// The hosted budget (`hosted.max_size`), 0 when unlimited.
+    pub hosted_budget_bytes: IntGauge,
     /// Bytes and entries in the memory tier.
     pub memory_bytes: IntGauge,
     pub memory_entries: IntGauge,
@@ -243,6 +248,21 @@ impl Metrics {
                 &r,
                 "pier_disk_budget_bytes",
                 "The disk budget; 0 when unlimited",
+            ),
+            hosted_bytes: gauge(
+                &r,
+                "pier_hosted_bytes",
+                "Bytes of hosted content (pushed or mounted), never evicted",
+            ),
+            hosted_upload_bytes: gauge(
+                &r,
+                "pier_hosted_upload_bytes",
+                "Bytes held by upload sessions under way",
+            ),
+            hosted_budget_bytes: gauge(
+                &r,
+                "pier_hosted_budget_bytes",
+                "The hosted budget; 0 when unlimited",
             ),
             evictions: counter(
                 &r,

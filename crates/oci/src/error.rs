@@ -9,6 +9,14 @@ pub enum ErrorCode {
     ManifestUnknown,
     ManifestInvalid,
     BlobUnknown,
+    /// An upload session that does not exist (never did, finished, cancelled or expired).
+    BlobUploadUnknown,
+    /// An upload that cannot go on as sent (a chunk's length not matching its range, say).
+    BlobUploadInvalid,
+    /// A pushed manifest names a blob or manifest its repository does not hold.
+    ManifestBlobUnknown,
+    /// A body larger than pier takes, or a size that does not match.
+    SizeInvalid,
     Unauthorized,
     Denied,
     TooManyRequests,
@@ -30,6 +38,10 @@ impl ErrorCode {
             ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
             ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
             ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
+            ErrorCode::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            ErrorCode::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            ErrorCode::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
+            ErrorCode::SizeInvalid => "SIZE_INVALID",
             ErrorCode::Unauthorized => "UNAUTHORIZED",
             ErrorCode::Denied => "DENIED",
             ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
@@ -43,8 +55,16 @@ impl ErrorCode {
     /// The HTTP status for this code.
     pub fn status(self) -> u16 {
         match self {
-            ErrorCode::NameInvalid | ErrorCode::DigestInvalid | ErrorCode::ManifestInvalid => 400,
-            ErrorCode::NameUnknown | ErrorCode::ManifestUnknown | ErrorCode::BlobUnknown => 404,
+            ErrorCode::NameInvalid
+            | ErrorCode::DigestInvalid
+            | ErrorCode::ManifestInvalid
+            | ErrorCode::BlobUploadInvalid
+            | ErrorCode::ManifestBlobUnknown
+            | ErrorCode::SizeInvalid => 400,
+            ErrorCode::NameUnknown
+            | ErrorCode::ManifestUnknown
+            | ErrorCode::BlobUnknown
+            | ErrorCode::BlobUploadUnknown => 404,
             ErrorCode::Unauthorized => 401,
             ErrorCode::Denied => 403,
             ErrorCode::TooManyRequests => 429,

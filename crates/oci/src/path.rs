@@ -25,8 +25,12 @@ pub enum Endpoint {
     TagsList { name: String },
     /// `/v2/<name>/referrers/<digest>`: the manifests whose `subject` is that digest (OCI 1.1).
     Referrers { name: String, digest: Digest },
-    /// `/v2/<name>/blobs/uploads/...`: push, which a mirror does not take.
-    Upload,
+    /// `/v2/<name>/blobs/uploads/` (start an upload) or `/v2/<name>/blobs/uploads/<session>`
+    /// (one under way). A session id is `[A-Za-z0-9_-]{1,64}`, safe as a file name.
+    Upload {
+        name: String,
+        session: Option<String>,
+    },
 }
 
 /// Why a path addresses nothing pier serves.
@@ -37,6 +41,20 @@ pub enum PathError {
     TooLong,
     BadReference(ReferenceError),
     BadDigest(DigestError),
+    /// An upload session id outside its grammar: no such session can exist.
+    BadSession,
+}
+
+/// Longest upload session id.
+pub const MAX_SESSION_LEN: usize = 64;
+
+/// Whether `id` can be an upload session id: `[A-Za-z0-9_-]{1,64}`.
+pub fn valid_session_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_SESSION_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 impl Endpoint {
@@ -53,8 +71,23 @@ impl Endpoint {
         if let Some(name) = rest.strip_suffix("/tags/list") {
             return Ok(Endpoint::TagsList { name: name.into() });
         }
-        if rest.contains("/blobs/uploads") {
-            return Ok(Endpoint::Upload);
+        if let Some(name) = rest
+            .strip_suffix("/blobs/uploads/")
+            .or_else(|| rest.strip_suffix("/blobs/uploads"))
+        {
+            return Ok(Endpoint::Upload {
+                name: name.into(),
+                session: None,
+            });
+        }
+        if let Some((name, session)) = rest.rsplit_once("/blobs/uploads/") {
+            if !valid_session_id(session) {
+                return Err(PathError::BadSession);
+            }
+            return Ok(Endpoint::Upload {
+                name: name.into(),
+                session: Some(session.into()),
+            });
         }
         // The name may itself contain "manifests", "blobs" or "referrers" as a component, so
         // split at the last.
@@ -118,8 +151,25 @@ mod tests {
         );
         assert_eq!(
             Endpoint::parse("/v2/a/blobs/uploads/"),
-            Ok(Endpoint::Upload)
+            Ok(Endpoint::Upload {
+                name: "a".into(),
+                session: None
+            })
         );
+        assert_eq!(
+            Endpoint::parse("/v2/team/app/blobs/uploads/0f-A_9"),
+            Ok(Endpoint::Upload {
+                name: "team/app".into(),
+                session: Some("0f-A_9".into())
+            })
+        );
+        for bad in ["..", "a/b", "a%2fb", &"x".repeat(65)] {
+            assert_eq!(
+                Endpoint::parse(&format!("/v2/a/blobs/uploads/{bad}")),
+                Err(PathError::BadSession),
+                "{bad}"
+            );
+        }
         assert_eq!(
             Endpoint::parse(&format!("/v2/org/app/referrers/{d}")),
             Ok(Endpoint::Referrers {

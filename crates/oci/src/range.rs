@@ -89,6 +89,23 @@ impl ByteRange {
     }
 }
 
+/// The `Content-Range` of an upload chunk: `<first>-<last>`, inclusive, as the distribution
+/// spec writes it (`bytes ` before it and `/<total>` after it are taken too, as some clients
+/// send the HTTP form). `None` when malformed or `last < first`.
+pub fn upload_chunk_range(header: &str) -> Option<(u64, u64)> {
+    let spec = header.trim();
+    let spec = spec.strip_prefix("bytes ").unwrap_or(spec).trim();
+    let spec = spec.split_once('/').map_or(spec, |(r, _)| r);
+    let (first, last) = spec.split_once('-')?;
+    let num = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let (first, last) = (num(first)?, num(last)?);
+    (last >= first).then_some((first, last))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +139,16 @@ mod tests {
             "bytes=99999999999999999999999-",
         ] {
             assert_eq!(ByteRange::parse(bad), Err(RangeError::Malformed), "{bad}");
+        }
+    }
+
+    #[test]
+    fn upload_chunk_ranges() {
+        assert_eq!(upload_chunk_range("0-99"), Some((0, 99)));
+        assert_eq!(upload_chunk_range("bytes 100-199/*"), Some((100, 199)));
+        assert_eq!(upload_chunk_range("bytes 5-5/10"), Some((5, 5)));
+        for bad in ["", "5", "-5", "5-", "9-3", "a-b", "bytes=0-1", "0-1-2"] {
+            assert_eq!(upload_chunk_range(bad), None, "{bad}");
         }
     }
 

@@ -5,8 +5,10 @@
 //! with `WWW-Authenticate: Bearer realm="<pier>/auth/token",service="pier",scope=...`, the client
 //! gets a short-lived token from `/auth/token` with its credentials, and sends it as Bearer. Tokens
 //! are HMAC-SHA256 signed with a key drawn at start (a restart invalidates them; clients just ask
-//! again) and name the repositories they were granted. Per-user rules limit what each user may
-//! pull; anonymous pulls can be allowed.
+//! again) and name the repositories they were granted, per action. Per-user rules limit what
+//! each user may pull, push and delete; anonymous pulls can be allowed. Push and delete apply to
+//! hosted repositories only, and need a user whose rules grant them (anonymous clients: only
+//! with `hosted.allow_anonymous_push`).
 //!
 //! With authentication off (no `auth` section), pier ignores any Authorization header: the Docker
 //! daemon offers its Docker Hub credentials to a mirror that never asked for them.
@@ -45,9 +47,57 @@ pub struct AuthConfig {
     pub anonymous: bool,
     /// Lifetime of issued tokens.
     pub token_ttl: Duration,
-    /// Per user, the `<registry>/<repository>` globs they may pull; users not listed may pull
-    /// anything the upstream's own allow/deny lists permit.
-    pub rules: HashMap<String, Vec<String>>,
+    /// Per user, what they may do where: `<registry>/<repository>` globs for mirrored
+    /// repositories, `<repository>` globs for hosted ones. Users not listed may pull anything
+    /// the upstream's own allow/deny lists permit, and push and delete nothing.
+    pub rules: HashMap<String, Vec<Rule>>,
+}
+
+/// What a client does to a repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Pull,
+    Push,
+    Delete,
+}
+
+impl Action {
+    /// The action a request's method is: GET and HEAD pull, DELETE deletes, the rest push.
+    pub fn of(method: &http::Method) -> Action {
+        match *method {
+            http::Method::GET | http::Method::HEAD => Action::Pull,
+            http::Method::DELETE => Action::Delete,
+            _ => Action::Push,
+        }
+    }
+
+    /// The actions of a token scope that ask for this one (`*` asks for all).
+    fn named_in(self, actions: &str) -> bool {
+        let name = match self {
+            Action::Pull => "pull",
+            Action::Push => "push",
+            Action::Delete => "delete",
+        };
+        actions.split(',').any(|a| a == name || a == "*")
+    }
+}
+
+/// One per-user rule: repositories matching `pattern` allow `actions`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
+    pub pattern: String,
+    pub actions: Vec<Action>,
+}
+
+impl Rule {
+    /// A rule that allows pulls only (what a bare pattern in a rule file means).
+    pub fn pull(pattern: impl Into<String>) -> Rule {
+        Rule {
+            pattern: pattern.into(),
+            actions: vec![Action::Pull],
+        }
+    }
 }
 
 /// Who is asking.
@@ -73,11 +123,9 @@ pub enum Credentials {
     None,
     /// Valid Basic credentials: any repository the user's rules allow.
     User(Identity),
-    /// A valid token: the repositories (as the client named them) it was issued for.
-    Token {
-        who: Identity,
-        repositories: Vec<String>,
-    },
+    /// A valid token: the repositories (as the client named them) it was issued for, per
+    /// action.
+    Token { who: Identity, grants: Grants },
     /// Credentials that did not check out.
     Invalid,
     /// Basic credentials that could not be checked now: too many password checks are running
@@ -100,7 +148,41 @@ type HmacSha256 = Hmac<Sha256>;
 struct Claims {
     sub: String,
     exp: u64,
+    /// Repositories it may pull.
     repos: Vec<String>,
+    /// Repositories it may push to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    push: Vec<String>,
+    /// Repositories it may delete from.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    delete: Vec<String>,
+}
+
+/// The repositories a token was granted, per action.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Grants {
+    pub pull: Vec<String>,
+    pub push: Vec<String>,
+    pub delete: Vec<String>,
+}
+
+impl Grants {
+    /// Whether the token lets `action` at `repository` (as the client named it).
+    pub fn allows(&self, action: Action, repository: &str) -> bool {
+        let list = match action {
+            Action::Pull => &self.pull,
+            Action::Push => &self.push,
+            Action::Delete => &self.delete,
+        };
+        list.iter().any(|r| r == repository)
+    }
+}
+
+/// One user's rules, compiled: the globs allowing each action.
+struct UserRules {
+    pull: GlobSet,
+    push: GlobSet,
+    delete: GlobSet,
 }
 
 /// The loaded users and the token key.
@@ -108,7 +190,7 @@ pub struct Auth {
     users: HashMap<String, String>,
     anonymous: bool,
     token_ttl: Duration,
-    rules: HashMap<String, GlobSet>,
+    rules: HashMap<String, UserRules>,
     key: [u8; 32],
     /// Basic credentials that verified recently: bcrypt is slow on purpose, pulls make many
     /// requests. Keyed by a fingerprint of user and password.
@@ -256,25 +338,37 @@ impl Auth {
     pub fn load(config: &AuthConfig) -> Result<Auth, AuthSetupError> {
         let users = parse_htpasswd(&config.htpasswd)?;
         let mut rules = HashMap::new();
-        for (user, patterns) in &config.rules {
+        for (user, user_rules) in &config.rules {
             let rule_error = |pattern: &str, message: String| AuthSetupError::Rule {
                 user: user.clone(),
                 pattern: pattern.to_string(),
                 message,
             };
-            let mut b = GlobSetBuilder::new();
-            for p in patterns {
-                b.add(
-                    GlobBuilder::new(p)
-                        .literal_separator(true)
-                        .build()
-                        .map_err(|e| rule_error(p, e.kind().to_string()))?,
-                );
-            }
+            let set = |action: Action| -> Result<GlobSet, AuthSetupError> {
+                let mut b = GlobSetBuilder::new();
+                let patterns: Vec<&str> = user_rules
+                    .iter()
+                    .filter(|r| r.actions.contains(&action))
+                    .map(|r| r.pattern.as_str())
+                    .collect();
+                for p in &patterns {
+                    b.add(
+                        GlobBuilder::new(p)
+                            .literal_separator(true)
+                            .build()
+                            .map_err(|e| rule_error(p, e.kind().to_string()))?,
+                    );
+                }
+                b.build()
+                    .map_err(|e| rule_error(&patterns.join(" "), e.to_string()))
+            };
             rules.insert(
                 user.clone(),
-                b.build()
-                    .map_err(|e| rule_error(&patterns.join(" "), e.to_string()))?,
+                UserRules {
+                    pull: set(Action::Pull)?,
+                    push: set(Action::Push)?,
+                    delete: set(Action::Delete)?,
+                },
             );
         }
         let mut key = [0u8; 32];
@@ -407,7 +501,11 @@ impl Auth {
                     } else {
                         Identity::User(c.sub)
                     },
-                    repositories: c.repos,
+                    grants: Grants {
+                        pull: c.repos,
+                        push: c.push,
+                        delete: c.delete,
+                    },
                 },
                 None => Credentials::Invalid,
             };
@@ -417,18 +515,31 @@ impl Auth {
 
     /// Whether `who` may pull `<registry>/<repository>`.
     pub fn may_pull(&self, who: &Identity, registry: &str, repository: &str) -> bool {
+        self.may(who, Action::Pull, &format!("{registry}/{repository}"))
+    }
+
+    /// Whether `who`'s rules allow `action` on `key` (`<registry>/<repository>` for a mirrored
+    /// repository, `<repository>` for a hosted one). Users without rules may pull anything and
+    /// push or delete nothing.
+    pub fn may(&self, who: &Identity, action: Action, key: &str) -> bool {
         match self.rules.get(who.name()) {
-            Some(globs) => globs.is_match(format!("{registry}/{repository}")),
-            None => true,
+            Some(rules) => match action {
+                Action::Pull => rules.pull.is_match(key),
+                Action::Push => rules.push.is_match(key),
+                Action::Delete => rules.delete.is_match(key),
+            },
+            None => action == Action::Pull,
         }
     }
 
-    /// A signed token for `who`, naming `repositories`.
-    pub fn issue_token(&self, who: &Identity, repositories: Vec<String>) -> (String, u64) {
+    /// A signed token for `who`, naming the repositories granted.
+    pub fn issue_token(&self, who: &Identity, grants: Grants) -> (String, u64) {
         let claims = Claims {
             sub: who.name().to_string(),
             exp: now_secs() + self.token_ttl.as_secs(),
-            repos: repositories,
+            repos: grants.pull,
+            push: grants.push,
+            delete: grants.delete,
         };
         let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap_or_default());
         let signature = URL_SAFE_NO_PAD.encode(self.sign(payload.as_bytes()));
@@ -456,16 +567,22 @@ impl Auth {
 /// Repository names a token request's `scope` parameters ask to pull
 /// (`repository:<name>:pull`, repeated or space-separated).
 pub fn requested_repositories(query: &str) -> Vec<String> {
+    requested_scopes(query)
+        .into_iter()
+        .filter(|(_, actions)| Action::Pull.named_in(actions))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// Every `repository:<name>:<actions>` scope a token request asks for.
+fn requested_scopes(query: &str) -> Vec<(String, String)> {
     Query::parse(query)
         .all("scope")
         .flat_map(|v| v.split(' '))
         .filter_map(|s| {
             let rest = s.strip_prefix("repository:")?;
             let (name, actions) = rest.rsplit_once(':')?;
-            actions
-                .split(',')
-                .any(|a| a == "pull" || a == "*")
-                .then(|| name.to_string())
+            Some((name.to_string(), actions.to_string()))
         })
         .collect()
 }
@@ -475,8 +592,19 @@ pub fn requested_repositories(query: &str) -> Vec<String> {
 use http::{header, Request, Response};
 use pier_oci::{Endpoint, ErrorCode, Query, RegistryError};
 
+use crate::handlers::Caller;
 use crate::response::{self, Body};
+use crate::routing::Target;
 use crate::Mirror;
+
+/// The action a token must grant for a request: writes to a mirrored repository need only a
+/// pull grant to reach the handlers, which refuse them as unsupported.
+fn gate_action(mirror: &Mirror, name: &str, query: Option<&str>, action: Action) -> Action {
+    match mirror.target(name, query) {
+        Ok(Target::Hosted(_)) => action,
+        _ => Action::Pull,
+    }
+}
 
 /// The repository a registry request is about, as the client named it (`None` for `/v2/`, the
 /// catalog, and paths that are not registry requests).
@@ -485,9 +613,15 @@ fn requested_name(path: &str) -> Option<String> {
         Endpoint::Manifest { name, .. }
         | Endpoint::Blob { name, .. }
         | Endpoint::Referrers { name, .. }
+        | Endpoint::Upload { name, .. }
         | Endpoint::TagsList { name } => Some(name),
         _ => None,
     }
+}
+
+/// Whether a path is the API's base, `/v2/`.
+fn is_base(path: &str) -> bool {
+    matches!(Endpoint::parse(path), Ok(Endpoint::Base))
 }
 
 fn realm<B>(req: &Request<B>, tls: bool) -> String {
@@ -525,7 +659,13 @@ fn challenge<B>(req: &Request<B>, tls: bool, name: Option<&str>, message: &str) 
     let mut resp = response::error(&RegistryError::new(ErrorCode::Unauthorized, message), head);
     let mut value = format!("Bearer realm=\"{}\",service=\"pier\"", realm(req, tls));
     if let Some(n) = name {
-        value.push_str(&format!(",scope=\"repository:{n}:pull\""));
+        // What the request needs, as Distribution asks it: a push also reads what it pushes.
+        let actions = match Action::of(req.method()) {
+            Action::Pull => "pull",
+            Action::Push => "pull,push",
+            Action::Delete => "delete",
+        };
+        value.push_str(&format!(",scope=\"repository:{n}:{actions}\""));
     }
     if let Ok(v) = value.parse() {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
@@ -543,16 +683,26 @@ fn busy<B>(req: &Request<B>) -> Response<Body> {
     response::error(&e, req.method() == http::Method::HEAD)
 }
 
-/// Whether `who` may pull the repository a client named `name` (routed as the handlers would).
+/// Whether `who` may do `action` to the repository a client named `name` (routed as the
+/// handlers would). Writes to a mirrored repository are let through to be refused as
+/// unsupported by the handlers: a read-only mirror, not a permission.
 fn permitted(
     auth: &Auth,
     mirror: &Mirror,
     who: &Identity,
     name: &str,
     query: Option<&str>,
+    action: Action,
 ) -> bool {
-    match mirror.route(name, query) {
-        Ok(route) => auth.may_pull(who, &route.upstream.name, route.repo.as_str()),
+    match mirror.target(name, query) {
+        Ok(target @ Target::Hosted(_)) => Caller::Identified {
+            auth,
+            who: who.clone(),
+        }
+        .may(mirror, action, &target),
+        Ok(Target::Mirrored(route)) => {
+            auth.may_pull(who, &route.upstream.name, route.repo.as_str())
+        }
         // A name that does not route gets its error from the handlers.
         Err(_) => true,
     }
@@ -569,10 +719,16 @@ pub(crate) async fn gate<B>(
 ) -> Result<Identity, Box<Response<Body>>> {
     let name = requested_name(req.uri().path());
     let query = req.uri().query();
+    let action = Action::of(req.method());
     let denied = |n: &str| {
+        let verb = match action {
+            Action::Pull => "pull",
+            Action::Push => "push to",
+            Action::Delete => "delete from",
+        };
         let e = RegistryError::new(
             ErrorCode::Denied,
-            format!("you may not pull {n} through this mirror"),
+            format!("you may not {verb} {n} on this mirror"),
         );
         Err(Box::new(response::error(
             &e,
@@ -593,8 +749,20 @@ pub(crate) async fn gate<B>(
             name.as_deref(),
             "authentication required",
         ))),
+        // Clients learn from the `/v2/` ping whether to authenticate at all (podman and Docker
+        // send no credentials to a registry whose ping answered 200, and so could never push).
+        // With hosted repositories, the ping challenges anonymous clients as Docker Hub does;
+        // those without credentials get an anonymous token and pull as before.
+        Credentials::None if mirror.hosted.is_configured() && is_base(req.uri().path()) => {
+            Err(Box::new(challenge(
+                req,
+                tls,
+                None,
+                "authenticate, or ask for an anonymous token",
+            )))
+        }
         Credentials::None => match name {
-            Some(n) if !permitted(auth, mirror, &Identity::Anonymous, &n, query) => {
+            Some(n) if !permitted(auth, mirror, &Identity::Anonymous, &n, query, action) => {
                 Err(Box::new(challenge(
                     req,
                     tls,
@@ -605,17 +773,16 @@ pub(crate) async fn gate<B>(
             _ => Ok(Identity::Anonymous),
         },
         Credentials::User(who) => match name {
-            Some(n) if !permitted(auth, mirror, &who, &n, query) => denied(&n),
+            Some(n) if !permitted(auth, mirror, &who, &n, query, action) => denied(&n),
             _ => Ok(who),
         },
-        Credentials::Token { who, repositories } => match name {
-            Some(n) if !repositories.contains(&n) => Err(Box::new(challenge(
-                req,
-                tls,
-                Some(&n),
-                "token not valid for this repository",
-            ))),
-            Some(n) if !permitted(auth, mirror, &who, &n, query) => denied(&n),
+        Credentials::Token { who, grants } => match name {
+            // A token for pulls taken to a push: the client asks for one with push (Docker
+            // does so on this challenge). Writes to mirrored repositories are refused later.
+            Some(n) if !grants.allows(gate_action(mirror, &n, query, action), &n) => Err(Box::new(
+                challenge(req, tls, Some(&n), "token not valid for this repository"),
+            )),
+            Some(n) if !permitted(auth, mirror, &who, &n, query, action) => denied(&n),
             _ => Ok(who),
         },
     }
@@ -646,11 +813,27 @@ pub(crate) async fn token_endpoint<B>(
     };
     let query = req.uri().query().unwrap_or("");
     // Routed as the request that drew the challenge was (its `ns` comes back in the realm).
-    let granted: Vec<String> = requested_repositories(query)
-        .into_iter()
-        .filter(|n| permitted(auth, mirror, &who, n, Some(query)))
-        .collect();
-    let (token, expires_in) = auth.issue_token(&who, granted);
+    let mut grants = Grants::default();
+    for (name, actions) in requested_scopes(query) {
+        for action in [Action::Pull, Action::Push, Action::Delete] {
+            if !action.named_in(&actions) {
+                continue;
+            }
+            // Only hosted repositories take writes; a token never grants one elsewhere.
+            let hosted = matches!(mirror.target(&name, Some(query)), Ok(Target::Hosted(_)));
+            if (action == Action::Pull || hosted)
+                && permitted(auth, mirror, &who, &name, Some(query), action)
+            {
+                let list = match action {
+                    Action::Pull => &mut grants.pull,
+                    Action::Push => &mut grants.push,
+                    Action::Delete => &mut grants.delete,
+                };
+                list.push(name.clone());
+            }
+        }
+    }
+    let (token, expires_in) = auth.issue_token(&who, grants);
     let issued_at = humantime_rfc3339(SystemTime::now());
     let body = serde_json::json!({ "token": token, "access_token": token, "expires_in": expires_in, "issued_at": issued_at });
     response::json(body.to_string(), false)
@@ -694,7 +877,20 @@ mod tests {
             htpasswd: dir.path().join("htpasswd"),
             anonymous,
             token_ttl: Duration::from_secs(60),
-            rules: [("bob".to_string(), vec!["ghcr.io/bob/**".to_string()])].into(),
+            rules: [
+                ("bob".to_string(), vec![Rule::pull("ghcr.io/bob/**")]),
+                (
+                    "carol".to_string(),
+                    vec![
+                        Rule::pull("docker.io/**"),
+                        Rule {
+                            pattern: "team/**".into(),
+                            actions: vec![Action::Pull, Action::Push],
+                        },
+                    ],
+                ),
+            ]
+            .into(),
         };
         let a = Auth::load(&config).unwrap();
         (dir, a)
@@ -862,7 +1058,10 @@ mod tests {
         let (_d, a) = auth(false);
         let (token, _) = a.issue_token(
             &Identity::User("alice".into()),
-            vec!["library/nginx".into()],
+            Grants {
+                pull: vec!["library/nginx".into()],
+                ..Grants::default()
+            },
         );
         let mut h = HeaderMap::new();
         h.insert(
@@ -870,7 +1069,7 @@ mod tests {
             format!("Bearer {token}").parse().unwrap(),
         );
         assert!(
-            matches!(a.credentials(&h).await, Credentials::Token { repositories, .. } if repositories == ["library/nginx"])
+            matches!(a.credentials(&h).await, Credentials::Token { grants, .. } if grants.pull == ["library/nginx"] && grants.push.is_empty())
         );
         // Tampered payload: signature fails.
         let (payload, sig) = token.split_once('.').unwrap();
@@ -878,6 +1077,8 @@ mod tests {
             sub: "alice".into(),
             exp: now_secs() + 60,
             repos: vec!["*".into()],
+            push: vec![],
+            delete: vec![],
         };
         let forged = format!(
             "{}.{sig}",
@@ -894,6 +1095,8 @@ mod tests {
             sub: "alice".into(),
             exp: now_secs() - 1,
             repos: vec![],
+            push: vec![],
+            delete: vec![],
         };
         let p = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&expired).unwrap());
         let t = format!("{p}.{}", URL_SAFE_NO_PAD.encode(a.sign(p.as_bytes())));
@@ -910,6 +1113,14 @@ mod tests {
         ));
         assert!(a.may_pull(&Identity::User("bob".into()), "ghcr.io", "bob/app"));
         assert!(!a.may_pull(&Identity::User("bob".into()), "docker.io", "library/nginx"));
+        // Actions: carol pushes to team/**; bob and unlisted alice push nowhere.
+        let carol = Identity::User("carol".into());
+        assert!(a.may(&carol, Action::Push, "team/app") && a.may(&carol, Action::Pull, "team/app"));
+        assert!(!a.may(&carol, Action::Delete, "team/app"));
+        assert!(!a.may(&carol, Action::Push, "docker.io/library/nginx"));
+        assert!(!a.may(&Identity::User("alice".into()), Action::Push, "team/app"));
+        assert!(a.may(&Identity::User("alice".into()), Action::Pull, "team/app"));
+        assert!(!a.may(&Identity::Anonymous, Action::Push, "team/app"));
         assert_eq!(
             requested_repositories("service=pier&scope=repository%3Alibrary%2Fnginx%3Apull&scope=repository:ghcr.io/o/a:pull,push&scope=repository:x:push"),
             vec!["library/nginx".to_string(), "ghcr.io/o/a".to_string()]

@@ -12,10 +12,10 @@ use pier_oci::{
     RepositoryName, Tag,
 };
 
-use crate::auth::{Auth, Identity};
+use crate::auth::{Action, Auth, Identity};
 use crate::response::{self, Body};
-use crate::routing::Route;
-use crate::Mirror;
+use crate::routing::{Route, Target};
+use crate::{hosted, Mirror};
 
 /// Who is asking, for what pier lists: per-user rules apply to listings as they do to pulls
 /// (the gate in front of the handlers already applied them to the repository of a request).
@@ -34,6 +34,34 @@ impl Caller<'_> {
             Caller::Identified { auth, who } => auth.may_pull(who, registry, repository),
         }
     }
+
+    /// Whether the caller may do `action` to `target`: the one decision on access to hosted
+    /// repositories. Pulls follow the rules as for mirrored repositories (hosted names without
+    /// a registry); push and delete need a user whose rules grant them, or, for anonymous
+    /// clients (everyone, with client authentication off), `allow_anonymous_push`. Mirrored
+    /// repositories take no writes.
+    pub fn may(&self, mirror: &Mirror, action: Action, target: &Target<'_>) -> bool {
+        match target {
+            Target::Mirrored(route) => {
+                action == Action::Pull && self.may_pull(&route.upstream.name, route.repo.as_str())
+            }
+            Target::Hosted(repo) => match (self, action) {
+                (Caller::Anyone, Action::Pull) => true,
+                (Caller::Anyone, _) => mirror.hosted.allow_anonymous_push,
+                (Caller::Identified { auth, who }, Action::Pull) => {
+                    auth.may(who, Action::Pull, repo.as_str())
+                }
+                (
+                    Caller::Identified {
+                        who: Identity::Anonymous,
+                        ..
+                    },
+                    _,
+                ) => mirror.hosted.allow_anonymous_push,
+                (Caller::Identified { auth, who }, action) => auth.may(who, action, repo.as_str()),
+            },
+        }
+    }
 }
 
 /// What an answer was and where it came from, attached to the response for the access log and
@@ -47,10 +75,14 @@ pub struct Outcome {
     pub upstream: Option<Arc<str>>,
 }
 
-type Answer = Result<Response<Body>, RegistryError>;
+pub(crate) type Answer = Result<Response<Body>, RegistryError>;
 
 /// Answers one request of `caller` (whom the gate let through).
-pub async fn handle<B>(mirror: &Mirror, req: &Request<B>, caller: &Caller<'_>) -> Response<Body> {
+pub async fn handle<B>(mirror: &Mirror, req: Request<B>, caller: &Caller<'_>) -> Response<Body>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Display + Send,
+{
     let head = req.method() == Method::HEAD;
     match dispatch(mirror, req, caller, head).await {
         Ok(resp) => resp,
@@ -58,19 +90,47 @@ pub async fn handle<B>(mirror: &Mirror, req: &Request<B>, caller: &Caller<'_>) -
     }
 }
 
-async fn dispatch<B>(mirror: &Mirror, req: &Request<B>, caller: &Caller<'_>, head: bool) -> Answer {
+async fn dispatch<B>(mirror: &Mirror, req: Request<B>, caller: &Caller<'_>, head: bool) -> Answer
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Display + Send,
+{
+    let endpoint = Endpoint::parse(req.uri().path()).map_err(path_error)?;
+    let query = req.uri().query();
+    // Hosted repositories take pushes and deletes; everything else is a read-only mirror.
+    let hosted_target = match &endpoint {
+        Endpoint::Manifest { name, .. }
+        | Endpoint::Blob { name, .. }
+        | Endpoint::Referrers { name, .. }
+        | Endpoint::TagsList { name }
+        | Endpoint::Upload { name, .. } => match mirror.target(name, query) {
+            Ok(Target::Hosted(repo)) => Some(repo),
+            Ok(Target::Mirrored(_)) => None,
+            // A write to a name that routes nowhere is still a write to a read-only mirror.
+            Err(e) if head || *req.method() == Method::GET || mirror.hosted.contains(name) => {
+                return Err(e)
+            }
+            Err(_) => None,
+        },
+        Endpoint::Base | Endpoint::Catalog => None,
+    };
+    if let Some(repo) = hosted_target {
+        let action = Action::of(req.method());
+        if !caller.may(mirror, action, &Target::Hosted(repo.clone())) {
+            return Err(hosted::refused(caller, action, &repo));
+        }
+        return hosted::dispatch(mirror, req, caller, endpoint, repo, head).await;
+    }
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return Err(RegistryError::new(
             ErrorCode::Unsupported,
             "pier is a read-only mirror: push and delete are not supported",
         ));
     }
-    let endpoint = Endpoint::parse(req.uri().path()).map_err(path_error)?;
-    let query = req.uri().query();
     match endpoint {
         Endpoint::Base => Ok(response::json("{}", head)),
         Endpoint::Catalog => catalog(mirror, caller, query, head).await,
-        Endpoint::Upload => Err(RegistryError::new(
+        Endpoint::Upload { .. } => Err(RegistryError::new(
             ErrorCode::Unsupported,
             "pier is a read-only mirror: push is not supported",
         )),
@@ -94,7 +154,7 @@ async fn dispatch<B>(mirror: &Mirror, req: &Request<B>, caller: &Caller<'_>, hea
     }
 }
 
-fn path_error(e: PathError) -> RegistryError {
+pub(crate) fn path_error(e: PathError) -> RegistryError {
     match e {
         PathError::NotFound => {
             RegistryError::new(ErrorCode::Unsupported, "no such registry API endpoint")
@@ -108,6 +168,9 @@ fn path_error(e: PathError) -> RegistryError {
             ErrorCode::ManifestInvalid,
             format!("invalid reference: {e}"),
         ),
+        PathError::BadSession => {
+            RegistryError::new(ErrorCode::BlobUploadUnknown, "no such upload session")
+        }
     }
 }
 
@@ -124,7 +187,7 @@ fn accept(headers: &HeaderMap) -> String {
 /// Response header telling where the answer came from: memory, disk, upstream, upstream-joined.
 pub const CACHE_HEADER: &str = "x-pier-cache";
 
-fn with_outcome(
+pub(crate) fn with_outcome(
     mut resp: Response<Body>,
     kind: &'static str,
     source: Source,
@@ -162,7 +225,7 @@ pub(crate) async fn manifest(
         &m.digest,
         &m.manifest,
         m.source,
-        route,
+        route.upstream.name.clone(),
         head,
     ))
 }
@@ -181,6 +244,18 @@ async fn referrers(
         .referrers(route.at(), digest)
         .await
         .map_err(|e| response::from_cache(&e, ErrorCode::ManifestUnknown))?;
+    let resp = referrers_response(m.manifest.bytes.clone(), query, head)?;
+    Ok(with_outcome(
+        resp,
+        "manifest",
+        m.source,
+        route.upstream.name.clone(),
+    ))
+}
+
+/// A referrers index as an answer, filtered by the query's `artifactType` when it names one
+/// (`OCI-Filters-Applied` then says so).
+pub(crate) fn referrers_response(index: bytes::Bytes, query: Option<&str>, head: bool) -> Answer {
     // A media type has no spaces: a `+` a client left unencoded (`...+json`) is itself, not a
     // form-encoded space.
     let query = query.map(|q| q.replace('+', "%2B"));
@@ -188,12 +263,11 @@ async fn referrers(
         .get("artifactType")
         .map(str::to_string);
     let body = match &artifact_type {
-        None => m.manifest.bytes.clone(),
+        None => index,
         Some(wanted) => {
-            let mut index: serde_json::Value =
-                serde_json::from_slice(&m.manifest.bytes).map_err(|_| {
-                    RegistryError::new(ErrorCode::Unavailable, "referrers index is not JSON")
-                })?;
+            let mut index: serde_json::Value = serde_json::from_slice(&index).map_err(|_| {
+                RegistryError::new(ErrorCode::Unavailable, "referrers index is not JSON")
+            })?;
             if let Some(list) = index.get_mut("manifests").and_then(|l| l.as_array_mut()) {
                 list.retain(|d| d["artifactType"].as_str() == Some(wanted.as_str()));
             }
@@ -206,27 +280,21 @@ async fn referrers(
     if artifact_type.is_some() {
         b = b.header("oci-filters-applied", "artifactType");
     }
-    let resp = response::built(
+    Ok(response::built(
         b.body(if head {
             response::empty()
         } else {
             response::full(body)
         }),
         head,
-    );
-    Ok(with_outcome(
-        resp,
-        "manifest",
-        m.source,
-        route.upstream.name.clone(),
     ))
 }
 
-fn manifest_response(
+pub(crate) fn manifest_response(
     digest: &Digest,
     m: &CachedManifest,
     source: Source,
-    route: &Route<'_>,
+    upstream: Arc<str>,
     head: bool,
 ) -> Response<Body> {
     let resp = response::built(
@@ -242,7 +310,7 @@ fn manifest_response(
             }),
         head,
     );
-    with_outcome(resp, "manifest", source, route.upstream.name.clone())
+    with_outcome(resp, "manifest", source, upstream)
 }
 
 // ---- blobs ----
@@ -254,22 +322,7 @@ pub(crate) async fn blob(
     headers: &HeaderMap,
     head: bool,
 ) -> Answer {
-    let range = match headers.get(header::RANGE) {
-        None => None,
-        Some(v) => Some(
-            v.to_str()
-                .map_err(|_| RangeError::Malformed)
-                .and_then(ByteRange::parse)
-                .map_err(range_error)?,
-        ),
-    };
-    let base = |status: StatusCode| {
-        response::builder(status)
-            .header(header::CONTENT_TYPE, "application/octet-stream")
-            .header("docker-content-digest", digest.to_string())
-            .header(header::ETAG, format!("\"{digest}\""))
-            .header(header::ACCEPT_RANGES, "bytes")
-    };
+    let range = requested_range(headers)?;
     if head {
         // Known locally (cached or filling), or asked of the upstream without downloading.
         let (size, source) = mirror
@@ -277,11 +330,7 @@ pub(crate) async fn blob(
             .blob_head(route.at(), digest)
             .await
             .map_err(|e| response::from_cache(&e, ErrorCode::BlobUnknown))?;
-        let mut b = base(StatusCode::OK);
-        if let Some(size) = size {
-            b = b.header(header::CONTENT_LENGTH, size);
-        }
-        let resp = response::built(b.body(response::empty()), true);
+        let resp = blob_head_response(digest, size);
         return Ok(with_outcome(
             resp,
             "blob",
@@ -295,9 +344,54 @@ pub(crate) async fn blob(
         .await
         .map_err(|e| response::from_cache(&e, ErrorCode::BlobUnknown))?;
     let source = blob.source;
+    let resp = blob_response(digest, blob, range);
+    Ok(with_outcome(
+        resp,
+        "blob",
+        source,
+        route.upstream.name.clone(),
+    ))
+}
+
+/// The request's `Range`, if it sent one; 416 `RANGE_INVALID` when malformed.
+pub(crate) fn requested_range(headers: &HeaderMap) -> Result<Option<ByteRange>, RegistryError> {
+    match headers.get(header::RANGE) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map_err(|_| RangeError::Malformed)
+            .and_then(ByteRange::parse)
+            .map(Some)
+            .map_err(range_error),
+    }
+}
+
+fn blob_headers(digest: &Digest, status: StatusCode) -> http::response::Builder {
+    response::builder(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header("docker-content-digest", digest.to_string())
+        .header(header::ETAG, format!("\"{digest}\""))
+        .header(header::ACCEPT_RANGES, "bytes")
+}
+
+/// A HEAD answer for a blob of `size` bytes (when known).
+pub(crate) fn blob_head_response(digest: &Digest, size: Option<u64>) -> Response<Body> {
+    let mut b = blob_headers(digest, StatusCode::OK);
+    if let Some(size) = size {
+        b = b.header(header::CONTENT_LENGTH, size);
+    }
+    response::built(b.body(response::empty()), true)
+}
+
+/// A blob's bytes, whole or the range asked for (206; 416 outside the blob).
+pub(crate) fn blob_response(
+    digest: &Digest,
+    blob: pier_cache::Blob,
+    range: Option<ByteRange>,
+) -> Response<Body> {
     let resp = match (range, blob.size) {
         (Some(range), Some(size)) => match range.resolve(size) {
-            Ok((first, last)) => base(StatusCode::PARTIAL_CONTENT)
+            Ok((first, last)) => blob_headers(digest, StatusCode::PARTIAL_CONTENT)
                 .header(
                     header::CONTENT_RANGE,
                     format!("bytes {first}-{last}/{size}"),
@@ -309,27 +403,21 @@ pub(crate) async fn blob(
                 if let Ok(v) = format!("bytes */{size}").parse() {
                     e.headers_mut().insert(header::CONTENT_RANGE, v);
                 }
-                return Ok(e);
+                return e;
             }
         },
         (_, size) => {
-            let mut b = base(StatusCode::OK);
+            let mut b = blob_headers(digest, StatusCode::OK);
             if let Some(size) = size {
                 b = b.header(header::CONTENT_LENGTH, size);
             }
             b.body(response::stream(blob.stream(0, None)))
         }
     };
-    let resp = response::built(resp, false);
-    Ok(with_outcome(
-        resp,
-        "blob",
-        source,
-        route.upstream.name.clone(),
-    ))
+    response::built(resp, false)
 }
 
-fn range_error(e: RangeError) -> RegistryError {
+pub(crate) fn range_error(e: RangeError) -> RegistryError {
     RegistryError::new(ErrorCode::RangeInvalid, e.to_string())
 }
 
@@ -337,7 +425,9 @@ fn range_error(e: RangeError) -> RegistryError {
 
 /// `n` and `last` of a query string; `n` must be a number and `last` a tag (or, for the
 /// catalog, a repository name), else 400.
-fn page_params(query: &Query<'_>) -> Result<(Option<usize>, Option<String>), RegistryError> {
+pub(crate) fn page_params(
+    query: &Query<'_>,
+) -> Result<(Option<usize>, Option<String>), RegistryError> {
     let bad = |m: &str| RegistryError::new(ErrorCode::Unsupported, m).with_status(400);
     let n = query
         .get("n")
@@ -361,7 +451,11 @@ fn page_params(query: &Query<'_>) -> Result<(Option<usize>, Option<String>), Reg
 
 /// One page of a sorted list: the names after `last`, at most `n` of them, and whether more
 /// follow.
-fn page<'a>(sorted: &'a [String], n: Option<usize>, last: Option<&str>) -> (&'a [String], bool) {
+pub(crate) fn page<'a>(
+    sorted: &'a [String],
+    n: Option<usize>,
+    last: Option<&str>,
+) -> (&'a [String], bool) {
     let start = last.map_or(0, |l| sorted.partition_point(|t| t.as_str() <= l));
     let rest = &sorted[start..];
     match n {
@@ -371,7 +465,7 @@ fn page<'a>(sorted: &'a [String], n: Option<usize>, last: Option<&str>) -> (&'a 
 }
 
 /// A JSON list page, with a `Link` to the next page when there is one.
-fn list_response(
+pub(crate) fn list_response(
     body: String,
     next: Option<String>,
     kind: Option<(Source, Arc<str>)>,
@@ -442,7 +536,7 @@ async fn tags_list(
 }
 
 /// The repositories pier holds that the caller may pull, named as clients name them: plain for
-/// the default upstream, `<registry>/<repository>` for the others.
+/// hosted repositories and the default upstream, `<registry>/<repository>` for the others.
 async fn catalog(mirror: &Mirror, caller: &Caller<'_>, query: Option<&str>, head: bool) -> Answer {
     let (n, last) = page_params(&Query::parse_opt(query))?;
     let default = &mirror.upstreams[mirror.default_upstream].name;
@@ -452,17 +546,24 @@ async fn catalog(mirror: &Mirror, caller: &Caller<'_>, query: Option<&str>, head
         .await
         .map_err(|e| response::from_io(&e))?
         .into_iter()
-        .filter(|(upstream, repo)| {
-            let permitted = mirror
-                .upstream_named(upstream)
-                .is_some_and(|u| RepositoryName::parse(repo).is_ok_and(|r| u.access.permits(&r)));
-            permitted && caller.may_pull(upstream, repo)
-        })
-        .map(|(upstream, repo)| {
+        .filter_map(|(upstream, repo)| {
+            let name = RepositoryName::parse(&repo).ok()?;
+            if upstream == pier_cache::HOSTED {
+                // Still hosted by the configuration, and the caller may pull it.
+                let target = Target::Hosted(name);
+                return (mirror.hosted.contains(&repo)
+                    && caller.may(mirror, Action::Pull, &target))
+                .then_some(repo);
+            }
+            let u = mirror.upstream_named(&upstream)?;
+            if !u.access.permits(&name) || !caller.may_pull(&upstream, &repo) {
+                return None;
+            }
             if *upstream == **default {
-                repo
+                // A mirrored name a hosted glob now claims is no longer served as mirrored.
+                (!mirror.hosted.contains(&repo)).then_some(repo)
             } else {
-                format!("{upstream}/{repo}")
+                Some(format!("{upstream}/{repo}"))
             }
         })
         .collect();

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod auth;
 pub mod handlers;
+mod hosted;
 pub mod limits;
 mod ops;
 mod region;
@@ -26,7 +27,7 @@ use pier_upstream::Upstream;
 pub use admin::serve_admin;
 pub use handlers::Caller;
 pub use ops::serve_ops;
-pub use routing::{GlobError, RepositoryFilter, Route};
+pub use routing::{GlobError, HostedRepositories, RepositoryFilter, Route, Target};
 pub use serve::{serve, ServerOptions};
 
 /// One upstream as the front sees it: how clients name it, which of its repositories they may
@@ -64,6 +65,8 @@ pub struct Mirror {
     pub default_upstream: usize,
     pub cache: Arc<Cache>,
     pub metrics: Arc<Metrics>,
+    /// Repositories pushed to pier rather than mirrored (none unless configured).
+    pub hosted: HostedRepositories,
 }
 
 impl Mirror {
@@ -82,6 +85,13 @@ impl Mirror {
             default_upstream,
             cache,
             metrics,
+            hosted: HostedRepositories::default(),
         }
+    }
+
+    /// The mirror with these hosted repositories.
+    pub fn with_hosted(mut self, hosted: HostedRepositories) -> Self {
+        self.hosted = hosted;
+        self
     }
 }

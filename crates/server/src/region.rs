@@ -64,7 +64,8 @@ async fn dispatch<B>(
         .get("repo")
         .and_then(|r| RepositoryName::parse(r).ok())
         .ok_or_else(|| bad("missing or invalid repository"))?;
-    if !upstream.access.permits(&repo) {
+    // Hosted names never reach an upstream, whoever asks.
+    if !upstream.access.permits(&repo) || mirror.hosted.contains(repo.as_str()) {
         return Err(RegistryError::new(
             ErrorCode::Denied,
             "repository not allowed on this mirror",

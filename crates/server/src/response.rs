@@ -153,3 +153,30 @@ pub fn from_fill(e: &FillError) -> RegistryError {
 pub fn from_io(e: &io::Error) -> RegistryError {
     RegistryError::new(ErrorCode::Unknown, format!("cache I/O error: {e}")).with_status(500)
 }
+
+/// What to tell a client whose push to a hosted repository was refused; `missing` is the code
+/// for "not there".
+pub fn from_push(e: &pier_cache::PushError, missing: ErrorCode) -> RegistryError {
+    use pier_cache::PushError as P;
+    match e {
+        P::UploadUnknown => RegistryError::new(ErrorCode::BlobUploadUnknown, e.to_string()),
+        P::OutOfOrder { .. } => RegistryError::new(ErrorCode::RangeInvalid, e.to_string()),
+        P::ChunkLength { .. } | P::Body(_) => {
+            RegistryError::new(ErrorCode::BlobUploadInvalid, e.to_string())
+        }
+        P::DigestMismatch(_) | P::ManifestDigest(_) => {
+            RegistryError::new(ErrorCode::DigestInvalid, e.to_string())
+        }
+        // Not a permission, but nothing the client can do here either: no retry helps.
+        P::Budget { .. } => RegistryError::new(ErrorCode::Denied, e.to_string()),
+        P::BlobUnknown(_) => RegistryError::new(ErrorCode::ManifestBlobUnknown, e.to_string()),
+        P::ManifestInvalid(_) => RegistryError::new(ErrorCode::ManifestInvalid, e.to_string()),
+        P::NotFound => RegistryError::new(missing, e.to_string()),
+        P::Io(io) if io.kind() == io::ErrorKind::StorageFull => {
+            RegistryError::new(ErrorCode::Unknown, format!("cache disk full: {io}"))
+                .with_status(507)
+        }
+        P::Io(io) => RegistryError::new(ErrorCode::Unknown, format!("cache I/O error: {io}"))
+            .with_status(500),
+    }
+}

@@ -7,6 +7,10 @@
 //! - anything else goes to the default upstream: the Docker daemon's `registry-mirrors`.
 //!
 //! A registry that is not configured is refused by name; no request leaves pier for it.
+//!
+//! Before any of that, a name matching a hosted glob is a hosted repository ([`Target::Hosted`]):
+//! pier answers it from what was pushed, and no upstream is ever asked for it, whatever `ns`
+//! says (so an upstream image can never shadow a pushed one).
 
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use pier_oci::{ErrorCode, Query, RegistryError, RepositoryName};
@@ -19,6 +23,40 @@ pub struct Route<'a> {
     pub repo: RepositoryName,
     /// Asked by a peer of the region that took this node as the owner.
     pub from_peer: bool,
+}
+
+/// What a request's repository is: pushed to pier, or mirrored from an upstream.
+pub enum Target<'a> {
+    Hosted(RepositoryName),
+    Mirrored(Route<'a>),
+}
+
+/// Which repositories are hosted, and whether anonymous clients may push to them.
+#[derive(Debug, Default)]
+pub struct HostedRepositories {
+    globs: Option<GlobSet>,
+    /// Anonymous clients (and, with client authentication off, everyone) may push and delete.
+    pub allow_anonymous_push: bool,
+}
+
+impl HostedRepositories {
+    /// Hosted repositories matching `patterns` (`team/**`, `local/*`); none when empty.
+    pub fn new(patterns: &[String], allow_anonymous_push: bool) -> Result<Self, GlobError> {
+        Ok(HostedRepositories {
+            globs: glob_set(patterns)?,
+            allow_anonymous_push,
+        })
+    }
+
+    /// Whether any repository is hosted.
+    pub fn is_configured(&self) -> bool {
+        self.globs.is_some()
+    }
+
+    /// Whether `repo` (as the client names it) is hosted.
+    pub fn contains(&self, repo: &str) -> bool {
+        self.globs.as_ref().is_some_and(|g| g.is_match(repo))
+    }
 }
 
 impl Route<'_> {
@@ -60,8 +98,35 @@ impl Mirror {
         self.upstreams.iter().find(|u| &*u.name == name)
     }
 
-    /// Routes a raw repository name from the path, with the request's query string.
+    /// What a raw repository name from the path is: hosted, or routed to an upstream.
+    pub fn target(&self, raw_name: &str, query: Option<&str>) -> Result<Target<'_>, RegistryError> {
+        if self.hosted.contains(raw_name) {
+            let repo = RepositoryName::parse(raw_name).map_err(|e| {
+                RegistryError::new(
+                    ErrorCode::NameInvalid,
+                    format!("invalid repository name: {e}"),
+                )
+            })?;
+            return Ok(Target::Hosted(repo));
+        }
+        self.route(raw_name, query).map(Target::Mirrored)
+    }
+
+    /// Routes a raw repository name from the path, with the request's query string. A hosted
+    /// name is refused: no upstream is ever asked for one.
     pub fn route(&self, raw_name: &str, query: Option<&str>) -> Result<Route<'_>, RegistryError> {
+        if self.hosted.contains(raw_name) {
+            return Err(match RepositoryName::parse(raw_name) {
+                Err(e) => RegistryError::new(
+                    ErrorCode::NameInvalid,
+                    format!("invalid repository name: {e}"),
+                ),
+                Ok(_) => RegistryError::new(
+                    ErrorCode::NameUnknown,
+                    "this is a hosted repository: no upstream serves it",
+                ),
+            });
+        }
         let (upstream, name) = match raw_name.split_once('/') {
             Some((first, rest)) if looks_like_registry(first) => match self.upstream_named(first) {
                 Some(u) => (u, rest),
@@ -122,6 +187,28 @@ pub struct GlobError {
     pub message: String,
 }
 
+/// Repository globs (`*` within a component, `**` across), or `None` when there are none.
+fn glob_set(patterns: &[String]) -> Result<Option<GlobSet>, GlobError> {
+    if patterns.is_empty() {
+        return Ok(None);
+    }
+    let mut b = GlobSetBuilder::new();
+    for p in patterns {
+        let glob: Glob = GlobBuilder::new(p)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| GlobError {
+                pattern: p.clone(),
+                message: e.kind().to_string(),
+            })?;
+        b.add(glob);
+    }
+    b.build().map(Some).map_err(|e| GlobError {
+        pattern: patterns.join(" "),
+        message: e.to_string(),
+    })
+}
+
 /// Allow and deny lists of repository globs for one upstream, checked before anything else.
 ///
 /// `*` matches within one path component (`library/*`), `**` across components (`myorg/**`).
@@ -137,29 +224,9 @@ pub struct RepositoryFilter {
 impl RepositoryFilter {
     /// Builds the filter; the error names the bad pattern.
     pub fn new(allow: &[String], deny: &[String]) -> Result<Self, GlobError> {
-        fn set(patterns: &[String]) -> Result<Option<GlobSet>, GlobError> {
-            if patterns.is_empty() {
-                return Ok(None);
-            }
-            let mut b = GlobSetBuilder::new();
-            for p in patterns {
-                let glob: Glob = GlobBuilder::new(p)
-                    .literal_separator(true)
-                    .build()
-                    .map_err(|e| GlobError {
-                        pattern: p.clone(),
-                        message: e.kind().to_string(),
-                    })?;
-                b.add(glob);
-            }
-            b.build().map(Some).map_err(|e| GlobError {
-                pattern: patterns.join(" "),
-                message: e.to_string(),
-            })
-        }
         Ok(RepositoryFilter {
-            allow: set(allow)?,
-            deny: set(deny)?,
+            allow: glob_set(allow)?,
+            deny: glob_set(deny)?,
         })
     }
 
@@ -189,6 +256,14 @@ mod tests {
         assert_eq!(ns_param(Some("nsx=ghcr.io")), None);
         assert_eq!(ns_param(Some("")), None);
         assert_eq!(ns_param(None), None);
+    }
+
+    #[test]
+    fn hosted_globs() {
+        let h = HostedRepositories::new(&["team/**".into(), "local/*".into()], false).unwrap();
+        assert!(h.contains("team/app") && h.contains("team/a/b") && h.contains("local/x"));
+        assert!(!h.contains("local/x/y") && !h.contains("library/nginx") && !h.contains("team"));
+        assert!(!HostedRepositories::default().contains("team/app"));
     }
 
     #[test]

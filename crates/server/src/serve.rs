@@ -238,16 +238,17 @@ async fn answer(
     if metrics_on_main && req.uri().path() == "/metrics" {
         return ops::metrics(mirror).await;
     }
-    let resp = if crate::region::is_peer_request(req.uri().path()) {
+    let (method, uri) = (req.method().clone(), req.uri().clone());
+    let resp = if crate::region::is_peer_request(uri.path()) {
         crate::region::answer(mirror, &req).await
     } else {
-        handlers::handle(mirror, &req, caller).await
+        handlers::handle(mirror, req, caller).await
     };
     let outcome = resp.extensions().get::<Outcome>().cloned();
-    let method = method_label(req.method());
+    let method_name = method_label(&method);
     let kind = outcome
         .as_ref()
-        .map_or_else(|| path_kind(req.uri().path()), |o| o.kind);
+        .map_or_else(|| path_kind(uri.path()), |o| o.kind);
     let status = resp.status().as_u16();
     let class = match status {
         100..=199 => "1xx",
@@ -259,7 +260,7 @@ async fn answer(
     mirror
         .metrics
         .requests
-        .with_label_values(&[method, kind, class])
+        .with_label_values(&[method_name, kind, class])
         .inc();
     let resp = match &outcome {
         Some(o) => {
@@ -291,8 +292,8 @@ async fn answer(
     };
     tracing::info!(
         target: "pier::access",
-        method = %req.method(),
-        path = %req.uri().path_and_query().map_or(req.uri().path(), |p| p.as_str()),
+        method = %method,
+        path = %uri.path_and_query().map_or(uri.path(), |p| p.as_str()),
         status,
         bytes = resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).unwrap_or("-"),
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,

@@ -1,0 +1,341 @@
+//! Blob uploads to hosted repositories (OCI distribution spec 1.1 push): sessions on disk under
+//! `uploads/`, so that a restart does not lose them, chunks appended in order, and the finished
+//! upload verified against the digest the client names before it becomes a blob of the same
+//! content-addressed store the mirror fills.
+//!
+//! A chunk is all or nothing: one that breaks off, does not match its `Content-Range` or would
+//! exceed the hosted budget is cut back off the session, which stays where it was. Sessions that
+//! take no bytes for `upload_expiry` are removed (on access and by the maintenance task).
+//!
+//! Chunks are hashed (sha256) as they are written, so that finishing an upload reads nothing
+//! back; a session whose running hash was lost (a restart, a chunk cut back) or that finishes
+//! with another algorithm is hashed from its file instead.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{BoxStream, StreamExt};
+use pier_oci::{Algorithm, Digest, Hasher, RepositoryName};
+
+use crate::error::PushError;
+use crate::hosted::HOSTED;
+use crate::Cache;
+
+/// Bytes gathered from a request body before one write to the session's file.
+const WRITE_BATCH: usize = 1 << 20;
+
+/// Upload sessions' locks and running hashes.
+#[derive(Default)]
+pub(crate) struct Uploads {
+    /// One lock per session, so that its chunks are written one at a time.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The sha256 of each session's first `u64` bytes.
+    hashes: Mutex<HashMap<String, (u64, Hasher)>>,
+}
+
+impl Uploads {
+    fn lock_of(&self, session: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(session.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn forget(&self, session: &str) {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session);
+        self.take_hash(session, None);
+    }
+
+    /// The running hash of a session of `size` bytes (a new one for an empty session), if it is
+    /// known; it is taken out, to be put back with the bytes that follow.
+    fn take_hash(&self, session: &str, size: Option<u64>) -> Option<Hasher> {
+        let kept = self
+            .hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session);
+        match (kept, size) {
+            (Some((at, h)), Some(size)) if at == size => Some(h),
+            (_, Some(0)) => Some(Hasher::new(Algorithm::Sha256)),
+            _ => None,
+        }
+    }
+
+    fn put_hash(&self, session: &str, size: u64, hasher: Hasher) {
+        self.hashes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(session.to_string(), (size, hasher));
+    }
+}
+
+/// A new session id: 128 random bits, hex. Guessing one would let a stranger write into
+/// someone's upload.
+fn new_session_id() -> io::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| io::Error::other(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Cache {
+    /// Starts an upload session for a hosted repository; returns its id.
+    pub async fn start_upload(&self, repo: &RepositoryName) -> Result<String, PushError> {
+        let session = new_session_id()?;
+        let (s, r) = (session.clone(), repo.clone());
+        self.disk
+            .run(move |store| store.create_upload(&s, &r))
+            .await?;
+        Ok(session)
+    }
+
+    /// The bytes an upload session of `repo` holds so far.
+    pub async fn upload_status(
+        &self,
+        repo: &RepositoryName,
+        session: &str,
+    ) -> Result<u64, PushError> {
+        self.live_upload(repo, session).await
+    }
+
+    /// Appends a chunk to an upload session. With `range` (from `Content-Range`, inclusive),
+    /// the chunk must start where the upload ends and be exactly that long. Returns the
+    /// upload's new size.
+    pub async fn upload_chunk(
+        &self,
+        repo: &RepositoryName,
+        session: &str,
+        range: Option<(u64, u64)>,
+        body: BoxStream<'_, io::Result<Bytes>>,
+    ) -> Result<u64, PushError> {
+        let lock = self.uploads.lock_of(session);
+        let _writing = lock.lock().await;
+        let size = self.live_upload(repo, session).await?;
+        if let Some((first, _)) = range {
+            if first != size {
+                return Err(PushError::OutOfOrder { size });
+            }
+        }
+        let end = self.append(session, size, body).await?;
+        if let Some((first, last)) = range {
+            let expected = last - first + 1;
+            if end - size != expected {
+                self.cut_back(session, size, end - size).await;
+                return Err(PushError::ChunkLength {
+                    expected,
+                    got: end - size,
+                });
+            }
+        }
+        Ok(end)
+    }
+
+    /// Finishes an upload session: appends the last chunk (if any), checks that the whole is
+    /// `digest`, and stores it as a blob of `repo`, pinned as hosted content. Nothing is kept
+    /// when the digest does not match. Returns the blob's size.
+    pub async fn finish_upload(
+        &self,
+        repo: &RepositoryName,
+        session: &str,
+        digest: &Digest,
+        body: BoxStream<'_, io::Result<Bytes>>,
+    ) -> Result<u64, PushError> {
+        let lock = self.uploads.lock_of(session);
+        let _writing = lock.lock().await;
+        let size = self.live_upload(repo, session).await?;
+        let end = self.append(session, size, body).await?;
+        let known = self
+            .uploads
+            .take_hash(session, Some(end))
+            .filter(|_| digest.algorithm() == Algorithm::Sha256)
+            .map(Hasher::finish);
+        let (s, d) = (session.to_string(), digest.clone());
+        let committed = self
+            .disk
+            .run(move |store| store.commit_upload(&s, &d, known.as_ref()))
+            .await;
+        self.uploads.forget(session);
+        self.release(end);
+        match committed? {
+            None => Err(PushError::DigestMismatch(digest.clone())),
+            Some(size) => {
+                self.stored_hosted(digest, size);
+                self.link_hosted(repo, [digest.clone()]).await?;
+                Ok(size)
+            }
+        }
+    }
+
+    /// Cancels an upload session and removes what it held.
+    pub async fn cancel_upload(
+        &self,
+        repo: &RepositoryName,
+        session: &str,
+    ) -> Result<(), PushError> {
+        let lock = self.uploads.lock_of(session);
+        let _writing = lock.lock().await;
+        let size = self.live_upload(repo, session).await?;
+        self.drop_upload(session, size).await;
+        Ok(())
+    }
+
+    /// Removes upload sessions idle for longer than `upload_expiry` (the maintenance task runs
+    /// this). Sessions busy with a chunk are left for the next run.
+    pub async fn expire_uploads(&self) {
+        let Ok(all) = self.disk.run(|store| store.uploads()).await else {
+            return;
+        };
+        for (session, info) in all {
+            if !self.expired(info.touched) {
+                continue;
+            }
+            let lock = self.uploads.lock_of(&session);
+            let Ok(_writing) = lock.try_lock() else {
+                continue;
+            };
+            tracing::info!(%session, repository = %info.repository, bytes = info.size, "upload expired");
+            self.drop_upload(&session, info.size).await;
+        }
+    }
+
+    /// The size of a session that exists, belongs to `repo` and has not expired (an expired one
+    /// is removed on the spot).
+    async fn live_upload(&self, repo: &RepositoryName, session: &str) -> Result<u64, PushError> {
+        let s = session.to_string();
+        let info = self
+            .disk
+            .run(move |store| store.upload_info(&s))
+            .await?
+            .ok_or(PushError::UploadUnknown)?;
+        if info.repository != repo.as_str() {
+            return Err(PushError::UploadUnknown);
+        }
+        if self.expired(info.touched) {
+            self.drop_upload(session, info.size).await;
+            return Err(PushError::UploadUnknown);
+        }
+        Ok(info.size)
+    }
+
+    fn expired(&self, touched: SystemTime) -> bool {
+        SystemTime::now()
+            .duration_since(touched)
+            .is_ok_and(|idle| idle > self.hosted.upload_expiry)
+    }
+
+    async fn drop_upload(&self, session: &str, size: u64) {
+        let s = session.to_string();
+        if let Err(e) = self.disk.run(move |store| store.remove_upload(&s)).await {
+            tracing::warn!(%session, error = %e, "could not remove upload");
+        }
+        self.uploads.forget(session);
+        self.release(size);
+    }
+
+    /// Streams `body` onto the end of a session of `size` bytes, a batch at a time, each batch
+    /// first reserved against the hosted budget and hashed as it is written. On any failure what
+    /// this call wrote is cut off again (and the session's running hash is dropped: the file is
+    /// hashed when it finishes). Returns the new size.
+    async fn append(
+        &self,
+        session: &str,
+        size: u64,
+        mut body: BoxStream<'_, io::Result<Bytes>>,
+    ) -> Result<u64, PushError> {
+        let mut end = size;
+        let mut hasher = self.uploads.take_hash(session, Some(size));
+        let mut batch = BytesMut::new();
+        let mut done = false;
+        while !done {
+            match body.next().await {
+                Some(Ok(bytes)) => batch.extend_from_slice(&bytes),
+                Some(Err(e)) => {
+                    self.cut_back(session, size, end - size).await;
+                    return Err(PushError::Body(e));
+                }
+                None => done = true,
+            }
+            if batch.is_empty() || (!done && batch.len() < WRITE_BATCH) {
+                continue;
+            }
+            let chunk = batch.split().freeze();
+            let n = chunk.len() as u64;
+            if let Err(e) = self.reserve(n) {
+                self.cut_back(session, size, end - size).await;
+                return Err(e);
+            }
+            let s = session.to_string();
+            let mut h = hasher.take();
+            // Hashed on the blocking thread too: a megabyte of sha256 is no work for a worker.
+            let written = self
+                .disk
+                .run(move |store| {
+                    let new_end = store.append_upload(&s, end, &chunk)?;
+                    if let Some(h) = h.as_mut() {
+                        h.update(&chunk);
+                    }
+                    Ok((new_end, h))
+                })
+                .await;
+            match written {
+                Ok((new_end, h)) => {
+                    end = new_end;
+                    hasher = h;
+                }
+                Err(e) => {
+                    self.release(n);
+                    self.cut_back(session, size, end - size).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        if let Some(h) = hasher {
+            self.uploads.put_hash(session, end, h);
+        }
+        Ok(end)
+    }
+
+    /// Cuts a session back to `size` bytes, giving back the `added` bytes reserved.
+    async fn cut_back(&self, session: &str, size: u64, added: u64) {
+        let s = session.to_string();
+        if let Err(e) = self
+            .disk
+            .run(move |store| store.truncate_upload(&s, size))
+            .await
+        {
+            tracing::warn!(%session, error = %e, "could not cut an upload back");
+        }
+        self.release(added);
+    }
+
+    /// Reserves `n` bytes of the hosted budget for an upload.
+    fn reserve(&self, n: u64) -> Result<(), PushError> {
+        let mut uploading = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
+        self.within_budget(*uploading, n)?;
+        *uploading += n;
+        Ok(())
+    }
+
+    /// Gives back bytes reserved for uploads.
+    fn release(&self, n: u64) {
+        let mut uploading = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
+        *uploading = uploading.saturating_sub(n);
+    }
+
+    /// Links digests to a hosted repository.
+    pub(crate) async fn link_hosted(
+        &self,
+        repo: &RepositoryName,
+        digests: impl IntoIterator<Item = Digest>,
+    ) -> io::Result<()> {
+        self.links.add(&self.disk, HOSTED, repo, digests).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,180 @@
+//! Real clients push to hosted repositories: skopeo pushes a generated two-platform image,
+//! copies it to another hosted repository (cross-repository mounts) and pulls both back byte for
+//! byte; podman logs in and pushes through the token flow, where an anonymous push is refused.
+//! The upstream is never running: hosted repositories need none.
+
+use std::process::Command;
+
+use crate::docker::run;
+use crate::support::image;
+use crate::support::process::{path_str, pier, push_image, skopeo, skopeo_try};
+use crate::support::{free_port, http_get, require};
+
+#[test]
+fn skopeo_pushes_to_a_hosted_repository_and_pulls_it_back() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = tmp.path().join("src");
+    let index = image::two_platform_index(&layout, "1.0", &[300_000, 2_500_000]);
+    let config = tmp.path().join("mirror.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{}\n\
+             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n",
+            free_port()
+        ),
+    )
+    .expect("write config");
+    let cache = tmp.path().join("cache");
+    let mirror = pier(&[
+        "--config",
+        &path_str(&config),
+        "--cache-dir",
+        &path_str(&cache),
+    ]);
+
+    push_image(
+        &layout,
+        "1.0",
+        &format!("{}/team/app:1.0", mirror.addr),
+        true,
+    );
+    // Registry to registry: skopeo mounts the blobs it knows pier has.
+    skopeo(&[
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{}/team/app:1.0", mirror.addr),
+        &format!("docker://{}/team/copy:1.0", mirror.addr),
+    ]);
+    let original = image::blobs(&layout);
+    for repo in ["team/app", "team/copy"] {
+        let back = tmp.path().join(repo.replace('/', "-"));
+        skopeo(&[
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            &format!("docker://{}/{repo}:1.0", mirror.addr),
+            &format!("oci:{}:1.0", path_str(&back)),
+        ]);
+        assert!(
+            image::blobs(&back) == original,
+            "{repo}: pulled back differs from what was pushed"
+        );
+    }
+    let (status, body) = http_get(&mirror.addr, "/v2/team/app/tags/list");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"1.0\""), "{body}");
+    let (_, body) = http_get(&mirror.addr, "/v2/_catalog");
+    assert!(
+        body.contains("team/app") && body.contains("team/copy"),
+        "{body}"
+    );
+    let top = index.top.digest.clone();
+    let (status, _) = http_get(&mirror.addr, &format!("/v2/team/copy/manifests/{top}"));
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn podman_logs_in_and_pushes_an_anonymous_client_may_not() {
+    if !require(&["skopeo", "podman"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = tmp.path().join("src");
+    let img = image::single_image(&layout, "1.0", &[200_000]);
+    let hash = bcrypt::hash("ci-pw", 4).expect("bcrypt");
+    std::fs::write(tmp.path().join("htpasswd"), format!("ci:{hash}\n")).expect("htpasswd");
+    let config = tmp.path().join("mirror.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{}\n\
+             hosted:\n  repositories: [\"team/**\"]\n\
+             auth:\n  htpasswd: {}\n  anonymous: true\n  users:\n    ci:\n\
+             \x20     - repository: team/**\n        actions: [pull, push]\n",
+            free_port(),
+            path_str(&tmp.path().join("htpasswd")),
+        ),
+    )
+    .expect("write config");
+    let mirror = pier(&[
+        "--config",
+        &path_str(&config),
+        "--cache-dir",
+        &path_str(&tmp.path().join("cache")),
+    ]);
+    // Anonymous: pulls are on, pushes are not.
+    let refused = skopeo_try(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:1.0", path_str(&layout)),
+        &format!("docker://{}/team/podman:1.0", mirror.addr),
+    ]);
+    assert!(!refused.status.success(), "an anonymous push went through");
+
+    let d = tmp.path().join("podman");
+    std::fs::create_dir_all(&d).expect("podman dir");
+    std::fs::write(d.join("auth.json"), "{}").expect("auth file");
+    let podman = |args: &[&str]| {
+        let mut c = Command::new("podman");
+        c.env("REGISTRY_AUTH_FILE", d.join("auth.json"))
+            .args([
+                "--root",
+                &path_str(&d.join("root")),
+                "--runroot",
+                &path_str(&d.join("run")),
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "file",
+            ])
+            .args(args);
+        c
+    };
+    // Into podman's storage (a pull from an OCI layout would name it after the path).
+    skopeo(&[
+        "copy",
+        &format!("oci:{}:1.0", path_str(&layout)),
+        &format!(
+            "containers-storage:[vfs@{}+{}]localhost/app:1.0",
+            path_str(&d.join("root")),
+            path_str(&d.join("run"))
+        ),
+    ]);
+    let local = "localhost/app:1.0";
+    run(&mut podman(&[
+        "login",
+        "--tls-verify=false",
+        "-u",
+        "ci",
+        "-p",
+        "ci-pw",
+        &mirror.addr,
+    ]));
+    run(&mut podman(&[
+        "push",
+        "--tls-verify=false",
+        local,
+        &format!("{}/team/podman:1.0", mirror.addr),
+    ]));
+    // Anyone may pull it back (anonymous pulls are on): the same config, so the same image.
+    let back = tmp.path().join("back");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/team/podman:1.0", mirror.addr),
+        &format!("oci:{}:1.0", path_str(&back)),
+    ]);
+    let (_, config_blob) = img.amd64();
+    assert!(
+        image::blobs(&back).contains_key(config_blob.digest.trim_start_matches("sha256:")),
+        "the image pulled back has another config"
+    );
+}

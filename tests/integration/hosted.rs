@@ -1,0 +1,1147 @@
+//! Hosted repositories: the push API (uploads, mounts, manifests, deletes), what it refuses, who
+//! may push, and that a hosted name never reaches an upstream.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pier_oci::Digest;
+use pier_server::auth::{Action, Auth, AuthConfig, Rule};
+use pier_server::ServerOptions;
+
+use crate::fake_upstream::{Behaviour, FakeUpstream};
+use crate::harness::{client, error_code, launch, raw_get, settle, Pier, Setup, UpstreamSpec};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+struct Options {
+    auth: Option<Arc<Auth>>,
+    allow_anonymous_push: bool,
+    hosted: pier_cache::HostedConfig,
+    budget: pier_cache::Budget,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            auth: None,
+            allow_anonymous_push: true,
+            hosted: pier_cache::HostedConfig::default(),
+            budget: pier_cache::Budget::default(),
+            dir: None,
+        }
+    }
+}
+
+/// pier mirroring a fake Docker Hub, with `team/**` and `local/*` hosted.
+async fn start(up: &FakeUpstream, o: Options) -> Pier {
+    let mut s = Setup::new(o.dir.unwrap_or_else(|| tempfile::tempdir().unwrap()));
+    s.upstreams = vec![UpstreamSpec::new("docker.io", up.url())];
+    s.hosted_repositories = vec!["team/**".into(), "local/*".into()];
+    s.allow_anonymous_push = o.allow_anonymous_push;
+    s.hosted = o.hosted;
+    s.budget = o.budget;
+    s.options = ServerOptions {
+        auth: o.auth,
+        metrics_on_main: true,
+        ..ServerOptions::default()
+    };
+    launch(s).await
+}
+
+fn digest_of(data: &[u8]) -> String {
+    Digest::sha256_of(data).to_string()
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+/// Pushes a blob in one request; returns its digest.
+async fn push_blob(pier: &Pier, repo: &str, data: &[u8]) -> String {
+    let d = digest_of(data);
+    let r = client()
+        .post(format!("{}/v2/{repo}/blobs/uploads/?digest={d}", pier.url))
+        .body(data.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{repo}: {:?}", r.text().await);
+    d
+}
+
+/// An image manifest naming a config and layers.
+fn image_manifest(config: &str, layers: &[&str]) -> String {
+    let layers: Vec<String> = layers
+        .iter()
+        .map(|l| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l}","size":1}}"#))
+        .collect();
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{}]}}"#,
+        layers.join(",")
+    )
+}
+
+async fn put_manifest(pier: &Pier, repo: &str, reference: &str, body: &str) -> reqwest::Response {
+    client()
+        .put(format!("{}/v2/{repo}/manifests/{reference}", pier.url))
+        .header("content-type", OCI_MANIFEST)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap()
+}
+
+fn blob_file(pier: &Pier, digest: &str) -> std::path::PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    pier.dir
+        .path()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+}
+
+#[tokio::test]
+async fn monolithic_and_chunked_uploads_are_served_back() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(&up, Options::default()).await;
+    let c = client();
+    // Monolithic: POST with the digest and the blob.
+    let data = b"hello hosted".to_vec();
+    let d = digest_of(&data);
+    let r = c
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?digest={d}",
+            pier.url
+        ))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(header(&r, "location"), format!("/v2/team/app/blobs/{d}"));
+    assert_eq!(header(&r, "docker-content-digest"), d);
+    let r = c
+        .get(format!("{}/v2/team/app/blobs/{d}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), data);
+
+    // A session: POST, PATCH with and without Content-Range, status, PUT with a last chunk.
+    let r = c
+        .post(format!("{}/v2/team/app/blobs/uploads/", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(header(&r, "range"), "0-0");
+    let location = header(&r, "location");
+    let uuid = header(&r, "docker-upload-uuid");
+    assert_eq!(location, format!("/v2/team/app/blobs/uploads/{uuid}"));
+    let at = format!("{}{location}", pier.url);
+    let blob: Vec<u8> = (0..3000u32).map(|i| (i % 251) as u8).collect();
+    let r = c
+        .patch(&at)
+        .header("content-range", "0-999")
+        .header("content-type", "application/octet-stream")
+        .body(blob[..1000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(header(&r, "range"), "0-999");
+    assert_eq!(header(&r, "location"), location);
+    assert_eq!(header(&r, "docker-upload-uuid"), uuid);
+    // A streamed chunk without Content-Range.
+    let r = c
+        .patch(&at)
+        .body(blob[1000..2000].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(header(&r, "range"), "0-1999");
+    // Out of order: 416, and the upload is where it was.
+    let r = c
+        .patch(&at)
+        .header("content-range", "2500-2999")
+        .body(blob[2500..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    assert_eq!(header(&r, "range"), "0-1999");
+    assert_eq!(error_code(r).await, "RANGE_INVALID");
+    let r = c.get(&at).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(header(&r, "range"), "0-1999");
+    assert_eq!(header(&r, "docker-upload-uuid"), uuid);
+    let d = digest_of(&blob);
+    let r = c
+        .put(format!("{at}?digest={d}"))
+        .body(blob[2000..].to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(header(&r, "location"), format!("/v2/team/app/blobs/{d}"));
+    assert_eq!(header(&r, "docker-content-digest"), d);
+    // The session is gone; the blob is served, whole and by range.
+    let r = c.get(&at).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+    let r = c
+        .head(format!("{}/v2/team/app/blobs/{d}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-length"), "3000");
+    let r = c
+        .get(format!("{}/v2/team/app/blobs/{d}", pier.url))
+        .header("range", "bytes=10-19")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.bytes().await.unwrap(), &blob[10..20]);
+    // Nothing left behind in uploads/, and no upstream was asked anything.
+    assert_eq!(
+        std::fs::read_dir(pier.dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+    assert!(up.requests().is_empty(), "{:?}", up.requests());
+}
+
+#[tokio::test]
+async fn a_blob_already_stored_is_not_written_again() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(&up, Options::default()).await;
+    let d = push_blob(&pier, "team/a", b"same bytes").await;
+    let inode =
+        |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let before = inode(&blob_file(&pier, &d));
+    push_blob(&pier, "team/b", b"same bytes").await;
+    assert_eq!(inode(&blob_file(&pier, &d)), before);
+    // Each repository holds it now; a third does not.
+    for repo in ["team/a", "team/b"] {
+        let r = client()
+            .head(format!("{}/v2/{repo}/blobs/{d}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{repo}");
+    }
+    let r = client()
+        .get(format!("{}/v2/team/c/blobs/{d}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+}
+
+#[tokio::test]
+async fn bad_uploads_are_refused_and_nothing_is_kept() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(&up, Options::default()).await;
+    let c = client();
+    let base = format!("{}/v2/team/app/blobs/uploads/", pier.url);
+    // Wrong digest, monolithic: 400, no blob.
+    let wrong = digest_of(b"something else");
+    let r = c
+        .post(format!("{base}?digest={wrong}"))
+        .body(b"these bytes".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+    assert!(!blob_file(&pier, &wrong).exists());
+    assert!(!blob_file(&pier, &digest_of(b"these bytes")).exists());
+    // A malformed digest.
+    let r = c
+        .post(format!("{base}?digest=sha256:zz"))
+        .body(b"x".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+
+    // Wrong digest at the end of a session: 400, the session and its bytes are gone.
+    let r = c.post(&base).send().await.unwrap();
+    let at = format!("{}{}", pier.url, header(&r, "location"));
+    c.patch(&at).body(b"abc".to_vec()).send().await.unwrap();
+    let r = c.put(format!("{at}?digest={wrong}")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+    let r = c.get(&at).send().await.unwrap();
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+    assert_eq!(
+        std::fs::read_dir(pier.dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+
+    // PUT without a digest.
+    let r = c.post(&base).send().await.unwrap();
+    let at = format!("{}{}", pier.url, header(&r, "location"));
+    let r = c.put(&at).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+    // A chunk shorter than its Content-Range: 400, cut back off.
+    c.patch(&at).body(b"12345".to_vec()).send().await.unwrap();
+    let r = c
+        .patch(&at)
+        .header("content-range", "5-14")
+        .body(b"67890".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    let r = c.get(&at).send().await.unwrap();
+    assert_eq!(header(&r, "range"), "0-4");
+    // A gap: the chunk starts past the end.
+    let r = c
+        .patch(&at)
+        .header("content-range", "6-10")
+        .body(b"abcde".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 416);
+    // A malformed Content-Range.
+    let r = c
+        .patch(&at)
+        .header("content-range", "bytes=5-")
+        .body(b"x".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    // The session belongs to team/app only.
+    let other = at.replace("/team/app/", "/team/other/");
+    let r = c.get(&other).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+    // Cancel: 204, then unknown.
+    let r = c.delete(&at).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    for r in [
+        c.get(&at).send().await.unwrap(),
+        c.patch(&at).body(b"x".to_vec()).send().await.unwrap(),
+        c.delete(&at).send().await.unwrap(),
+    ] {
+        assert_eq!(r.status(), 404);
+        assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+    }
+    // Unknown and malformed session ids.
+    for session in ["0123456789abcdef", "..", "a%2fb"] {
+        let (status, body) =
+            raw_get(&pier.url, &format!("/v2/team/app/blobs/uploads/{session}")).await;
+        assert_eq!(status, 404, "{session}");
+        assert!(body.contains("BLOB_UPLOAD_UNKNOWN"), "{session}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn names_with_traversal_are_refused() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(&up, Options::default()).await;
+    for path in [
+        "/v2/team/../etc/blobs/uploads/",
+        "/v2/team/%2e%2e/x/manifests/latest",
+        "/v2/team//app/tags/list",
+        "/v2/team/App/manifests/latest",
+    ] {
+        let (status, body) = raw_get(&pier.url, path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(body.contains("NAME_INVALID"), "{path}: {body}");
+    }
+    assert!(up.requests().is_empty(), "{:?}", up.requests());
+}
+
+#[tokio::test]
+async fn manifests_are_checked_stored_served_and_deleted() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(&up, Options::default()).await;
+    let c = client();
+    let config = push_blob(&pier, "team/app", b"{}").await;
+    let layer = push_blob(&pier, "team/app", b"layer bytes").await;
+    let manifest = image_manifest(&config, &[&layer]);
+    let md = digest_of(manifest.as_bytes());
+    let r = put_manifest(&pier, "team/app", "v1", &manifest).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(header(&r, "docker-content-digest"), md);
+    assert_eq!(
+        header(&r, "location"),
+        format!("/v2/team/app/manifests/{md}")
+    );
+    assert!(r.headers().get("oci-subject").is_none());
+    // Served by tag and by digest, with the type it was pushed with, whatever the client takes.
+    for reference in ["v1", md.as_str()] {
+        let r = c
+            .get(format!("{}/v2/team/app/manifests/{reference}", pier.url))
+            .header(
+                "accept",
+                "application/vnd.docker.distribution.manifest.v2+json",
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{reference}");
+        assert_eq!(header(&r, "content-type"), OCI_MANIFEST);
+        assert_eq!(header(&r, "docker-content-digest"), md);
+        assert_eq!(r.text().await.unwrap(), manifest);
+        let r = c
+            .head(format!("{}/v2/team/app/manifests/{reference}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "content-length"), manifest.len().to_string());
+    }
+    // By digest: the digest must match.
+    let r = put_manifest(&pier, "team/app", &md, &manifest).await;
+    assert_eq!(r.status(), 201);
+    let r = put_manifest(&pier, "team/app", &digest_of(b"other"), &manifest).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+    // A blob this repository does not hold (pushed to another one, or nowhere).
+    let elsewhere = push_blob(&pier, "team/other", b"not here").await;
+    for missing in [elsewhere.clone(), digest_of(b"nowhere")] {
+        let r = put_manifest(
+            &pier,
+            "team/app",
+            "bad",
+            &image_manifest(&config, &[&missing]),
+        )
+        .await;
+        assert_eq!(r.status(), 400);
+        assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
+    }
+    let r = c
+        .get(format!("{}/v2/team/app/manifests/bad", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    // Not JSON, not a manifest, no media type, oversized.
+    for body in ["not json", "[1,2]", r#"{"schemaVersion":2,"layers":5}"#] {
+        let r = put_manifest(&pier, "team/app", "bad", body).await;
+        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(error_code(r).await, "MANIFEST_INVALID", "{body}");
+    }
+    let r = c
+        .put(format!("{}/v2/team/app/manifests/bad", pier.url))
+        .body(r#"{"schemaVersion":2}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "MANIFEST_INVALID");
+    let huge = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","annotations":{{"x":"{}"}}}}"#,
+        "a".repeat(5 << 20)
+    );
+    let r = put_manifest(&pier, "team/app", "huge", &huge).await;
+    assert_eq!(r.status(), 413);
+    assert_eq!(error_code(r).await, "SIZE_INVALID");
+
+    // An index of the manifest, and an artifact whose subject is the manifest.
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{md}","size":{},"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#,
+        manifest.len()
+    );
+    let r = c
+        .put(format!("{}/v2/team/app/manifests/multi", pier.url))
+        .header("content-type", OCI_INDEX)
+        .body(index.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = c
+        .put(format!("{}/v2/team/elsewhere/manifests/multi", pier.url))
+        .header("content-type", OCI_INDEX)
+        .body(index)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
+    let artifact = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"application/example","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{config}","size":2}},"layers":[],"subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{md}","size":{}}}}}"#,
+        manifest.len()
+    );
+    let ad = digest_of(artifact.as_bytes());
+    let r = put_manifest(&pier, "team/app", &ad, &artifact).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(header(&r, "oci-subject"), md);
+    // The referrers API lists it (OCI-Subject promised so), filtered by artifactType if asked.
+    let r = c
+        .get(format!("{}/v2/team/app/referrers/{md}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "content-type"), OCI_INDEX);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["manifests"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["manifests"][0]["digest"], ad.as_str());
+    assert_eq!(v["manifests"][0]["artifactType"], "application/example");
+    assert_eq!(v["manifests"][0]["size"], artifact.len());
+    let r = c
+        .get(format!(
+            "{}/v2/team/app/referrers/{md}?artifactType=application%2Fother",
+            pier.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "oci-filters-applied"), "artifactType");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["manifests"].as_array().unwrap().is_empty());
+    let r = c
+        .get(format!("{}/v2/team/app/referrers/{ad}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["manifests"].as_array().unwrap().is_empty());
+
+    // Tags, paged.
+    let r = put_manifest(&pier, "team/app", "v2", &manifest).await;
+    assert_eq!(r.status(), 201);
+    let r = c
+        .get(format!("{}/v2/team/app/tags/list", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["name"], "team/app");
+    assert_eq!(v["tags"], serde_json::json!(["multi", "v1", "v2"]));
+    let r = c
+        .get(format!("{}/v2/team/app/tags/list?n=1&last=multi", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        header(&r, "link"),
+        "</v2/team/app/tags/list?n=1&last=v1>; rel=\"next\""
+    );
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["tags"], serde_json::json!(["v1"]));
+    let r = c
+        .get(format!("{}/v2/team/none/tags/list", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, "NAME_UNKNOWN");
+    // The catalog lists hosted and mirrored repositories together.
+    up.add_manifest("library/base", "1", OCI_MANIFEST, r#"{"schemaVersion":2}"#);
+    c.get(format!("{}/v2/base/manifests/1", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = c
+        .get(format!("{}/v2/_catalog", pier.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["repositories"],
+        serde_json::json!(["library/base", "team/app"])
+    );
+
+    // Delete a tag: 202; the manifest stays by digest and under v2.
+    let r = c
+        .delete(format!("{}/v2/team/app/manifests/v1", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let r = c
+        .get(format!("{}/v2/team/app/manifests/v1", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    let r = c
+        .get(format!("{}/v2/team/app/manifests/v2", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Delete by digest: 202; the tags pointing at it go too; a second delete is 404.
+    let r = c
+        .delete(format!("{}/v2/team/app/manifests/{md}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    for reference in ["v2", md.as_str()] {
+        let r = c
+            .get(format!("{}/v2/team/app/manifests/{reference}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{reference}");
+    }
+    let r = c
+        .delete(format!("{}/v2/team/app/manifests/{md}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    // Blobs are not deleted through the API.
+    let r = c
+        .delete(format!("{}/v2/team/app/blobs/{layer}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(error_code(r).await, "UNSUPPORTED");
+    assert_eq!(up.count("/team/"), 0);
+}
+
+#[tokio::test]
+async fn a_hosted_name_is_never_fetched_from_upstream() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    // The upstream has team/app: an attacker's image of the same name.
+    let evil_layer = up.add_blob_in("team/app", b"evil".to_vec());
+    up.add_manifest(
+        "team/app",
+        "latest",
+        OCI_MANIFEST,
+        &image_manifest(&evil_layer, &[]),
+    );
+    let pier = start(&up, Options::default()).await;
+    let c = client();
+    for query in ["", "?ns=docker.io"] {
+        let r = c
+            .get(format!("{}/v2/team/app/manifests/latest{query}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{query}");
+        assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+        let r = c
+            .get(format!(
+                "{}/v2/team/app/blobs/{evil_layer}{query}",
+                pier.url
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r).await, "BLOB_UNKNOWN");
+        let r = c
+            .head(format!(
+                "{}/v2/team/app/blobs/{evil_layer}{query}",
+                pier.url
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        let r = c
+            .get(format!("{}/v2/team/app/tags/list{query}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_code(r).await, "NAME_UNKNOWN");
+    }
+    // Pushed, it is pier's own; the upstream's never shows.
+    let layer = push_blob(&pier, "team/app", b"good").await;
+    let r = put_manifest(&pier, "team/app", "latest", &image_manifest(&layer, &[])).await;
+    assert_eq!(r.status(), 201);
+    let r = c
+        .get(format!("{}/v2/team/app/manifests/latest", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.text().await.unwrap().contains(&layer));
+    assert!(up.requests().is_empty(), "{:?}", up.requests());
+}
+
+#[tokio::test]
+async fn mounts_from_mirrored_and_hosted_repositories() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let base = up.add_blob_in("library/base", vec![5u8; 10_000]);
+    let unlinked = up.add_blob_in("library/other", vec![6u8; 10_000]);
+    // An age limit of nothing: whatever eviction may take, it takes when asked.
+    let budget = pier_cache::Budget {
+        max_age: Some(Duration::from_millis(1)),
+        ..pier_cache::Budget::default()
+    };
+    let pier = start(
+        &up,
+        Options {
+            budget,
+            ..Options::default()
+        },
+    )
+    .await;
+    let c = client();
+    // Pulled through the mirror: library/base holds it.
+    for blob in [&base, &unlinked] {
+        let repo = if blob == &base { "base" } else { "other" };
+        let r = c
+            .get(format!("{}/v2/{repo}/blobs/{blob}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), 10_000);
+    }
+    settle(&pier).await;
+    let r = c
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?mount={base}&from=library/base",
+            pier.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(header(&r, "location"), format!("/v2/team/app/blobs/{base}"));
+    assert_eq!(header(&r, "docker-content-digest"), base);
+    // library/base does not hold the other blob: a session instead, and no upstream asked.
+    let before = up.requests().len();
+    let r = c
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?mount={unlinked}&from=library/base",
+            pier.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(header(&r, "location").starts_with("/v2/team/app/blobs/uploads/"));
+    assert_eq!(up.requests().len(), before);
+    // From one hosted repository to another.
+    let r = c
+        .post(format!(
+            "{}/v2/team/copy/blobs/uploads/?mount={base}&from=team/app",
+            pier.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Mounted blobs are hosted: pinned, the mirror's eviction leaves them.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let report = pier.mirror.cache.evict().await.unwrap();
+    assert_eq!(report.removed, 1, "only the unmounted blob goes");
+    assert!(blob_file(&pier, &base).exists());
+    assert!(!blob_file(&pier, &unlinked).exists());
+    for repo in ["team/app", "team/copy"] {
+        let r = c
+            .get(format!("{}/v2/{repo}/blobs/{base}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.bytes().await.unwrap().len(), 10_000, "{repo}");
+    }
+    assert_eq!(pier.mirror.cache.hosted_usage().stored_bytes, 10_000);
+}
+
+#[tokio::test]
+async fn the_hosted_budget_refuses_pushes_past_it_and_keeps_nothing() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let hosted = pier_cache::HostedConfig {
+        max_size: 1000,
+        ..pier_cache::HostedConfig::default()
+    };
+    let pier = start(
+        &up,
+        Options {
+            hosted,
+            ..Options::default()
+        },
+    )
+    .await;
+    let c = client();
+    push_blob(&pier, "team/app", &[1u8; 800]).await;
+    let big = vec![2u8; 300];
+    let d = digest_of(&big);
+    let r = c
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?digest={d}",
+            pier.url
+        ))
+        .body(big.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["errors"][0]["code"], "DENIED");
+    assert!(
+        v["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("hosted.max_size"),
+        "{v}"
+    );
+    assert!(!blob_file(&pier, &d).exists());
+    // A chunk past it: refused, and the session keeps what it had.
+    let r = c
+        .post(format!("{}/v2/team/app/blobs/uploads/", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let at = format!("{}{}", pier.url, header(&r, "location"));
+    let r = c.patch(&at).body(vec![3u8; 100]).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let r = c.patch(&at).body(vec![3u8; 200]).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = c.get(&at).send().await.unwrap();
+    assert_eq!(header(&r, "range"), "0-99");
+    assert_eq!(
+        std::fs::metadata(
+            pier.dir
+                .path()
+                .join("uploads")
+                .join(at.rsplit('/').next().unwrap())
+                .join("data")
+        )
+        .unwrap()
+        .len(),
+        100
+    );
+    // Cancelled, the room comes back.
+    c.delete(&at).send().await.unwrap();
+    push_blob(&pier, "team/app", &[4u8; 150]).await;
+    assert_eq!(pier.mirror.cache.hosted_usage().stored_bytes, 950);
+    assert_eq!(pier.mirror.cache.hosted_usage().uploading_bytes, 0);
+    let metrics = c
+        .get(format!("{}/metrics", pier.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "pier_hosted_bytes 950",
+        "pier_hosted_upload_bytes 0",
+        "pier_hosted_budget_bytes 1000",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn upload_sessions_survive_a_restart_and_expire_when_idle() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(&up, Options::default()).await;
+    let c = client();
+    let r = c
+        .post(format!("{}/v2/local/app/blobs/uploads/", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let location = header(&r, "location");
+    c.patch(format!("{}{location}", pier.url))
+        .body(b"first half ".to_vec())
+        .send()
+        .await
+        .unwrap();
+    let dir = pier.stop().await;
+    let pier = start(
+        &up,
+        Options {
+            dir: Some(dir),
+            ..Options::default()
+        },
+    )
+    .await;
+    let at = format!("{}{location}", pier.url);
+    let r = c.get(&at).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(header(&r, "range"), "0-10");
+    let whole = b"first half second half";
+    let r = c
+        .put(format!("{at}?digest={}", digest_of(whole)))
+        .body(b"second half".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let dir = pier.stop().await;
+
+    // With a short expiry, an idle session is gone.
+    let pier = start(
+        &up,
+        Options {
+            dir: Some(dir),
+            hosted: pier_cache::HostedConfig {
+                upload_expiry: Duration::from_millis(300),
+                ..pier_cache::HostedConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let r = c
+        .post(format!("{}/v2/local/app/blobs/uploads/", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let at = format!("{}{}", pier.url, header(&r, "location"));
+    c.patch(&at).body(b"abc".to_vec()).send().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pier.mirror.cache.expire_uploads().await;
+    assert_eq!(
+        std::fs::read_dir(pier.dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        0
+    );
+    let r = c.get(&at).send().await.unwrap();
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+    assert_eq!(pier.mirror.cache.hosted_usage().uploading_bytes, 0);
+}
+
+#[tokio::test]
+async fn without_client_authentication_hosted_repositories_are_read_only_unless_allowed() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(
+        &up,
+        Options {
+            allow_anonymous_push: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let c = client();
+    for r in [
+        c.post(format!("{}/v2/team/app/blobs/uploads/", pier.url))
+            .send()
+            .await
+            .unwrap(),
+        c.put(format!("{}/v2/team/app/manifests/v1", pier.url))
+            .body("{}")
+            .send()
+            .await
+            .unwrap(),
+        c.delete(format!("{}/v2/team/app/manifests/v1", pier.url))
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(r.status(), 403);
+        assert_eq!(error_code(r).await, "DENIED");
+    }
+    // Reads work; mirrored repositories stay read-only mirrors (405).
+    let r = c
+        .get(format!("{}/v2/team/app/tags/list", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c
+        .post(format!("{}/v2/library/nginx/blobs/uploads/", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert_eq!(error_code(r).await, "UNSUPPORTED");
+}
+
+/// alice may push (not delete) to team/**; bob has no rules (pulls only); anonymous pulls on.
+async fn with_users(allow_anonymous_push: bool) -> (tempfile::TempDir, FakeUpstream, Pier) {
+    let users = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    std::fs::write(
+        users.path().join("htpasswd"),
+        format!("alice:{hash}\nbob:{hash}\n"),
+    )
+    .unwrap();
+    let auth = Auth::load(&AuthConfig {
+        htpasswd: users.path().join("htpasswd"),
+        anonymous: true,
+        token_ttl: Duration::from_secs(60),
+        rules: HashMap::from([(
+            "alice".to_string(),
+            vec![
+                Rule::pull("docker.io/**"),
+                Rule {
+                    pattern: "team/**".into(),
+                    actions: vec![Action::Pull, Action::Push],
+                },
+            ],
+        )]),
+    })
+    .unwrap();
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(
+        &up,
+        Options {
+            auth: Some(Arc::new(auth)),
+            allow_anonymous_push,
+            ..Options::default()
+        },
+    )
+    .await;
+    (users, up, pier)
+}
+
+#[tokio::test]
+async fn push_needs_a_user_whose_rules_allow_it() {
+    let (_users, _up, pier) = with_users(false).await;
+    let c = client();
+    let uploads = format!("{}/v2/team/app/blobs/uploads/", pier.url);
+    // The ping challenges anonymous clients, so that clients holding credentials send them;
+    // one without gets an anonymous token, good for pulls.
+    let r = c.get(format!("{}/v2/", pier.url)).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(!header(&r, "www-authenticate").contains("scope="));
+    let v: serde_json::Value = c
+        .get(format!(
+            "{}/auth/token?service=pier&scope=repository:team/app:pull,push",
+            pier.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let anonymous = v["token"].as_str().unwrap().to_string();
+    let r = c
+        .get(format!("{}/v2/", pier.url))
+        .bearer_auth(&anonymous)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(&uploads)
+        .bearer_auth(&anonymous)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "an anonymous token grants no push");
+    // Anonymous: challenged for push.
+    let r = c.post(&uploads).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(
+        header(&r, "www-authenticate").contains("scope=\"repository:team/app:pull,push\""),
+        "{}",
+        header(&r, "www-authenticate")
+    );
+    // bob has no push rule; alice has.
+    let r = c
+        .post(&uploads)
+        .basic_auth("bob", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(error_code(r).await, "DENIED");
+    let d = digest_of(b"alice's");
+    let r = c
+        .post(format!("{uploads}?digest={d}"))
+        .basic_auth("alice", Some("pw"))
+        .body(b"alice's".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // Everyone who may pull reads it.
+    for r in [
+        c.get(format!("{}/v2/team/app/blobs/{d}", pier.url))
+            .send()
+            .await
+            .unwrap(),
+        c.get(format!("{}/v2/team/app/blobs/{d}", pier.url))
+            .basic_auth("bob", Some("pw"))
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(r.status(), 200);
+    }
+    // alice may not delete, nor push outside team/**.
+    let r = c
+        .delete(format!("{}/v2/team/app/manifests/{d}", pier.url))
+        .basic_auth("alice", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let r = c
+        .post(format!("{}/v2/local/x/blobs/uploads/", pier.url))
+        .basic_auth("alice", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+
+    // The token flow: a pull token is challenged again for push; a push token works.
+    let token = |scope: &'static str| {
+        let c = c.clone();
+        let url = format!("{}/auth/token?service=pier&scope={scope}", pier.url);
+        async move {
+            let v: serde_json::Value = c
+                .get(url)
+                .basic_auth("alice", Some("pw"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["token"].as_str().unwrap().to_string()
+        }
+    };
+    let pull = token("repository:team/app:pull").await;
+    let r = c.post(&uploads).bearer_auth(&pull).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let push = token("repository:team/app:pull,push").await;
+    let r = c.post(&uploads).bearer_auth(&push).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    // A token never grants push to a mirrored repository.
+    let mirrored = token("repository:library/nginx:pull,push").await;
+    let r = c
+        .post(format!("{}/v2/library/nginx/blobs/uploads/", pier.url))
+        .bearer_auth(&mirrored)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+}
+
+#[tokio::test]
+async fn anonymous_push_only_when_allowed() {
+    let (_users, _up, pier) = with_users(true).await;
+    let r = client()
+        .post(format!("{}/v2/local/lab/blobs/uploads/", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+}
