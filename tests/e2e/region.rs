@@ -15,7 +15,7 @@ use crate::support::image::{self, sha256_hex};
 use crate::support::process::{
     path_str, pier_at, push_image, registry, registry_requests, skopeo, Running,
 };
-use crate::support::{free_port, require};
+use crate::support::{free_port, http_get, require};
 
 const ACCESS_KEY: &str = "pier-test";
 const SECRET_KEY: &str = "pier-test-secret-key";
@@ -36,21 +36,37 @@ impl Drop for Seaweed {
 }
 
 fn seaweed(dir: &Path) -> Seaweed {
+    // A port picked here can be taken by someone else before weed binds it, and weed then exits
+    // at once: try again with new ports.
+    let mut last = String::new();
+    for _ in 0..3 {
+        match try_seaweed(dir) {
+            Ok(s) => return s,
+            Err(e) => last = e,
+        }
+    }
+    panic!("SeaweedFS did not start: {last}");
+}
+
+fn try_seaweed(dir: &Path) -> Result<Seaweed, String> {
     std::fs::create_dir_all(dir).expect("mkdir seaweed");
     let s3 = format!("127.0.0.1:{}", free_port());
     let port = s3.rsplit(':').next().unwrap_or_default().to_string();
-    let log = std::fs::File::create(dir.join("weed.log")).expect("weed log");
-    // Every port it opens chosen here, so that it collides with nothing else on the machine.
+    let log_path = dir.join("weed.log");
+    let log = std::fs::File::create(&log_path).expect("weed log");
+    // Every port it opens chosen here, so that it collides with nothing else on the machine;
+    // the Iceberg and Lance servers (fixed default ports) off.
     let mut args = vec![
         "mini".to_string(),
         format!("-dir={}", dir.display()),
         "-ip=127.0.0.1".into(),
         "-ip.bind=127.0.0.1".into(),
         format!("-s3.port={port}"),
+        "-s3.port.iceberg=0".into(),
+        "-s3.port.lance=0".into(),
     ];
     for flag in [
         "s3.port.grpc",
-        "s3.port.iceberg",
         "master.port",
         "master.port.grpc",
         "volume.port",
@@ -76,7 +92,9 @@ fn seaweed(dir: &Path) -> Seaweed {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("weed exited early with {status}");
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(3).collect();
+            return Err(format!("weed exited with {status}: {tail:?}"));
         }
         let out = Command::new("curl")
             .args([
@@ -105,7 +123,7 @@ fn seaweed(dir: &Path) -> Seaweed {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
-    Seaweed { child, s3 }
+    Ok(Seaweed { child, s3 })
 }
 
 /// Keys under `prefix` in the bucket (a signed ListObjectsV2).
@@ -351,12 +369,41 @@ fn a_region_fetches_once_serves_new_nodes_offline_and_outlives_its_store() {
     // The whole image through the region, so that every part of it is shared.
     let dir = region.tmp.path().to_path_buf();
     let oci = move |name: &str| format!("oci:{}", path_str(&dir.join(name)));
-    skopeo(&[
-        "copy",
-        "--src-tls-verify=false",
-        &format!("docker://{}/library/app:1.0", nodes[1].addr),
-        &oci("pulled1"),
-    ]);
+    for (i, node) in nodes.iter().enumerate() {
+        skopeo(&[
+            "copy",
+            "--src-tls-verify=false",
+            &format!("docker://{}/library/app:1.0", node.addr),
+            &oci(&format!("pulled-{i}")),
+        ]);
+    }
+    // The tag was resolved by its owner for the region: one manifest GET upstream, and the
+    // other nodes asked no upstream for any manifest.
+    let tag_owner = owner_rank("docker.io/library/app:1.0", &peers)[0];
+    let manifest_gets = registry_requests(&registry_dir)
+        .iter()
+        .filter(|r| r.starts_with("GET /v2/library/app/manifests/"))
+        .count();
+    assert_eq!(manifest_gets, 1, "{:?}", registry_requests(&registry_dir));
+    for node in nodes.iter().filter(|n| n.addr != tag_owner) {
+        let (_, metrics) = http_get(&node.ops, "/metrics");
+        let asked: Vec<&str> = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("pier_upstream_requests_total{") && l.contains("kind=\"manifest")
+            })
+            .collect();
+        assert!(
+            asked.is_empty(),
+            "{} asked the upstream itself: {asked:?}",
+            node.addr
+        );
+        assert!(
+            metrics.contains("pier_region_lookups_total{result=\"owner_hit\"}"),
+            "{} never asked an owner",
+            node.addr
+        );
+    }
     // Uploads to the store run beside the fills: give them a moment to complete.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !list_keys(&region.s3.s3, "pier/blobs/")

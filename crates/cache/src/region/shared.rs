@@ -80,11 +80,11 @@ impl SharedStore {
             .with_access_key_id(&config.access_key_id)
             .with_secret_access_key(&config.secret_access_key)
             .with_virtual_hosted_style_request(!config.path_style)
-            .with_allow_http(config.endpoint.starts_with("http://"))
             // No overall deadline (a large blob streams for as long as it takes); pier bounds
             // each wait itself, and retries little: the next source is better than a wait.
             .with_client_options(
                 object_store::ClientOptions::new()
+                    .with_allow_http(config.endpoint.starts_with("http://"))
                     .with_connect_timeout(Duration::from_secs(3))
                     .with_timeout_disabled(),
             )
