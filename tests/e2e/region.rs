@@ -490,6 +490,24 @@ fn a_region_fetches_once_serves_new_nodes_offline_and_outlives_its_store() {
     };
     let fifth_addr = format!("127.0.0.1:{}", free_port());
     let fifth = region.node("node4", &fifth_addr, &[fifth_addr.as_str()]);
+    // A HEAD for a layer the region holds, before this node has it: its size, from the store.
+    let head = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-I",
+            "-w",
+            "%{http_code} %header{content-length}",
+            &format!("http://{}/v2/library/app/blobs/{digest}", fifth.addr),
+        ])
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&head.stdout),
+        format!("200 {layer_size}"),
+        "HEAD of a region-held layer with the upstream down"
+    );
     skopeo(&[
         "copy",
         "--src-tls-verify=false",

@@ -36,6 +36,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures_util::future::OptionFuture;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use futures_util::FutureExt;
 use pier_metrics::Metrics;
@@ -447,6 +448,17 @@ impl Cache {
                 self.confirm(at, digest, resolve::Kind::Blob).await?;
             }
             return Ok((Some(size), source));
+        }
+        // The region holds it for this repository: no need to ask the upstream (which may be
+        // down).
+        if linked {
+            let shared = self.region.as_ref().and_then(|r| r.shared.as_ref());
+            if let Some(size) = OptionFuture::from(shared.map(|s| s.size(digest)))
+                .await
+                .flatten()
+            {
+                return Ok((Some(size), Source::Upstream { joined: false }));
+            }
         }
         let size = at
             .client

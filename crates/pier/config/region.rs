@@ -31,7 +31,8 @@ pub struct ClusterSection {
     pub secret_file: Option<PathBuf>,
     #[serde(default)]
     pub secret_env: Option<String>,
-    /// Longest wait for a peer to connect or send more bytes; a slower peer is skipped.
+    /// Longest wait for a peer to accept a connection; a peer that does not is skipped. (A
+    /// connected peer gets 30 s between bytes: it may be waiting on a slow upstream.)
     #[serde(default = "default_peer_timeout", deserialize_with = "duration")]
     pub peer_timeout: Duration,
     /// Extra CA certificates (PEM) for peers served over https.

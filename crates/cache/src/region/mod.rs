@@ -35,7 +35,8 @@ pub struct ClusterConfig {
     pub peers: PeerSource,
     /// What peer requests carry, and what this node requires of them.
     pub secret: String,
-    /// Longest wait for a peer to connect or to send the next bytes.
+    /// Longest wait for a peer to accept a connection (a connected peer gets longer to answer:
+    /// it may be waiting on its own upstream).
     pub timeout: Duration,
     /// Extra CA certificates (PEM) for peers served over https.
     pub ca_file: Option<PathBuf>,

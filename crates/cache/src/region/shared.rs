@@ -214,6 +214,14 @@ impl SharedStore {
         })
     }
 
+    /// A blob's size, if the store has it.
+    pub(crate) async fn size(&self, digest: &Digest) -> Option<u64> {
+        let path = self.blob_path(digest);
+        self.call("head", self.store.head(&path))
+            .await
+            .map(|m| m.size)
+    }
+
     /// A manifest and its media type, if the store has it.
     pub(crate) async fn manifest(&self, digest: &Digest) -> Option<(Bytes, String)> {
         let path = self.blob_path(digest);
