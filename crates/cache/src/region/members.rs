@@ -186,6 +186,60 @@ mod tests {
         assert!(ranked.contains(&Node::Me));
     }
 
+    #[tokio::test]
+    async fn dns_names_the_peers_and_this_node_is_left_out() {
+        // `localhost` resolves to loopback: each address is a peer at the advertised port.
+        let m = Members::new(
+            "http://10.9.9.9:5000",
+            PeerSource::Dns {
+                name: "localhost".into(),
+                port: 5000,
+                scheme: "http".into(),
+                interval: std::time::Duration::from_secs(5),
+            },
+            Arc::new(Metrics::new()),
+        );
+        assert!(
+            m.live_peers().is_empty(),
+            "peers before the first resolution"
+        );
+        m.refresh().await;
+        assert!(
+            m.live_peers()
+                .contains(&"http://127.0.0.1:5000".to_string()),
+            "{:?}",
+            m.live_peers()
+        );
+        // The node that advertises a resolved address does not count itself.
+        let me = Members::new(
+            "http://127.0.0.1:5000",
+            PeerSource::Dns {
+                name: "localhost".into(),
+                port: 5000,
+                scheme: "http".into(),
+                interval: std::time::Duration::from_secs(5),
+            },
+            Arc::new(Metrics::new()),
+        );
+        me.refresh().await;
+        assert!(!me
+            .live_peers()
+            .contains(&"http://127.0.0.1:5000".to_string()));
+        // A name that does not resolve leaves the list as it was (here: empty), without failing.
+        let gone = Members::new(
+            "http://10.9.9.9:5000",
+            PeerSource::Dns {
+                name: "no-such-host.invalid".into(),
+                port: 5000,
+                scheme: "http".into(),
+                interval: std::time::Duration::from_secs(5),
+            },
+            Arc::new(Metrics::new()),
+        );
+        gone.refresh().await;
+        assert!(gone.live_peers().is_empty());
+    }
+
     #[test]
     fn a_peer_marked_down_leaves_the_ranking() {
         let m = Members::new(
