@@ -52,6 +52,22 @@ pub struct HostedSection {
     /// Anonymous clients (everyone, without an `auth` section) may push and delete. For labs.
     #[serde(default)]
     pub allow_anonymous_push: bool,
+    /// Garbage collection keeps hosted content used (uploaded, mounted) this recently, so that
+    /// a push under way never loses a blob.
+    #[serde(default = "default_gc_grace", deserialize_with = "duration")]
+    pub gc_grace: Duration,
+    /// How often garbage collection of hosted content runs; `0s`: only on demand (the admin
+    /// API's `POST /admin/gc`, `pier gc`).
+    #[serde(default = "default_gc_interval", deserialize_with = "duration")]
+    pub gc_interval: Duration,
+}
+
+fn default_gc_grace() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+fn default_gc_interval() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn no_size() -> Size {

@@ -618,6 +618,58 @@ impl DiskStore {
         Ok(out)
     }
 
+    /// Every repository of `upstream` with a links file, named as under `tags/<upstream>/`,
+    /// with its links. Blocking.
+    pub fn linked_repositories(&self, upstream: &str) -> io::Result<Vec<(String, Vec<Digest>)>> {
+        fn walk(dir: &Path, prefix: &str, out: &mut Vec<(String, Vec<Digest>)>) -> io::Result<()> {
+            let entries = match fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.file_type()?.is_dir() {
+                    if name != "_tags" {
+                        let path = if prefix.is_empty() {
+                            name
+                        } else {
+                            format!("{prefix}/{name}")
+                        };
+                        walk(&entry.path(), &path, out)?;
+                    }
+                } else if name == "_links" {
+                    let text = fs::read_to_string(entry.path())?;
+                    let links = text.lines().filter_map(|l| l.parse().ok()).collect();
+                    out.push((prefix.to_string(), links));
+                }
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        walk(&self.root.join("tags").join(upstream), "", &mut out)?;
+        Ok(out)
+    }
+
+    /// Every digest linked to a repository of any upstream but `except`. Blocking.
+    pub fn links_except(&self, except: &str) -> io::Result<std::collections::HashSet<Digest>> {
+        let mut out = std::collections::HashSet::new();
+        let upstreams = match fs::read_dir(self.root.join("tags")) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for upstream in upstreams {
+            let upstream = upstream?;
+            let name = upstream.file_name().to_string_lossy().into_owned();
+            if name != except && upstream.file_type()?.is_dir() {
+                out.extend(self.all_links(&name)?);
+            }
+        }
+        Ok(out)
+    }
+
     // ---- upload sessions ----
 
     fn upload_dir(&self, session: &str) -> PathBuf {
