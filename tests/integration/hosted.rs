@@ -1374,3 +1374,127 @@ async fn garbage_collection_removes_what_no_hosted_manifest_names() {
     assert_eq!(status(&pier, "/v2/team/multi/manifests/1.0").await, 200);
     assert_eq!(status(&pier, "/v2/team/other/manifests/1.0").await, 200);
 }
+
+#[tokio::test]
+async fn docker_search_lists_what_the_caller_may_pull_a_page_at_a_time() {
+    let users = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    std::fs::write(
+        users.path().join("htpasswd"),
+        format!("alice:{hash}\nbob:{hash}\n"),
+    )
+    .unwrap();
+    let auth = Auth::load(&AuthConfig {
+        htpasswd: users.path().join("htpasswd"),
+        anonymous: true,
+        token_ttl: Duration::from_secs(60),
+        rules: HashMap::from([(
+            "alice".to_string(),
+            vec![
+                Rule::pull("team/app*"),
+                Rule::pull("docker.io/library/nginx"),
+            ],
+        )]),
+    })
+    .unwrap();
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let layer = up.add_blob(b"nginx layer".to_vec());
+    let config = up.add_blob(b"{}".to_vec());
+    up.add_manifest(
+        "library/nginx",
+        "latest",
+        OCI_MANIFEST,
+        &image_manifest(&config, &[&layer]),
+    );
+    let pier = start(
+        &up,
+        Options {
+            auth: Some(Arc::new(auth)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let c = client();
+    assert_eq!(status(&pier, "/v2/nginx/manifests/latest").await, 200);
+    for repo in ["team/app", "team/apple", "team/tool", "local/app"] {
+        let config = push_blob(&pier, repo, b"{}").await;
+        let r = put_manifest(&pier, repo, "1.0", &image_manifest(&config, &[])).await;
+        assert_eq!(r.status(), 201, "{repo}");
+    }
+    // The daemon's ping needs no credentials.
+    let r = c
+        .get(format!("{}/v1/_ping", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-docker-registry-standalone"), "true");
+    let search = |user: Option<&'static str>, query: &'static str| {
+        let c = c.clone();
+        let url = format!("{}/v1/search?{query}", pier.url);
+        async move {
+            let mut req = c.get(url).header("x-docker-token", "true");
+            if let Some(u) = user {
+                req = req.basic_auth(u, Some("pw"));
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200, "{user:?} {query}");
+            assert_eq!(header(&r, "content-type"), "application/json");
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // bob has no rules: he may pull anything.
+    let v = search(Some("bob"), "q=APP&n=25").await;
+    assert_eq!(names(&v), ["local/app", "team/app", "team/apple"]);
+    assert_eq!(v["num_results"], 3);
+    assert_eq!(v["num_pages"], 1);
+    assert_eq!(v["page"], 1);
+    assert_eq!(v["page_size"], 25);
+    assert_eq!(v["query"], "APP");
+    let first = &v["results"][0];
+    assert_eq!(first["description"], "");
+    assert_eq!(first["star_count"], 0);
+    assert_eq!(first["is_official"], false);
+    assert_eq!(first["is_automated"], false);
+    // A page at a time.
+    let v = search(Some("bob"), "q=app&n=2&page=2").await;
+    assert_eq!(names(&v), ["team/apple"]);
+    assert_eq!(v["num_pages"], 2);
+    assert_eq!(v["page"], 2);
+    assert_eq!(v["page_size"], 2);
+    assert_eq!(v["num_results"], 3);
+    let v = search(Some("bob"), "q=app&n=2&page=3").await;
+    assert!(names(&v).is_empty());
+    // alice sees what her rules let her pull, hosted and mirrored.
+    let v = search(Some("alice"), "q=").await;
+    assert_eq!(names(&v), ["library/nginx", "team/app", "team/apple"]);
+    assert_eq!(v["page_size"], 25);
+    let v = search(Some("alice"), "q=tool").await;
+    assert!(names(&v).is_empty());
+    assert_eq!(v["num_pages"], 0);
+    // Anonymous clients pull anything here.
+    let v = search(None, "q=ngin").await;
+    assert_eq!(names(&v), ["library/nginx"]);
+    // Bad numbers are refused; wrong credentials challenged.
+    let r = c
+        .get(format!("{}/v1/search?q=a&n=many", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = c
+        .get(format!("{}/v1/search?q=a", pier.url))
+        .basic_auth("alice", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}
