@@ -901,6 +901,17 @@ mod tests {
         let e =
             Config::parse("hosted:\n  repositories: [a/*]\n  upload_expiry: never\n").unwrap_err();
         assert!(e.0.contains("hosted.upload_expiry"), "{e}");
+        // Garbage collection: hourly, with half an hour's grace, unless set.
+        let h = Config::parse(ok).unwrap().hosted.unwrap();
+        assert_eq!(h.gc_interval, Duration::from_secs(3600));
+        assert_eq!(h.gc_grace, Duration::from_secs(1800));
+        let h =
+            Config::parse("hosted:\n  repositories: [a/*]\n  gc_interval: 0s\n  gc_grace: 5m\n")
+                .unwrap()
+                .hosted
+                .unwrap();
+        assert!(h.gc_interval.is_zero());
+        assert_eq!(h.gc_grace, Duration::from_secs(300));
     }
 
     #[test]
