@@ -1354,7 +1354,9 @@ async fn garbage_collection_removes_what_no_hosted_manifest_names() {
     assert!(metrics.contains("pier_hosted_pushes_total{kind=\"manifest\",outcome=\"ok\"} 4"));
     assert!(metrics.contains("pier_hosted_uploads_in_progress 0"));
 
-    // After a restart, what stayed is still hosted, and a further collection finds nothing.
+    // A manifest deleted before a restart is still collected after it; what stayed is still
+    // hosted.
+    delete(&pier, "team/other", &digest_of(other.as_bytes())).await;
     let dir = pier.stop().await;
     let pier = start(
         &up,
@@ -1369,10 +1371,15 @@ async fn garbage_collection_removes_what_no_hosted_manifest_names() {
     )
     .await;
     let report = pier.mirror.cache.collect_garbage().await.unwrap();
-    assert_eq!(report.removed, 0, "{report:?}");
+    // The manifest, its config and the layer it shared with the deleted team/app:1.0.
+    assert_eq!(report.removed, 3, "{report:?}");
+    assert_eq!(report.manifests, 1, "{report:?}");
     assert_eq!(report.unpinned, 0, "{report:?}");
+    assert!(!blob_file(&pier, &shared).exists());
     assert_eq!(status(&pier, "/v2/team/multi/manifests/1.0").await, 200);
-    assert_eq!(status(&pier, "/v2/team/other/manifests/1.0").await, 200);
+    assert_eq!(status(&pier, "/v2/team/other/manifests/1.0").await, 404);
+    let report = pier.mirror.cache.collect_garbage().await.unwrap();
+    assert_eq!(report.removed, 0, "{report:?}");
 }
 
 #[tokio::test]

@@ -182,6 +182,11 @@ impl Cache {
                 self.links.remove(&self.disk, HOSTED, &repo, &stale).await?;
             }
         }
+        // Deleted manifests noted for a restart: those no longer hosted content are done with.
+        let pinned: HashSet<Digest> = self.index.pinned().into_iter().map(|(d, ..)| d).collect();
+        self.disk
+            .run(move |store| store.retain_deleted(HOSTED, |d| pinned.contains(d)))
+            .await?;
         report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.metrics.gc_freed_bytes.inc_by(report.bytes);
         self.metrics

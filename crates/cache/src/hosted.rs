@@ -480,6 +480,11 @@ impl Cache {
         self.links
             .remove(&self.disk, HOSTED, repo, std::slice::from_ref(digest))
             .await?;
+        // Hosted content still, across a restart, until garbage collection has seen it.
+        let d = digest.clone();
+        self.disk
+            .run(move |store| store.add_deleted(HOSTED, std::slice::from_ref(&d)))
+            .await?;
         Ok(())
     }
 

@@ -194,7 +194,10 @@ impl Cache {
     pub fn open(config: CacheConfig, metrics: Arc<Metrics>) -> io::Result<Cache> {
         let store = DiskStore::open(&config.dir)?;
         // Whatever a hosted repository links is hosted content: pinned, never evicted.
-        let index = Index::from_scan(store.scan()?, &store.all_links(HOSTED)?);
+        // And what a hosted manifest's deletion left, until garbage collection has seen it.
+        let mut hosted = store.all_links(HOSTED)?;
+        hosted.extend(store.deleted(HOSTED)?);
+        let index = Index::from_scan(store.scan()?, &hosted);
         let sessions = store.uploads()?;
         let uploading = sessions.iter().map(|(_, u)| u.size).sum();
         let cache = Cache {

@@ -670,6 +670,45 @@ impl DiskStore {
         Ok(out)
     }
 
+    fn deleted_path(&self, upstream: &str) -> PathBuf {
+        self.root.join("tags").join(upstream).join("_deleted")
+    }
+
+    /// Notes digests a hosted repository no longer links (a manifest deleted), so that they
+    /// stay hosted content across a restart until garbage collection has seen them. Blocking.
+    pub fn add_deleted(&self, upstream: &str, digests: &[Digest]) -> io::Result<()> {
+        let path = self.deleted_path(upstream);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let lines: String = digests.iter().map(|d| format!("{d}\n")).collect();
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+            .write_all(lines.as_bytes())
+    }
+
+    /// The digests noted by [`DiskStore::add_deleted`]. Blocking.
+    pub fn deleted(&self, upstream: &str) -> io::Result<std::collections::HashSet<Digest>> {
+        match fs::read_to_string(self.deleted_path(upstream)) {
+            Ok(text) => Ok(text.lines().filter_map(|l| l.parse().ok()).collect()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps only the noted digests `keep` says to. Blocking.
+    pub fn retain_deleted(&self, upstream: &str, keep: impl Fn(&Digest) -> bool) -> io::Result<()> {
+        let left: String = self
+            .deleted(upstream)?
+            .into_iter()
+            .filter(|d| keep(d))
+            .map(|d| format!("{d}\n"))
+            .collect();
+        self.write_atomic(&self.deleted_path(upstream), left.as_bytes())
+    }
+
     // ---- upload sessions ----
 
     fn upload_dir(&self, session: &str) -> PathBuf {
