@@ -10,7 +10,8 @@
 //! <root>/uploads/<session>/repository  the hosted repository it is for
 //! ```
 //!
-//! Hosted repositories keep their tags and links under `tags/_hosted/<repo>/`: `_hosted` is no
+//! Hosted repositories keep their tags and links under `tags/_hosted/<repo>/` (and
+//! `tags/_hosted/_deleted` notes deleted manifests until garbage collection saw them): `_hosted` is no
 //! registry host name (configured upstream names cannot hold `_`), so it never meets an upstream.
 //!
 //! A file appears under `blobs/` only by `rename` from `tmp/` after its digest and size were
