@@ -52,6 +52,22 @@ pub struct HostedSection {
     /// Anonymous clients (everyone, without an `auth` section) may push and delete. For labs.
     #[serde(default)]
     pub allow_anonymous_push: bool,
+    /// Garbage collection keeps hosted content used (uploaded, mounted) this recently, so that
+    /// a push under way never loses a blob.
+    #[serde(default = "default_gc_grace", deserialize_with = "duration")]
+    pub gc_grace: Duration,
+    /// How often garbage collection of hosted content runs; `0s`: only on demand (the admin
+    /// API's `POST /admin/gc`, `pier gc`).
+    #[serde(default = "default_gc_interval", deserialize_with = "duration")]
+    pub gc_interval: Duration,
+}
+
+fn default_gc_grace() -> Duration {
+    Duration::from_secs(30 * 60)
+}
+
+fn default_gc_interval() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn no_size() -> Size {
@@ -885,6 +901,17 @@ mod tests {
         let e =
             Config::parse("hosted:\n  repositories: [a/*]\n  upload_expiry: never\n").unwrap_err();
         assert!(e.0.contains("hosted.upload_expiry"), "{e}");
+        // Garbage collection: hourly, with half an hour's grace, unless set.
+        let h = Config::parse(ok).unwrap().hosted.unwrap();
+        assert_eq!(h.gc_interval, Duration::from_secs(3600));
+        assert_eq!(h.gc_grace, Duration::from_secs(1800));
+        let h =
+            Config::parse("hosted:\n  repositories: [a/*]\n  gc_interval: 0s\n  gc_grace: 5m\n")
+                .unwrap()
+                .hosted
+                .unwrap();
+        assert!(h.gc_interval.is_zero());
+        assert_eq!(h.gc_grace, Duration::from_secs(300));
     }
 
     #[test]

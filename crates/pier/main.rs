@@ -42,7 +42,8 @@ enum Command {
     },
     /// Show what a stopped cache directory holds.
     Du(DirArgs),
-    /// Apply the disk budget and age limit to a stopped cache directory.
+    /// Apply the disk budget and age limit to a stopped cache directory, and collect hosted
+    /// content no hosted manifest names (unused for `hosted.gc_grace`).
     Gc(DirArgs),
     /// Remove digests (sha256:...) or repositories' tags (library/nginx, ghcr.io/org/app) from a
     /// stopped cache directory.
@@ -344,6 +345,11 @@ async fn serve(config: Config) -> Result<(), String> {
             .clone()
             .run_maintenance(config.cache.maintenance_interval),
     );
+    let collecting = config
+        .hosted
+        .as_ref()
+        .filter(|h| !h.gc_interval.is_zero())
+        .map(|h| tokio::spawn(mirror.cache.clone().run_gc(h.gc_interval)));
     let warming = (!config.warm.images.is_empty()).then(|| {
         let (m, w) = (mirror.clone(), config.warm.clone());
         tokio::spawn(async move {
@@ -388,6 +394,9 @@ async fn serve(config: Config) -> Result<(), String> {
         .wait_for_fills(None, std::time::Duration::from_secs(10))
         .await;
     maintenance.abort();
+    if let Some(c) = collecting {
+        c.abort();
+    }
     if let Some(w) = warming {
         w.abort();
     }
@@ -436,6 +445,15 @@ async fn gc(config: &Config) -> Result<(), String> {
     let mirror = wiring::mirror(config)?;
     let report = mirror.evict().await.map_err(|e| e.to_string())?;
     println!("removed {} objects, {} bytes", report.removed, report.bytes);
+    // Hosted content no hosted manifest names, unused for the grace period.
+    let gc = mirror.collect_garbage().await.map_err(|e| e.to_string())?;
+    if gc.removed + gc.unpinned + gc.live + gc.kept_recent > 0 {
+        println!(
+            "hosted: removed {} objects ({} manifests), {} bytes; {} handed back to the mirror ({} bytes); {} kept as used within the grace period",
+            gc.removed, gc.manifests, gc.bytes, gc.unpinned, gc.unpinned_bytes, gc.kept_recent
+        );
+    }
+    mirror.cache.flush_access_times().await;
     Ok(())
 }
 

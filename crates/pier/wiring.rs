@@ -76,6 +76,7 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
             .map(|h| pier_cache::HostedConfig {
                 max_size: h.max_size.0,
                 upload_expiry: h.upload_expiry,
+                gc_grace: h.gc_grace,
             })
             .unwrap_or_default(),
     };

@@ -11,6 +11,7 @@ mod support;
 
 mod deploy;
 mod docker;
+mod docker_push;
 mod image;
 mod metrics;
 mod region;

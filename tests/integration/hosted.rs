@@ -1145,3 +1145,363 @@ async fn anonymous_push_only_when_allowed() {
         .unwrap();
     assert_eq!(r.status(), 202);
 }
+
+async fn delete(pier: &Pier, repo: &str, reference: &str) {
+    let r = client()
+        .delete(format!("{}/v2/{repo}/manifests/{reference}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "{repo}:{reference}");
+}
+
+async fn status(pier: &Pier, path: &str) -> u16 {
+    client()
+        .get(format!("{}{path}", pier.url))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn garbage_collection_removes_what_no_hosted_manifest_names() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let base = up.add_blob_in("library/base", vec![5u8; 10_000]);
+    let grace = Duration::from_millis(1500);
+    let pier = start(
+        &up,
+        Options {
+            hosted: pier_cache::HostedConfig {
+                gc_grace: grace,
+                ..pier_cache::HostedConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let c = client();
+    // The mirror pulls a blob, and team/app mounts it.
+    let r = c
+        .get(format!("{}/v2/base/blobs/{base}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 10_000);
+    settle(&pier).await;
+    let r = c
+        .post(format!(
+            "{}/v2/team/app/blobs/uploads/?mount={base}&from=library/base",
+            pier.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // team/app:1.0 names its own config and layers, a layer team/other shares, and the mounted
+    // blob; team/other:1.0 the shared layer.
+    let big: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    let config = push_blob(&pier, "team/app", b"{\"app\":1}").await;
+    let own = push_blob(&pier, "team/app", b"own layer").await;
+    let shared = push_blob(&pier, "team/app", b"shared layer").await;
+    let large = push_blob(&pier, "team/app", &big).await;
+    let app = image_manifest(&config, &[&own, &shared, &large, &base]);
+    assert_eq!(
+        put_manifest(&pier, "team/app", "1.0", &app).await.status(),
+        201
+    );
+    let other_config = push_blob(&pier, "team/other", b"{\"other\":1}").await;
+    push_blob(&pier, "team/other", b"shared layer").await;
+    let other = image_manifest(&other_config, &[&shared]);
+    assert_eq!(
+        put_manifest(&pier, "team/other", "1.0", &other)
+            .await
+            .status(),
+        201
+    );
+    // team/multi:1.0 is an index whose child was deleted by digest: the index still names it.
+    let child_config = push_blob(&pier, "team/multi", b"{\"child\":1}").await;
+    let child_layer = push_blob(&pier, "team/multi", b"child layer").await;
+    let child = image_manifest(&child_config, &[&child_layer]);
+    let child_digest = digest_of(child.as_bytes());
+    assert_eq!(
+        put_manifest(&pier, "team/multi", &child_digest, &child)
+            .await
+            .status(),
+        201
+    );
+    let index = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{child_digest}","size":{}}}]}}"#,
+        child.len()
+    );
+    let r = c
+        .put(format!("{}/v2/team/multi/manifests/1.0", pier.url))
+        .header("content-type", OCI_INDEX)
+        .body(index.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    delete(&pier, "team/multi", &child_digest).await;
+    // team/app:1.0 is deleted.
+    let app_digest = digest_of(app.as_bytes());
+    delete(&pier, "team/app", &app_digest).await;
+    let stored_before = pier.mirror.cache.hosted_usage().stored_bytes;
+
+    // A client starts pulling the large layer (by its repository's link) before the grace
+    // period ends, and reads it to the end after its file was removed.
+    let mut reading = c
+        .get(format!("{}/v2/team/app/blobs/{large}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reading.status(), 200);
+    let mut got = reading.chunk().await.unwrap().unwrap().to_vec();
+    tokio::time::sleep(grace + Duration::from_millis(200)).await;
+    // A push under way: its blob is there, its manifest is not yet.
+    let recent = push_blob(&pier, "team/app", b"pushed a moment ago").await;
+
+    let r = c
+        .post(format!("{}/admin/gc", pier.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let report: serde_json::Value = r.json().await.unwrap();
+    // The deleted manifest, its own config and layer, and the large layer.
+    assert_eq!(report["removed"], 4, "{report}");
+    assert_eq!(report["manifests"], 1, "{report}");
+    let freed = (app.len() + 9 + 9 + big.len()) as u64;
+    assert_eq!(report["bytes"], freed, "{report}");
+    // The mounted blob goes back to the mirror, which uses it.
+    assert_eq!(report["unpinned"], 1, "{report}");
+    assert_eq!(report["unpinned_bytes"], 10_000, "{report}");
+    assert_eq!(report["kept_recent"], 1, "{report}");
+    for gone in [&app_digest, &config, &own, &large] {
+        assert!(!blob_file(&pier, gone).exists(), "{gone}");
+    }
+    for kept in [
+        &shared,
+        &base,
+        &recent,
+        &child_digest,
+        &child_layer,
+        &child_config,
+    ] {
+        assert!(blob_file(&pier, kept).exists(), "{kept}");
+    }
+    assert_eq!(
+        pier.mirror.cache.hosted_usage().stored_bytes,
+        stored_before + 19 - freed - 10_000,
+        "the recent upload stays"
+    );
+
+    // The reader got every byte.
+    while let Some(chunk) = reading.chunk().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got.len(), big.len());
+    assert!(got == big, "the body read during the collection is intact");
+
+    // What stays is served; what went is not; the mirror serves its blob without the upstream.
+    assert_eq!(status(&pier, "/v2/team/other/manifests/1.0").await, 200);
+    assert_eq!(
+        status(&pier, &format!("/v2/team/other/blobs/{shared}")).await,
+        200
+    );
+    assert_eq!(status(&pier, "/v2/team/multi/manifests/1.0").await, 200);
+    let child_path = format!("/v2/team/multi/blobs/{child_layer}");
+    assert_eq!(status(&pier, &child_path).await, 200);
+    assert_eq!(
+        status(&pier, &format!("/v2/team/app/blobs/{own}")).await,
+        404
+    );
+    assert_eq!(
+        status(&pier, &format!("/v2/team/app/blobs/{large}")).await,
+        404
+    );
+    assert_eq!(
+        status(&pier, &format!("/v2/team/app/blobs/{recent}")).await,
+        200
+    );
+    let before = up.requests().len();
+    assert_eq!(status(&pier, &format!("/v2/base/blobs/{base}")).await, 200);
+    assert_eq!(up.requests().len(), before, "the mirror kept its blob");
+    assert_eq!(
+        status(&pier, &format!("/v2/team/app/blobs/{base}")).await,
+        404
+    );
+
+    // Once its grace period is over, an upload no manifest names goes too.
+    tokio::time::sleep(grace + Duration::from_millis(200)).await;
+    let report = pier.mirror.cache.collect_garbage().await.unwrap();
+    assert_eq!(report.removed, 1, "{report:?}");
+    assert!(!blob_file(&pier, &recent).exists());
+    let metrics = c
+        .get(format!("{}/metrics", pier.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pier_gc_runs_total{outcome=\"ok\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!("pier_gc_freed_bytes_total {}", freed + 19)));
+    assert!(metrics.contains("pier_hosted_pushes_total{kind=\"manifest\",outcome=\"ok\"} 4"));
+    assert!(metrics.contains("pier_hosted_uploads_in_progress 0"));
+
+    // A manifest deleted before a restart is still collected after it; what stayed is still
+    // hosted.
+    delete(&pier, "team/other", &digest_of(other.as_bytes())).await;
+    let dir = pier.stop().await;
+    let pier = start(
+        &up,
+        Options {
+            dir: Some(dir),
+            hosted: pier_cache::HostedConfig {
+                gc_grace: Duration::ZERO,
+                ..pier_cache::HostedConfig::default()
+            },
+            ..Options::default()
+        },
+    )
+    .await;
+    let report = pier.mirror.cache.collect_garbage().await.unwrap();
+    // The manifest, its config and the layer it shared with the deleted team/app:1.0.
+    assert_eq!(report.removed, 3, "{report:?}");
+    assert_eq!(report.manifests, 1, "{report:?}");
+    assert_eq!(report.unpinned, 0, "{report:?}");
+    assert!(!blob_file(&pier, &shared).exists());
+    assert_eq!(status(&pier, "/v2/team/multi/manifests/1.0").await, 200);
+    assert_eq!(status(&pier, "/v2/team/other/manifests/1.0").await, 404);
+    let report = pier.mirror.cache.collect_garbage().await.unwrap();
+    assert_eq!(report.removed, 0, "{report:?}");
+}
+
+#[tokio::test]
+async fn docker_search_lists_what_the_caller_may_pull_a_page_at_a_time() {
+    let users = tempfile::tempdir().unwrap();
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    std::fs::write(
+        users.path().join("htpasswd"),
+        format!("alice:{hash}\nbob:{hash}\n"),
+    )
+    .unwrap();
+    let auth = Auth::load(&AuthConfig {
+        htpasswd: users.path().join("htpasswd"),
+        anonymous: true,
+        token_ttl: Duration::from_secs(60),
+        rules: HashMap::from([(
+            "alice".to_string(),
+            vec![
+                Rule::pull("team/app*"),
+                Rule::pull("docker.io/library/nginx"),
+            ],
+        )]),
+    })
+    .unwrap();
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let layer = up.add_blob(b"nginx layer".to_vec());
+    let config = up.add_blob(b"{}".to_vec());
+    up.add_manifest(
+        "library/nginx",
+        "latest",
+        OCI_MANIFEST,
+        &image_manifest(&config, &[&layer]),
+    );
+    let pier = start(
+        &up,
+        Options {
+            auth: Some(Arc::new(auth)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let c = client();
+    assert_eq!(status(&pier, "/v2/nginx/manifests/latest").await, 200);
+    for repo in ["team/app", "team/apple", "team/tool", "local/app"] {
+        let config = push_blob(&pier, repo, b"{}").await;
+        let r = put_manifest(&pier, repo, "1.0", &image_manifest(&config, &[])).await;
+        assert_eq!(r.status(), 201, "{repo}");
+    }
+    // The daemon's ping needs no credentials.
+    let r = c
+        .get(format!("{}/v1/_ping", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-docker-registry-standalone"), "true");
+    let search = |user: Option<&'static str>, query: &'static str| {
+        let c = c.clone();
+        let url = format!("{}/v1/search?{query}", pier.url);
+        async move {
+            let mut req = c.get(url).header("x-docker-token", "true");
+            if let Some(u) = user {
+                req = req.basic_auth(u, Some("pw"));
+            }
+            let r = req.send().await.unwrap();
+            assert_eq!(r.status(), 200, "{user:?} {query}");
+            assert_eq!(header(&r, "content-type"), "application/json");
+            r.json::<serde_json::Value>().await.unwrap()
+        }
+    };
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // bob has no rules: he may pull anything.
+    let v = search(Some("bob"), "q=APP&n=25").await;
+    assert_eq!(names(&v), ["local/app", "team/app", "team/apple"]);
+    assert_eq!(v["num_results"], 3);
+    assert_eq!(v["num_pages"], 1);
+    assert_eq!(v["page"], 1);
+    assert_eq!(v["page_size"], 25);
+    assert_eq!(v["query"], "APP");
+    let first = &v["results"][0];
+    assert_eq!(first["description"], "");
+    assert_eq!(first["star_count"], 0);
+    assert_eq!(first["is_official"], false);
+    assert_eq!(first["is_automated"], false);
+    // A page at a time.
+    let v = search(Some("bob"), "q=app&n=2&page=2").await;
+    assert_eq!(names(&v), ["team/apple"]);
+    assert_eq!(v["num_pages"], 2);
+    assert_eq!(v["page"], 2);
+    assert_eq!(v["page_size"], 2);
+    assert_eq!(v["num_results"], 3);
+    let v = search(Some("bob"), "q=app&n=2&page=3").await;
+    assert!(names(&v).is_empty());
+    // alice sees what her rules let her pull, hosted and mirrored.
+    let v = search(Some("alice"), "q=").await;
+    assert_eq!(names(&v), ["library/nginx", "team/app", "team/apple"]);
+    assert_eq!(v["page_size"], 25);
+    let v = search(Some("alice"), "q=tool").await;
+    assert!(names(&v).is_empty());
+    assert_eq!(v["num_pages"], 0);
+    // Anonymous clients pull anything here.
+    let v = search(None, "q=ngin").await;
+    assert_eq!(names(&v), ["library/nginx"]);
+    // Bad numbers are refused; wrong credentials challenged.
+    let r = c
+        .get(format!("{}/v1/search?q=a&n=many", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = c
+        .get(format!("{}/v1/search?q=a", pier.url))
+        .basic_auth("alice", Some("wrong"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+}

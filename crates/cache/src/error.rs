@@ -131,6 +131,19 @@ pub enum PushError {
     Io(IoFailure),
 }
 
+impl PushError {
+    /// The `outcome` label of a refused push: `budget`, `aborted` (the body broke off),
+    /// `failed` (the cache directory) or `invalid` (what the client sent).
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            PushError::Budget { .. } => "budget",
+            PushError::Body(_) => "aborted",
+            PushError::Io(_) => "failed",
+            _ => "invalid",
+        }
+    }
+}
+
 impl From<io::Error> for PushError {
     fn from(e: io::Error) -> Self {
         PushError::Io(e.into())

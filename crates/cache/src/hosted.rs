@@ -33,6 +33,9 @@ pub struct HostedConfig {
     pub max_size: u64,
     /// Upload sessions idle for this long are removed.
     pub upload_expiry: Duration,
+    /// Garbage collection leaves hosted content used (uploaded, mounted, asked for) this
+    /// recently, so that a push under way, whose manifest is not there yet, keeps its blobs.
+    pub gc_grace: Duration,
 }
 
 impl Default for HostedConfig {
@@ -40,6 +43,7 @@ impl Default for HostedConfig {
         HostedConfig {
             max_size: 0,
             upload_expiry: Duration::from_secs(3600),
+            gc_grace: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -95,7 +99,8 @@ impl Cache {
     fn pin(&self, digest: &Digest) -> Result<bool, PushError> {
         let uploading = self.uploading.lock().unwrap_or_else(|p| p.into_inner());
         if self.index.is_pinned(digest) {
-            return Ok(true);
+            // Marked used, so that garbage collection leaves it (false: it took it just now).
+            return Ok(self.index.pin(digest).is_some());
         }
         let Some(size) = self.index.size(digest) else {
             return Ok(false);
@@ -115,9 +120,11 @@ impl Cache {
         self.disk_usage_changed(total);
     }
 
-    /// Whether hosted `repo` holds `digest`: linked to it and on disk.
+    /// Whether hosted `repo` holds `digest`: linked to it and on disk. A use: garbage
+    /// collection leaves what was asked for lately (a client that saw a blob there may push a
+    /// manifest naming it next).
     async fn holds_hosted(&self, repo: &RepositoryName, digest: &Digest) -> Result<bool, Error> {
-        Ok(self.index.contains(digest)
+        Ok(self.index.touch_present(digest)
             && self
                 .links
                 .contains(&self.disk, HOSTED, repo, digest)
@@ -169,6 +176,29 @@ impl Cache {
     /// two must agree), the digest when pushed by digest, and every blob and child manifest it
     /// names (foreign layers aside) held by `repo`. The tag, if any, then points at it.
     pub async fn put_hosted_manifest(
+        &self,
+        repo: &RepositoryName,
+        reference: &Reference,
+        content_type: Option<&str>,
+        bytes: Bytes,
+    ) -> Result<PushedManifest, PushError> {
+        let n = bytes.len() as u64;
+        let result = self
+            .put_hosted_manifest_once(repo, reference, content_type, bytes)
+            .await;
+        self.count_push("manifest", result.as_ref().map(|_| ()));
+        self.count_received(
+            if result.is_ok() {
+                "stored"
+            } else {
+                "discarded"
+            },
+            n,
+        );
+        result
+    }
+
+    async fn put_hosted_manifest_once(
         &self,
         repo: &RepositoryName,
         reference: &Reference,
@@ -449,6 +479,11 @@ impl Cache {
         }
         self.links
             .remove(&self.disk, HOSTED, repo, std::slice::from_ref(digest))
+            .await?;
+        // Hosted content still, across a restart, until garbage collection has seen it.
+        let d = digest.clone();
+        self.disk
+            .run(move |store| store.add_deleted(HOSTED, std::slice::from_ref(&d)))
             .await?;
         Ok(())
     }

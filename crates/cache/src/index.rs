@@ -123,10 +123,16 @@ impl Index {
     /// Pins a blob on disk as hosted content. Returns its size when it was not pinned before
     /// (its bytes move from the mirror's total to the hosted one), `Some(0)` when it already
     /// was, `None` when it is not indexed.
+    /// A pin is a use: garbage collection leaves what was pinned lately.
     pub(crate) fn pin(&self, digest: &Digest) -> Option<u64> {
+        let now = now_millis();
         let mut guard = self.lock();
         let inner = &mut *guard;
         let e = inner.entries.get_mut(digest)?;
+        if e.last_access != now {
+            e.last_access = now;
+            e.dirty = true;
+        }
         if e.pinned {
             return Some(0);
         }
@@ -158,14 +164,67 @@ impl Index {
 
     /// Marks a blob used now.
     pub(crate) fn touch(&self, digest: &Digest) {
+        self.touch_present(digest);
+    }
+
+    /// Marks a blob used now; returns whether it is indexed. One step, so that garbage
+    /// collection (which removes only what was not used lately) either sees the use or has
+    /// already removed the blob.
+    pub(crate) fn touch_present(&self, digest: &Digest) -> bool {
         let now = now_millis();
         let mut inner = self.lock();
-        if let Some(e) = inner.entries.get_mut(digest) {
-            if e.last_access != now {
-                e.last_access = now;
-                e.dirty = true;
+        match inner.entries.get_mut(digest) {
+            Some(e) => {
+                if e.last_access != now {
+                    e.last_access = now;
+                    e.dirty = true;
+                }
+                true
             }
+            None => false,
         }
+    }
+
+    /// Every pinned (hosted) object: digest, size and last access.
+    pub(crate) fn pinned(&self) -> Vec<(Digest, u64, u64)> {
+        self.lock()
+            .entries
+            .iter()
+            .filter(|(_, e)| e.pinned)
+            .map(|(d, e)| (d.clone(), e.size, e.last_access))
+            .collect()
+    }
+
+    /// Unpins an object last used before `cutoff`: its bytes go back to the mirror's total, and
+    /// the mirror's LRU may evict it. Returns its size; `None` when it is not pinned or was used
+    /// since.
+    pub(crate) fn unpin_unused(&self, digest: &Digest, cutoff: u64) -> Option<u64> {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let e = inner.entries.get_mut(digest)?;
+        if !e.pinned || e.last_access >= cutoff {
+            return None;
+        }
+        e.pinned = false;
+        inner.pinned_total -= e.size;
+        inner.total += e.size;
+        Some(e.size)
+    }
+
+    /// Forgets a pinned object last used before `cutoff` (its file is removed next). Returns
+    /// its size; `None` when it is not pinned or was used since.
+    pub(crate) fn remove_unused(&self, digest: &Digest, cutoff: u64) -> Option<u64> {
+        let mut inner = self.lock();
+        if !inner
+            .entries
+            .get(digest)
+            .is_some_and(|e| e.pinned && e.last_access < cutoff)
+        {
+            return None;
+        }
+        let e = inner.entries.remove(digest)?;
+        inner.account(&e, false);
+        Some(e.size)
     }
 
     /// Forgets a blob; returns the new total if it was there.
@@ -280,6 +339,29 @@ mod tests {
         assert!(idx.victims(Some(0), Some(u64::MAX)).is_empty());
         assert_eq!(idx.remove(&Digest::sha256_of(&[1])), Some(0));
         assert_eq!(idx.pinned_bytes(), 100);
+    }
+
+    #[test]
+    fn unused_pinned_objects_are_unpinned_or_removed_but_not_used_ones() {
+        let pinned: std::collections::HashSet<Digest> =
+            [Digest::sha256_of(&[1]), Digest::sha256_of(&[2])].into();
+        let idx = Index::from_scan(vec![blob(1, 100, 10), blob(2, 50, 10)], &pinned);
+        assert_eq!(idx.pinned().len(), 2);
+        // Used since the cutoff: kept.
+        assert!(idx.touch_present(&Digest::sha256_of(&[1])));
+        assert_eq!(idx.unpin_unused(&Digest::sha256_of(&[1]), 20), None);
+        assert_eq!(idx.remove_unused(&Digest::sha256_of(&[1]), 20), None);
+        assert_eq!(idx.unpin_unused(&Digest::sha256_of(&[2]), 20), Some(50));
+        assert_eq!(idx.usage(), (50, 2));
+        assert_eq!(idx.pinned_bytes(), 100);
+        // No longer pinned: not a hosted object to remove.
+        assert_eq!(idx.remove_unused(&Digest::sha256_of(&[2]), 20), None);
+        assert_eq!(
+            idx.remove_unused(&Digest::sha256_of(&[1]), u64::MAX),
+            Some(100)
+        );
+        assert_eq!(idx.pinned_bytes(), 0);
+        assert!(!idx.touch_present(&Digest::sha256_of(&[1])));
     }
 
     #[test]

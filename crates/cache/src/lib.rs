@@ -15,6 +15,7 @@ mod error;
 mod eviction;
 mod fill;
 mod flight;
+mod gc;
 mod hosted;
 mod index;
 mod links;
@@ -49,6 +50,7 @@ pub use error::{Error, IoFailure, PushError};
 pub use eviction::{Budget, EvictionReport, Usage};
 pub use fill::{FillError, Origin, RetryPolicy};
 pub use flight::{Panicked, SingleFlight};
+pub use gc::GcReport;
 pub use hosted::{HostedConfig, HostedUsage, MountFrom, PushedManifest, HOSTED, MAX_MANIFEST_SIZE};
 pub use memory::MemoryObject;
 pub use referrers::{fallback_tag, EMPTY_INDEX};
@@ -182,6 +184,8 @@ pub struct Cache {
     /// Bytes held by upload sessions (and manifests being written): reserved in the hosted
     /// budget. Its lock also orders every hosted budget check.
     uploading: Mutex<u64>,
+    /// Held by the garbage collection running, so that one runs at a time.
+    gc_running: tokio::sync::Mutex<()>,
 }
 
 impl Cache {
@@ -191,8 +195,12 @@ impl Cache {
     pub fn open(config: CacheConfig, metrics: Arc<Metrics>) -> io::Result<Cache> {
         let store = DiskStore::open(&config.dir)?;
         // Whatever a hosted repository links is hosted content: pinned, never evicted.
-        let index = Index::from_scan(store.scan()?, &store.all_links(HOSTED)?);
-        let uploading = store.uploads()?.iter().map(|(_, u)| u.size).sum();
+        // And what a hosted manifest's deletion left, until garbage collection has seen it.
+        let mut hosted = store.all_links(HOSTED)?;
+        hosted.extend(store.deleted(HOSTED)?);
+        let index = Index::from_scan(store.scan()?, &hosted);
+        let sessions = store.uploads()?;
+        let uploading = sessions.iter().map(|(_, u)| u.size).sum();
         let cache = Cache {
             disk: Disk::new(store),
             memory: MemoryTier::new(config.memory_size, config.memory_object_size),
@@ -217,7 +225,12 @@ impl Cache {
             hosted: config.hosted,
             uploads: uploads::Uploads::default(),
             uploading: Mutex::new(uploading),
+            gc_running: tokio::sync::Mutex::new(()),
         };
+        cache
+            .metrics
+            .hosted_uploads_in_progress
+            .set(i64::try_from(sessions.len()).unwrap_or(i64::MAX));
         cache
             .metrics
             .disk_budget_bytes

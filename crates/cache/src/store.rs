@@ -10,7 +10,8 @@
 //! <root>/uploads/<session>/repository  the hosted repository it is for
 //! ```
 //!
-//! Hosted repositories keep their tags and links under `tags/_hosted/<repo>/`: `_hosted` is no
+//! Hosted repositories keep their tags and links under `tags/_hosted/<repo>/` (and
+//! `tags/_hosted/_deleted` notes deleted manifests until garbage collection saw them): `_hosted` is no
 //! registry host name (configured upstream names cannot hold `_`), so it never meets an upstream.
 //!
 //! A file appears under `blobs/` only by `rename` from `tmp/` after its digest and size were
@@ -616,6 +617,97 @@ impl DiskStore {
         let mut out = std::collections::HashSet::new();
         walk(&self.root.join("tags").join(upstream), &mut out)?;
         Ok(out)
+    }
+
+    /// Every repository of `upstream` with a links file, named as under `tags/<upstream>/`,
+    /// with its links. Blocking.
+    pub fn linked_repositories(&self, upstream: &str) -> io::Result<Vec<(String, Vec<Digest>)>> {
+        fn walk(dir: &Path, prefix: &str, out: &mut Vec<(String, Vec<Digest>)>) -> io::Result<()> {
+            let entries = match fs::read_dir(dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if entry.file_type()?.is_dir() {
+                    if name != "_tags" {
+                        let path = if prefix.is_empty() {
+                            name
+                        } else {
+                            format!("{prefix}/{name}")
+                        };
+                        walk(&entry.path(), &path, out)?;
+                    }
+                } else if name == "_links" {
+                    let text = fs::read_to_string(entry.path())?;
+                    let links = text.lines().filter_map(|l| l.parse().ok()).collect();
+                    out.push((prefix.to_string(), links));
+                }
+            }
+            Ok(())
+        }
+        let mut out = Vec::new();
+        walk(&self.root.join("tags").join(upstream), "", &mut out)?;
+        Ok(out)
+    }
+
+    /// Every digest linked to a repository of any upstream but `except`. Blocking.
+    pub fn links_except(&self, except: &str) -> io::Result<std::collections::HashSet<Digest>> {
+        let mut out = std::collections::HashSet::new();
+        let upstreams = match fs::read_dir(self.root.join("tags")) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for upstream in upstreams {
+            let upstream = upstream?;
+            let name = upstream.file_name().to_string_lossy().into_owned();
+            if name != except && upstream.file_type()?.is_dir() {
+                out.extend(self.all_links(&name)?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn deleted_path(&self, upstream: &str) -> PathBuf {
+        self.root.join("tags").join(upstream).join("_deleted")
+    }
+
+    /// Notes digests a hosted repository no longer links (a manifest deleted), so that they
+    /// stay hosted content across a restart until garbage collection has seen them. Blocking.
+    pub fn add_deleted(&self, upstream: &str, digests: &[Digest]) -> io::Result<()> {
+        let path = self.deleted_path(upstream);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let lines: String = digests.iter().map(|d| format!("{d}\n")).collect();
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?
+            .write_all(lines.as_bytes())
+    }
+
+    /// The digests noted by [`DiskStore::add_deleted`]. Blocking.
+    pub fn deleted(&self, upstream: &str) -> io::Result<std::collections::HashSet<Digest>> {
+        match fs::read_to_string(self.deleted_path(upstream)) {
+            Ok(text) => Ok(text.lines().filter_map(|l| l.parse().ok()).collect()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Default::default()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Keeps only the noted digests `keep` says to. Blocking.
+    pub fn retain_deleted(&self, upstream: &str, keep: impl Fn(&Digest) -> bool) -> io::Result<()> {
+        let left: String = self
+            .deleted(upstream)?
+            .into_iter()
+            .filter(|d| keep(d))
+            .map(|d| format!("{d}\n"))
+            .collect();
+        self.write_atomic(&self.deleted_path(upstream), left.as_bytes())
     }
 
     // ---- upload sessions ----

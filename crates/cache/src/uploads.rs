@@ -93,6 +93,7 @@ impl Cache {
         self.disk
             .run(move |store| store.create_upload(&s, &r))
             .await?;
+        self.metrics.hosted_uploads_in_progress.inc();
         Ok(session)
     }
 
@@ -147,6 +148,37 @@ impl Cache {
         digest: &Digest,
         body: BoxStream<'_, io::Result<Bytes>>,
     ) -> Result<u64, PushError> {
+        let result = self.finish_upload_once(repo, session, digest, body).await;
+        self.count_push("blob", result.as_ref().map(|_| ()));
+        result
+    }
+
+    /// Counts a push of `kind` by its outcome.
+    pub(crate) fn count_push(&self, kind: &str, result: Result<(), &PushError>) {
+        let outcome = result.err().map_or("ok", PushError::outcome);
+        self.metrics
+            .hosted_pushes
+            .with_label_values(&[kind, outcome])
+            .inc();
+    }
+
+    /// Counts bytes received by pushes, `stored` or `discarded`.
+    pub(crate) fn count_received(&self, outcome: &str, n: u64) {
+        if n > 0 {
+            self.metrics
+                .hosted_received_bytes
+                .with_label_values(&[outcome])
+                .inc_by(n);
+        }
+    }
+
+    async fn finish_upload_once(
+        &self,
+        repo: &RepositoryName,
+        session: &str,
+        digest: &Digest,
+        body: BoxStream<'_, io::Result<Bytes>>,
+    ) -> Result<u64, PushError> {
         let lock = self.uploads.lock_of(session);
         let _writing = lock.lock().await;
         let size = self.live_upload(repo, session).await?;
@@ -162,10 +194,15 @@ impl Cache {
             .run(move |store| store.commit_upload(&s, &d, known.as_ref()))
             .await;
         self.uploads.forget(session);
+        self.metrics.hosted_uploads_in_progress.dec();
         self.release(end);
         match committed? {
-            None => Err(PushError::DigestMismatch(digest.clone())),
+            None => {
+                self.count_received("discarded", end);
+                Err(PushError::DigestMismatch(digest.clone()))
+            }
             Some(size) => {
+                self.count_received("stored", size);
                 self.stored_hosted(digest, size);
                 self.link_hosted(repo, [digest.clone()]).await?;
                 Ok(size)
@@ -236,6 +273,8 @@ impl Cache {
             tracing::warn!(%session, error = %e, "could not remove upload");
         }
         self.uploads.forget(session);
+        self.metrics.hosted_uploads_in_progress.dec();
+        self.count_received("discarded", size);
         self.release(size);
     }
 
@@ -312,6 +351,7 @@ impl Cache {
         {
             tracing::warn!(%session, error = %e, "could not cut an upload back");
         }
+        self.count_received("discarded", added);
         self.release(added);
     }
 

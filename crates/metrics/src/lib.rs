@@ -53,6 +53,21 @@ pub struct Metrics {
     pub hosted_upload_bytes: IntGauge,
     /// The hosted budget (`hosted.max_size`), 0 when unlimited.
     pub hosted_budget_bytes: IntGauge,
+    /// Pushes to hosted repositories by `kind` (blob, manifest) and `outcome` (ok, invalid,
+    /// budget, failed).
+    pub hosted_pushes: IntCounterVec,
+    /// Bytes received by pushes, by `outcome`: stored, or discarded (a chunk cut back, a digest
+    /// mismatch, an upload cancelled or expired).
+    pub hosted_received_bytes: IntCounterVec,
+    /// Upload sessions open.
+    pub hosted_uploads_in_progress: IntGauge,
+    /// Garbage collections of hosted content, by `outcome` (ok, failed).
+    pub gc_runs: IntCounterVec,
+    /// Bytes garbage collection removed from disk.
+    pub gc_freed_bytes: IntCounter,
+    /// Objects garbage collection removed (`removed`) or handed back to the mirror's LRU
+    /// (`unpinned`).
+    pub gc_objects: IntCounterVec,
     /// Bytes and entries in the memory tier.
     pub memory_bytes: IntGauge,
     pub memory_entries: IntGauge,
@@ -263,6 +278,40 @@ impl Metrics {
                 &r,
                 "pier_hosted_budget_bytes",
                 "The hosted budget; 0 when unlimited",
+            ),
+            hosted_pushes: counter_vec(
+                &r,
+                "pier_hosted_pushes_total",
+                "Blobs and manifests pushed to hosted repositories, by outcome",
+                &["kind", "outcome"],
+            ),
+            hosted_received_bytes: counter_vec(
+                &r,
+                "pier_hosted_received_bytes_total",
+                "Bytes pushed to hosted repositories, stored or discarded",
+                &["outcome"],
+            ),
+            hosted_uploads_in_progress: gauge(
+                &r,
+                "pier_hosted_uploads_in_progress",
+                "Upload sessions open",
+            ),
+            gc_runs: counter_vec(
+                &r,
+                "pier_gc_runs_total",
+                "Garbage collections of hosted content, by outcome",
+                &["outcome"],
+            ),
+            gc_freed_bytes: counter(
+                &r,
+                "pier_gc_freed_bytes_total",
+                "Bytes garbage collection removed from disk",
+            ),
+            gc_objects: counter_vec(
+                &r,
+                "pier_gc_objects_total",
+                "Objects garbage collection removed, or handed back to the mirror's LRU",
+                &["action"],
             ),
             evictions: counter(
                 &r,

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use http::{header, Method, Response, StatusCode};
-use pier_cache::{EvictionReport, Usage};
+use pier_cache::{EvictionReport, GcReport, Usage};
 use pier_oci::{Digest, ErrorCode, Query, RegistryError};
 use tokio::net::TcpListener;
 
@@ -91,6 +91,14 @@ impl Mirror {
     pub async fn evict(&self) -> Result<EvictionReport, RegistryError> {
         self.cache.evict().await.map_err(|e| response::from_io(&e))
     }
+
+    /// Collects hosted content no hosted manifest names now.
+    pub async fn collect_garbage(&self) -> Result<GcReport, RegistryError> {
+        self.cache
+            .collect_garbage()
+            .await
+            .map_err(|e| response::from_io(&e))
+    }
 }
 
 /// Serves the admin API on `listener` until `shutdown`:
@@ -99,6 +107,7 @@ impl Mirror {
 /// - `DELETE /admin/digests/<digest>`: purge one blob or manifest
 /// - `DELETE /admin/repositories/<name>`: purge a repository's tags
 /// - `POST /admin/evict`: apply the budget now
+/// - `POST /admin/gc`: collect hosted garbage now; answers with the [`GcReport`]
 /// - `POST /admin/warm?image=IMAGE[&image=...][&platform=os/arch][&signatures=false]`: pull
 ///   images (with their signatures and referrers, unless `signatures=false`) into the cache;
 ///   answers with one JSON line per object as it is done, then one report line per image
@@ -114,6 +123,7 @@ pub async fn serve_admin(
             let result = match (req.method().clone(), path.as_str()) {
                 (Method::GET, "/admin/stats") => Ok(json(&mirror.stats().await)),
                 (Method::POST, "/admin/evict") => mirror.evict().await.map(|r| json(&r)),
+                (Method::POST, "/admin/gc") => mirror.collect_garbage().await.map(|r| json(&r)),
                 (Method::POST, "/admin/warm") => Ok(warm(mirror.clone(), req.uri().query().unwrap_or(""))),
                 (Method::DELETE, p) if p.starts_with("/admin/digests/") => {
                     mirror.purge(&p["/admin/digests/".len()..]).await.map(|r| json(&r))
@@ -123,7 +133,7 @@ pub async fn serve_admin(
                 }
                 _ => Err(RegistryError::new(
                     ErrorCode::Unsupported,
-                    "admin API: GET /admin/stats, POST /admin/evict, DELETE /admin/digests/<digest>, DELETE /admin/repositories/<name>",
+                    "admin API: GET /admin/stats, POST /admin/evict, POST /admin/gc, DELETE /admin/digests/<digest>, DELETE /admin/repositories/<name>",
                 )
                 .with_status(404)),
             };

@@ -95,6 +95,11 @@ pub async fn serve(
             }
             // Peers of the region prove themselves with the region's secret, not as clients.
             // (The caller is not consulted for them.)
+            // The Docker daemon pings before a search, and reads nothing from the answer but
+            // whether the registry stands alone: no credentials needed.
+            if req.uri().path() == "/v1/_ping" {
+                return answer(&mirror, req, &Caller::Anyone, peer, metrics_on_main).await;
+            }
             if crate::region::is_peer_request(req.uri().path()) {
                 return answer(&mirror, req, &Caller::Anyone, peer, metrics_on_main).await;
             }
@@ -318,6 +323,7 @@ fn path_kind(path: &str) -> &'static str {
     match path {
         "/v2" | "/v2/" => "base",
         "/v2/_catalog" => "catalog",
+        "/v1/search" => "search",
         p if p.contains("/manifests/") => "manifest",
         p if p.contains("/blobs/") => "blob",
         p if p.ends_with("/tags/list") => "tags",
