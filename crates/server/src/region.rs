@@ -57,8 +57,11 @@ async fn dispatch<B>(
     let upstream = q
         .get("upstream")
         .and_then(|u| mirror.upstream_named(u))
+        // Not 404: the asking node would take it for "the repository has no such object" (a
+        // rolling configuration change leaves nodes with different upstreams for a while).
         .ok_or_else(|| {
             RegistryError::new(ErrorCode::NameUnknown, "no such upstream on this node")
+                .with_status(421)
         })?;
     let repo = q
         .get("repo")
@@ -106,7 +109,7 @@ async fn dispatch<B>(
             Ok(resp)
         }
         _ => Err(
-            RegistryError::new(ErrorCode::Unsupported, "no such peer endpoint").with_status(404),
+            RegistryError::new(ErrorCode::Unsupported, "no such peer endpoint").with_status(400),
         ),
     }
 }
