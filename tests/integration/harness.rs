@@ -118,7 +118,14 @@ pub struct Setup {
     pub options: ServerOptions,
     pub max_concurrent_fills: usize,
     pub max_queued_fills: usize,
+    /// Makes the node part of a region (given the node's metrics).
+    pub region: Option<RegionMaker>,
+    /// A listener bound beforehand (a region's nodes must know each other's addresses).
+    pub listener: Option<tokio::net::TcpListener>,
 }
+
+/// Builds a node's region from its metrics.
+pub type RegionMaker = Box<dyn FnOnce(Arc<Metrics>) -> pier_cache::region::Region + Send>;
 
 impl Setup {
     pub fn new(dir: tempfile::TempDir) -> Self {
@@ -133,6 +140,8 @@ impl Setup {
             },
             max_concurrent_fills: 0,
             max_queued_fills: 0,
+            region: None,
+            listener: None,
         }
     }
 }
@@ -146,6 +155,8 @@ pub async fn launch(setup: Setup) -> Pier {
         options,
         max_concurrent_fills,
         max_queued_fills,
+        region,
+        listener,
     } = setup;
     let metrics = Arc::new(Metrics::new());
     let entries = upstreams
@@ -184,11 +195,20 @@ pub async fn launch(setup: Setup) -> Pier {
         max_concurrent_fills,
         max_queued_fills,
     };
-    let cache = Arc::new(Cache::open(cache_config, metrics.clone()).expect("open cache"));
+    let mut cache = Cache::open(cache_config, metrics.clone()).expect("open cache");
+    if let Some(make) = region {
+        let region = Arc::new(make(metrics.clone()));
+        region.start().await;
+        cache = cache.with_region(region);
+    }
+    let cache = Arc::new(cache);
     let mirror = Arc::new(Mirror::new(entries, 0, cache.clone(), metrics));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind pier");
+    let listener = match listener {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind pier"),
+    };
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -19,6 +19,7 @@ mod hostile;
 mod metrics;
 mod negotiation;
 mod referrers;
+mod region;
 mod repository_access;
 mod routing;
 mod secrets;

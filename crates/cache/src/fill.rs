@@ -34,6 +34,13 @@ pub trait Origin: Send + Sync + 'static {
     fn shares(&self) -> bool {
         false
     }
+
+    /// The bytes this origin brought did not verify (wrong digest, or more than announced):
+    /// nothing of them is kept. An origin with other sources (a region's) stops trusting the
+    /// ones that sent them, so that the next fill of the digest does not fail the same way.
+    fn rejected(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// How hard a fill tries before giving up.
@@ -214,6 +221,7 @@ impl Fill {
                         }
                         let got = written + chunk.len() as u64;
                         if let Some(expected) = total.filter(|t| got > *t) {
+                            origin.rejected().await;
                             return Err(FillError::SizeMismatch { expected, got });
                         }
                         hasher.update(&chunk);
@@ -246,6 +254,7 @@ impl Fill {
         }
         let actual = hasher.finish();
         if actual != self.digest {
+            origin.rejected().await;
             return Err(FillError::DigestMismatch { actual });
         }
         Ok(resumes)

@@ -165,6 +165,19 @@ impl SharedStore {
         })
     }
 
+    /// Removes a blob whose bytes, read back whole, did not hash to its digest.
+    pub(crate) async fn remove_corrupt(&self, digest: &Digest) {
+        tracing::warn!(%digest, "shared store object does not verify; removed");
+        self.metrics
+            .shared_store_errors
+            .with_label_values(&["corrupt"])
+            .inc();
+        match self.store.delete(&self.blob_path(digest)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => self.failed("delete", &e),
+        }
+    }
+
     /// A manifest and its media type, if the store has it.
     pub(crate) async fn manifest(&self, digest: &Digest) -> Option<(Bytes, String)> {
         let got = match self.store.get(&self.blob_path(digest)).await {

@@ -1,0 +1,510 @@
+//! A region of nodes, in-process: real peers over loopback, an in-memory shared store, and
+//! peers and stores that misbehave. pier's promises must hold across the region: no digest
+//! under another repository, no open proxy, nothing unverified kept or served as complete, and
+//! a bad peer or store costs a fetch, never a pull.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use pier_cache::region::{ClusterConfig, Node, PeerSource, Region, RegionConfig, SharedStore};
+use sha2::{Digest as _, Sha256};
+
+use crate::fake_upstream::{hex, Behaviour, FakeUpstream};
+use crate::harness::{client, launch, settle, wait_stored, Pier, Setup, UpstreamSpec};
+
+const SECRET: &str = "region-secret-0123456789";
+
+/// What a node of a test region has.
+#[derive(Clone)]
+struct NodeSpec {
+    /// Takes part in the cluster (peers).
+    cluster: bool,
+    /// Uses the shared store.
+    shared: bool,
+    /// Its upstreams, by name; all point at the same fake.
+    upstreams: Vec<&'static str>,
+    deny: Vec<String>,
+}
+
+impl NodeSpec {
+    fn full() -> Self {
+        NodeSpec {
+            cluster: true,
+            shared: true,
+            upstreams: vec!["docker.io"],
+            deny: Vec::new(),
+        }
+    }
+}
+
+/// Starts one node per spec. `extra_peers` are listed as peers of every clustered node (fakes).
+async fn region(
+    up: &FakeUpstream,
+    store: &Arc<InMemory>,
+    specs: &[NodeSpec],
+    extra_peers: &[String],
+) -> Vec<Pier> {
+    let mut listeners = Vec::new();
+    for _ in specs {
+        listeners.push(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    let urls: Vec<String> = listeners
+        .iter()
+        .map(|l| format!("http://{}", l.local_addr().unwrap()))
+        .collect();
+    let clustered: Vec<String> = specs
+        .iter()
+        .zip(&urls)
+        .filter(|(s, _)| s.cluster)
+        .map(|(_, u)| u.clone())
+        .chain(extra_peers.iter().cloned())
+        .collect();
+    let mut nodes = Vec::new();
+    for ((spec, listener), url) in specs.iter().zip(listeners).zip(&urls) {
+        let (spec, url, peers, store) =
+            (spec.clone(), url.clone(), clustered.clone(), store.clone());
+        let make = move |metrics: Arc<pier_metrics::Metrics>| {
+            let shared =
+                SharedStore::with_store(store as Arc<dyn ObjectStore>, "pier/", metrics.clone());
+            if spec.cluster {
+                let config = RegionConfig {
+                    cluster: Some(ClusterConfig {
+                        advertise: url,
+                        peers: PeerSource::Static(peers),
+                        secret: SECRET.into(),
+                        timeout: Duration::from_millis(500),
+                        ca_file: None,
+                    }),
+                    shared_store: None,
+                };
+                let r = Region::new(&config, metrics).unwrap();
+                if spec.shared {
+                    r.with_store(shared)
+                } else {
+                    r
+                }
+            } else {
+                Region::with_shared_store(shared, metrics)
+            }
+        };
+        let upstreams = specs_for(up, &spec.upstreams, &spec.deny);
+        let dir = tempfile::tempdir().unwrap();
+        nodes.push(
+            launch(Setup {
+                upstreams,
+                region: (spec.cluster || spec.shared).then(|| Box::new(make) as _),
+                listener: Some(listener),
+                ..Setup::new(dir)
+            })
+            .await,
+        );
+    }
+    nodes
+}
+
+fn specs_for(up: &FakeUpstream, names: &[&'static str], deny: &[String]) -> Vec<UpstreamSpec> {
+    names
+        .iter()
+        .map(|n| {
+            let mut s = UpstreamSpec::new(n, up.url());
+            s.deny = deny.to_vec();
+            s
+        })
+        .collect()
+}
+
+/// Who `pier` thinks owns `key`.
+fn owner(pier: &Pier, key: &str) -> Node {
+    pier.mirror.cache.region().unwrap().owners(key)[0].clone()
+}
+
+/// A blob (added to the upstream under `repo`) whose owner, as `asker` ranks it, is `want`.
+fn blob_owned_by(up: &FakeUpstream, repo: &str, asker: &Pier, want: &Node) -> (String, Vec<u8>) {
+    for i in 0u32.. {
+        let data: Vec<u8> = (0..70_000u32)
+            .map(|j| (j.wrapping_mul(31).wrapping_add(i)) as u8)
+            .collect();
+        let digest = format!("sha256:{}", hex(&Sha256::digest(&data)));
+        if owner(asker, &digest) == *want {
+            up.add_blob_in(repo, data.clone());
+            return (digest, data);
+        }
+    }
+    unreachable!()
+}
+
+/// GETs a blob; the status and the body as far as it came (an error mid-body ends it).
+async fn get_blob(pier: &Pier, repo: &str, digest: &str) -> (u16, Vec<u8>, bool) {
+    let resp = client()
+        .get(format!("{}/v2/{repo}/blobs/{digest}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    let mut broke = false;
+    use futures_util::StreamExt;
+    while let Some(c) = stream.next().await {
+        match c {
+            Ok(c) => body.extend_from_slice(&c),
+            Err(_) => {
+                broke = true;
+                break;
+            }
+        }
+    }
+    (status, body, broke)
+}
+
+/// A peer that answers every request with `answer(path)`: (status, headers, body).
+type PeerAnswer = Arc<dyn Fn(&str) -> (u16, Vec<(&'static str, String)>, Bytes) + Send + Sync>;
+
+async fn fake_peer(answer: PeerAnswer) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (status, headers, body) = answer(req.uri().path());
+                    let mut b = Response::builder().status(status);
+                    for (k, v) in headers {
+                        b = b.header(k, v);
+                    }
+                    let r = b
+                        .body(
+                            Full::new(body)
+                                .map_err(|e| -> std::io::Error { match e {} })
+                                .boxed_unsync(),
+                        )
+                        .unwrap();
+                    async move { Ok::<_, std::io::Error>(r) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    url
+}
+
+async fn peer_get(base: &str, path_and_query: &str, secret: Option<&str>) -> u16 {
+    let mut req = client().get(format!("{base}{path_and_query}"));
+    if let Some(s) = secret {
+        req = req.header("x-pier-region-secret", s);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test]
+async fn the_peer_interface_is_no_open_proxy() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let spec = NodeSpec {
+        deny: vec!["secret/*".into()],
+        ..NodeSpec::full()
+    };
+    let lone = NodeSpec {
+        cluster: false,
+        ..NodeSpec::full()
+    };
+    let nodes = region(&up, &store, &[spec.clone(), spec, lone], &[]).await;
+    let d = up.add_blob_in("library/app", vec![3u8; 1000]);
+    up.add_blob_in("secret/x", vec![3u8; 1000]);
+    let a = &nodes[0].url;
+    let ok = format!("/_pier/region/v1/blobs/{d}?upstream=docker.io&repo=library/app");
+    assert_eq!(peer_get(a, &ok, Some(SECRET)).await, 200);
+    // Without the secret, with one of the same length, with a prefix of it.
+    assert_eq!(peer_get(a, &ok, None).await, 401);
+    let wrong: String = SECRET.chars().rev().collect();
+    assert_eq!(peer_get(a, &ok, Some(&wrong)).await, 401);
+    assert_eq!(peer_get(a, &ok, Some(&SECRET[..10])).await, 401);
+    // A node without `cluster:` answers no peer request.
+    assert_eq!(peer_get(&nodes[2].url, &ok, Some(SECRET)).await, 401);
+    // Upstreams and repositories the configuration does not name or permits not.
+    for q in [
+        format!("/_pier/region/v1/blobs/{d}?upstream=ghcr.io&repo=library/app"),
+        format!("/_pier/region/v1/blobs/{d}?upstream=http://evil.example&repo=library/app"),
+        format!("/_pier/region/v1/blobs/{d}?upstream=docker.io&repo=secret/x"),
+        format!("/_pier/region/v1/blobs/{d}?upstream=docker.io&repo=../../etc"),
+        format!("/_pier/region/v1/blobs/{d}?upstream=docker.io&repo=library%2F..%2Fsecret%2Fx"),
+        format!("/_pier/region/v1/blobs/{d}?upstream=docker.io"),
+        "/_pier/region/v1/manifests/latest?upstream=docker.io&repo=library/app&accept=99999"
+            .to_string(),
+        "/_pier/region/v1/manifests/latest?upstream=docker.io&repo=library/app&accept=x"
+            .to_string(),
+        "/_pier/region/v1/manifests/..%2F..%2Fx?upstream=docker.io&repo=library/app&accept=1"
+            .to_string(),
+        "/_pier/region/v1/blobs/sha256:..?upstream=docker.io&repo=library/app".to_string(),
+        "/_pier/region/v1/tags/list?upstream=docker.io&repo=library/app".to_string(),
+    ] {
+        let status = peer_get(a, &q, Some(SECRET)).await;
+        assert!((400..500).contains(&status), "{q}: {status}");
+    }
+    assert_eq!(
+        up.count("secret/x"),
+        0,
+        "a denied repository reached the upstream"
+    );
+    // Only reads.
+    let status = client()
+        .post(format!("{a}{ok}"))
+        .header("x-pier-region-secret", SECRET)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16();
+    assert!((400..500).contains(&status), "POST: {status}");
+    // Hostile ranges are a client's problem, not a server error.
+    for range in [
+        "bytes=99999999999999999999999-",
+        "bytes=5000-10",
+        "bytes=-0",
+        "bytes=0-1,3-4",
+        "garbage",
+    ] {
+        let status = client()
+            .get(format!("{a}{ok}"))
+            .header("x-pier-region-secret", SECRET)
+            .header("range", range)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert!(status < 500, "{range}: {status}");
+    }
+}
+
+#[tokio::test]
+async fn a_digest_of_one_repository_is_never_served_under_another_across_the_region() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let lone = NodeSpec {
+        cluster: false,
+        ..NodeSpec::full()
+    };
+    let nodes = region(
+        &up,
+        &store,
+        &[NodeSpec::full(), NodeSpec::full(), lone],
+        &[],
+    )
+    .await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    // Owned by A as B ranks it: B asks A, which holds it for library/app only.
+    let (d, data) = blob_owned_by(&up, "library/app", b, &Node::Peer(a.url.clone()));
+    let (status, body, _) = get_blob(a, "library/app", &d).await;
+    assert_eq!((status, body.len()), (200, data.len()));
+    assert!(wait_stored(a, &d).await);
+    settle(a).await;
+    // The blob reaches the shared store (with its link for library/app).
+    let key = Path::from(format!(
+        "pier/blobs/sha256/{}",
+        d.trim_start_matches("sha256:")
+    ));
+    for _ in 0..200 {
+        if store.head(&key).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(store.head(&key).await.is_ok(), "not shared");
+    // Upstream up: it says library/allowed has no such blob.
+    for node in [b, c] {
+        let (status, body, _) = get_blob(node, "library/allowed", &d).await;
+        assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+    }
+    // Upstream down: nothing vouches for library/allowed.
+    up.set(|b| b.fail_status = Some(503));
+    for node in [a, b, c] {
+        let (status, body, _) = get_blob(node, "library/allowed", &d).await;
+        assert_ne!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    // ... while library/app is served from the region by every node, with the upstream down.
+    for node in [b, c] {
+        let (status, body, _) = get_blob(node, "library/app", &d).await;
+        assert_eq!((status, body == data), (200, true));
+    }
+}
+
+/// Wrong bytes from a peer fail that fill (nothing kept); the peer is not asked again at once,
+/// so the client's retry gets the blob from the upstream.
+#[tokio::test]
+async fn a_peer_that_sends_wrong_bytes_costs_one_attempt_not_the_blob() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let evil = fake_peer(Arc::new(|path: &str| {
+        if path.contains("/blobs/") {
+            (200, vec![], Bytes::from(vec![0u8; 70_000]))
+        } else {
+            (404, vec![], Bytes::new())
+        }
+    }))
+    .await;
+    let spec = NodeSpec {
+        shared: false,
+        ..NodeSpec::full()
+    };
+    let nodes = region(&up, &store, &[spec], std::slice::from_ref(&evil)).await;
+    let n = &nodes[0];
+    let (d, data) = blob_owned_by(&up, "library/app", n, &Node::Peer(evil.clone()));
+    let (status, body, broke) = get_blob(n, "library/app", &d).await;
+    assert!(
+        status != 200 || broke || body.len() < data.len(),
+        "wrong bytes served as complete"
+    );
+    settle(n).await;
+    assert!(!n.mirror.cache.is_stored(&d.parse().unwrap()));
+    let (status, body, _) = get_blob(n, "library/app", &d).await;
+    assert_eq!(status, 200);
+    assert!(body == data, "second pull got wrong bytes");
+    assert!(wait_stored(n, &d).await);
+}
+
+/// A peer whose body ends early: the fill resumes from the upstream, the client sees nothing.
+#[tokio::test]
+async fn a_peer_that_cuts_its_body_short_costs_a_resume() {
+    let up = FakeUpstream::start(Behaviour {
+        ranges: true,
+        ..Behaviour::default()
+    })
+    .await;
+    let store = Arc::new(InMemory::new());
+    let data: Arc<std::sync::Mutex<Vec<u8>>> = Arc::default();
+    let d2 = data.clone();
+    let cut = fake_peer(Arc::new(move |path: &str| {
+        let data = d2.lock().unwrap().clone();
+        if path.contains("/blobs/") && !data.is_empty() {
+            (
+                200,
+                vec![("content-length", data.len().to_string())],
+                Bytes::from(data[..data.len() / 2].to_vec()),
+            )
+        } else {
+            (503, vec![], Bytes::new())
+        }
+    }))
+    .await;
+    let spec = NodeSpec {
+        shared: false,
+        ..NodeSpec::full()
+    };
+    let nodes = region(&up, &store, &[spec], std::slice::from_ref(&cut)).await;
+    let n = &nodes[0];
+    let (d, blob) = blob_owned_by(&up, "library/app", n, &Node::Peer(cut.clone()));
+    *data.lock().unwrap() = blob.clone();
+    let (status, body, broke) = get_blob(n, "library/app", &d).await;
+    assert_eq!((status, broke), (200, false));
+    assert!(body == blob);
+}
+
+/// An object in the shared store replaced by wrong bytes: the fill that read it fails and keeps
+/// nothing, and the region does not keep failing that blob while the upstream has it.
+#[tokio::test]
+async fn a_corrupt_blob_in_the_shared_store_costs_one_attempt_not_the_blob() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let only_shared = NodeSpec {
+        cluster: false,
+        ..NodeSpec::full()
+    };
+    let nodes = region(&up, &store, &[only_shared.clone(), only_shared], &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let data = vec![5u8; 90_000];
+    let d = up.add_blob_in("library/app", data.clone());
+    let (status, _, _) = get_blob(a, "library/app", &d).await;
+    assert_eq!(status, 200);
+    settle(a).await;
+    let key = Path::from(format!(
+        "pier/blobs/sha256/{}",
+        d.trim_start_matches("sha256:")
+    ));
+    for _ in 0..200 {
+        if store.head(&key).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Someone with write access to the bucket swaps the bytes (same length).
+    store
+        .put(&key, PutPayload::from(vec![6u8; 90_000]))
+        .await
+        .unwrap();
+    let (status, body, broke) = get_blob(b, "library/app", &d).await;
+    assert!(
+        status != 200 || broke || body.len() < data.len(),
+        "wrong bytes served as complete"
+    );
+    settle(b).await;
+    assert!(!b.mirror.cache.is_stored(&d.parse().unwrap()));
+    let (status, body, _) = get_blob(b, "library/app", &d).await;
+    assert_eq!(status, 200);
+    assert!(body == data, "second pull got wrong bytes");
+    // The region's copy is right again: the upstream's bytes were shared.
+    settle(b).await;
+    let mut fixed = false;
+    for _ in 0..200 {
+        if let Ok(got) = store.get(&key).await {
+            if got.bytes().await.unwrap() == data {
+                fixed = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(fixed, "the corrupt object stayed in the shared store");
+}
+
+/// A node whose configuration lacks an upstream another node has (a rolling change): its
+/// answer to peer requests for that upstream must not read as "the repository has no such
+/// blob".
+#[tokio::test]
+async fn an_owner_without_the_upstream_does_not_make_its_blobs_unavailable() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let new = NodeSpec {
+        shared: false,
+        upstreams: vec!["docker.io", "ghcr.io"],
+        ..NodeSpec::full()
+    };
+    let old = NodeSpec {
+        shared: false,
+        ..NodeSpec::full()
+    };
+    let nodes = region(&up, &store, &[new, old], &[]).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (d, data) = blob_owned_by(&up, "org/app", a, &Node::Peer(b.url.clone()));
+    let (status, body, _) = get_blob(a, "ghcr.io/org/app", &d).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(body == data);
+    let m = up.add_manifest(
+        "org/app",
+        "1.0",
+        "application/vnd.oci.image.manifest.v1+json",
+        r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":0},"layers":[]}"#,
+    );
+    // Whichever node owns the tag, the new node answers it.
+    let resp = client()
+        .get(format!("{}/v2/ghcr.io/org/app/manifests/1.0", a.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["docker-content-digest"], m.as_str());
+}
