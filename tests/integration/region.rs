@@ -32,6 +32,9 @@ struct NodeSpec {
     /// Its upstreams, by name; all point at the same fake.
     upstreams: Vec<&'static str>,
     deny: Vec<String>,
+    tag_ttl: Duration,
+    /// Client request rate limit of the node.
+    rate_limit: Option<pier_server::limits::RateLimit>,
 }
 
 impl NodeSpec {
@@ -41,6 +44,8 @@ impl NodeSpec {
             shared: true,
             upstreams: vec!["docker.io"],
             deny: Vec::new(),
+            tag_ttl: Duration::from_secs(300),
+            rate_limit: None,
         }
     }
 }
@@ -95,13 +100,21 @@ async fn region(
                 Region::with_shared_store(shared, metrics)
             }
         };
-        let upstreams = specs_for(up, &spec.upstreams, &spec.deny);
+        let mut upstreams = specs_for(up, &spec.upstreams, &spec.deny);
+        for u in &mut upstreams {
+            u.tag_ttl = spec.tag_ttl;
+        }
         let dir = tempfile::tempdir().unwrap();
         nodes.push(
             launch(Setup {
                 upstreams,
                 region: (spec.cluster || spec.shared).then(|| Box::new(make) as _),
                 listener: Some(listener),
+                options: pier_server::ServerOptions {
+                    metrics_on_main: true,
+                    rate_limit: spec.rate_limit,
+                    ..pier_server::ServerOptions::default()
+                },
                 ..Setup::new(dir)
             })
             .await,
@@ -507,4 +520,171 @@ async fn an_owner_without_the_upstream_does_not_make_its_blobs_unavailable() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.headers()["docker-content-digest"], m.as_str());
+}
+
+const LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+const V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
+const MULTI: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// A multi-platform image under these tags of `library/multi`: (index, amd64, arm64).
+fn multi_platform(up: &FakeUpstream, tags: &[&str], salt: &str) -> (String, String, String) {
+    let child = |arch: &str| {
+        up.add_manifest(
+            "library/multi",
+            &format!("{arch}-{salt}"),
+            V2,
+            &format!(
+                r#"{{"schemaVersion":2,"mediaType":"{V2}","config":{{"digest":"sha256:aaaa"}},"arch":"{arch}","salt":"{salt}"}}"#
+            ),
+        )
+    };
+    let (amd64, arm64) = (child("amd64"), child("arm64"));
+    let list = format!(
+        r#"{{"schemaVersion":2,"mediaType":"{LIST}","manifests":[
+        {{"mediaType":"{V2}","digest":"{arm64}","size":1,"platform":{{"os":"linux","architecture":"arm64"}}}},
+        {{"mediaType":"{V2}","digest":"{amd64}","size":1,"platform":{{"os":"linux","architecture":"amd64"}}}}]}}"#
+    );
+    let mut index = String::new();
+    for t in tags {
+        index = up.add_manifest("library/multi", t, LIST, &list);
+    }
+    (index, amd64, arm64)
+}
+
+/// GET a manifest with this Accept: status, content type and digest.
+async fn get_manifest(pier: &Pier, reference: &str, accept: &str) -> (u16, String, String) {
+    let r = client()
+        .get(format!(
+            "{}/v2/library/multi/manifests/{reference}",
+            pier.url
+        ))
+        .header("accept", accept)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let header = |n: &str| {
+        r.headers()
+            .get(n)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let (t, d) = (header("content-type"), header("docker-content-digest"));
+    (status, t, d)
+}
+
+/// Tag answers shared between nodes stay per accept set: a client that takes no index gets the
+/// linux/amd64 manifest on every node after a multi-platform client pulled on another, online
+/// and offline, whichever node owns the tag; a client that takes neither gets nothing.
+#[tokio::test]
+async fn tag_answers_stay_per_accept_set_across_the_region() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let full = NodeSpec::full();
+    let nodes = region(&up, &store, &[full.clone(), full.clone(), full], &[]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let tags = ["t0", "t1", "t2", "t3", "t4", "t5"];
+    let (index, amd64, _) = multi_platform(&up, &tags, "x");
+    let list = (200, LIST.to_string(), index.clone());
+    let single = (200, V2.to_string(), amd64.clone());
+    let (online, offline) = tags.split_at(3);
+    for t in tags {
+        // A multi-platform client on A: the index, then its amd64 manifest by digest.
+        assert_eq!(get_manifest(a, t, MULTI).await, list, "{t}");
+        assert_eq!(get_manifest(a, &amd64, MULTI).await, single, "{t}");
+    }
+    for t in online {
+        assert_eq!(get_manifest(b, t, V2).await, single, "{t} online");
+        assert_eq!(get_manifest(b, t, MULTI).await, list, "{t} online");
+    }
+    up.set(|b| b.drop_connections = true);
+    for t in offline {
+        for n in [b, c] {
+            assert_eq!(get_manifest(n, t, V2).await, single, "{t} offline");
+            assert_eq!(get_manifest(n, t, MULTI).await, list, "{t} offline");
+            let (status, media_type, _) = get_manifest(n, t, OCI).await;
+            assert!(
+                status != 200 || media_type == OCI,
+                "{t} offline: an OCI-only client got {media_type}"
+            );
+        }
+    }
+}
+
+/// A tag moved upstream: no node keeps the old digest longer than tag_ttl, whichever owns it.
+#[tokio::test]
+async fn a_moved_tag_is_seen_by_every_node_within_tag_ttl() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let spec = NodeSpec {
+        tag_ttl: Duration::from_secs(1),
+        ..NodeSpec::full()
+    };
+    let nodes = region(&up, &store, &[spec.clone(), spec], &[]).await;
+    let tags = ["m0", "m1", "m2", "m3"];
+    let (old, _, _) = multi_platform(&up, &tags, "old");
+    for t in tags {
+        for n in &nodes {
+            assert_eq!(get_manifest(n, t, MULTI).await.2, old, "{t}");
+        }
+    }
+    let (new, _, _) = multi_platform(&up, &tags, "new");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    for t in tags {
+        // The other node first: the owner may not have revalidated yet.
+        for n in nodes.iter().rev() {
+            assert_eq!(get_manifest(n, t, MULTI).await.2, new, "{t} on {}", n.url);
+        }
+    }
+}
+
+/// A node's per-address request rate limit is for clients: its peers' requests (one address
+/// carrying a whole node's misses) are not refused by it, or every miss they route to it would
+/// turn into an upstream fetch of their own.
+#[tokio::test]
+async fn the_client_rate_limit_does_not_refuse_peers() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let plain = NodeSpec {
+        shared: false,
+        ..NodeSpec::full()
+    };
+    let limited = NodeSpec {
+        rate_limit: Some(pier_server::limits::RateLimit {
+            per_second: 0.1,
+            burst: 1.0,
+        }),
+        ..plain.clone()
+    };
+    let nodes = region(&up, &store, &[limited, plain.clone(), plain], &[]).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let mut blobs: Vec<(String, Vec<u8>)> = Vec::new();
+    // Distinct blobs owned by A.
+    let mut i = 0u32;
+    while blobs.len() < 5 {
+        i += 1;
+        let data: Vec<u8> = (0..30_000u32)
+            .map(|j| (j ^ i.wrapping_mul(7919)) as u8)
+            .collect();
+        let d = format!("sha256:{}", hex(&Sha256::digest(&data)));
+        if owner(b, &d) == Node::Peer(a.url.clone()) && !blobs.iter().any(|(x, _)| *x == d) {
+            up.add_blob_in("library/app", data.clone());
+            blobs.push((d, data));
+        }
+    }
+    for n in [b, c] {
+        for (d, data) in &blobs {
+            let (status, body, _) = get_blob(n, "library/app", d).await;
+            assert_eq!(status, 200);
+            assert!(body == *data);
+        }
+    }
+    let gets = up.count("GET /v2/library/app/blobs/");
+    assert_eq!(
+        gets,
+        blobs.len(),
+        "the region fetched {gets} times for {} blobs",
+        blobs.len()
+    );
 }
