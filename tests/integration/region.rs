@@ -688,3 +688,75 @@ async fn the_client_rate_limit_does_not_refuse_peers() {
         blobs.len()
     );
 }
+
+/// A store that accepts connections and never answers (a black-holed link), or refuses them:
+/// pulls go on from the upstream at about their usual pace, not after minutes of retries.
+#[tokio::test]
+async fn a_dead_shared_store_costs_little_time() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_addr = hole.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    for endpoint in [format!("http://{hole_addr}"), format!("http://{closed}")] {
+        let config = pier_cache::region::SharedStoreConfig {
+            endpoint: endpoint.clone(),
+            bucket: "pier".into(),
+            prefix: "pier/".into(),
+            region: "us-east-1".into(),
+            path_style: true,
+            access_key_id: "k".into(),
+            secret_access_key: "s".into(),
+        };
+        let make = move |metrics: Arc<pier_metrics::Metrics>| {
+            Region::new(
+                &RegionConfig {
+                    cluster: None,
+                    shared_store: Some(config),
+                },
+                metrics,
+            )
+            .unwrap()
+        };
+        let node = launch(Setup {
+            upstreams: vec![UpstreamSpec::new("docker.io", up.url())],
+            region: Some(Box::new(make)),
+            ..Setup::new(tempfile::tempdir().unwrap())
+        })
+        .await;
+        let started = std::time::Instant::now();
+        for i in 0..3u8 {
+            let data = vec![i; 20_000 + usize::from(i)];
+            let d = up.add_blob_in("library/app", data.clone());
+            let pulled =
+                tokio::time::timeout(Duration::from_secs(20), get_blob(&node, "library/app", &d))
+                    .await;
+            let Ok((status, body, _)) = pulled else {
+                panic!("{endpoint}: a pull waited 20 s for a dead store");
+            };
+            assert_eq!(status, 200);
+            assert!(body == data);
+        }
+        let (index, _, _) = multi_platform(&up, &["dead-store"], "d");
+        let got = tokio::time::timeout(
+            Duration::from_secs(20),
+            get_manifest(&node, "dead-store", MULTI),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{endpoint}: a tag waited 20 s for a dead store"));
+        assert_eq!(got.2, index);
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(12),
+            "{endpoint}: 3 blobs and a tag took {took:?} with the store dead"
+        );
+    }
+}

@@ -15,7 +15,8 @@
 //! key. The store being slow or down never fails a pull: every caller treats an error as "not
 //! there" and counts it.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
@@ -35,6 +36,13 @@ use crate::store::{RecordName, TagRecord};
 const PART_SIZE: usize = 8 << 20;
 /// Parts uploading at once per blob: bounds the memory an upload holds.
 const PARTS_IN_FLIGHT: usize = 2;
+/// Longest wait to connect to the store, and for its next bytes. No limit on a whole request:
+/// a big blob streams for as long as it takes, as long as it moves.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the store is left alone after an error: a dead or black-holed store costs one
+/// failed request per interval, not one (with its retries) per lookup.
+const DOWN_FOR: Duration = Duration::from_secs(10);
 
 /// Where the shared store is and how to reach it.
 #[derive(Clone, Debug)]
@@ -53,9 +61,14 @@ pub struct SharedStoreConfig {
 
 /// The shared store, as this node uses it.
 pub struct SharedStore {
+    /// For lookups and reads, which clients wait for: short timeouts, one retry.
     store: Arc<dyn ObjectStore>,
+    /// For writes, which run beside the fills: the client's own timeouts and retries.
+    writer: Arc<dyn ObjectStore>,
     prefix: String,
     metrics: Arc<Metrics>,
+    /// Until when the store is taken as down, after an error.
+    down_until: Mutex<Option<Instant>>,
 }
 
 impl SharedStore {
@@ -64,17 +77,40 @@ impl SharedStore {
         // The store's HTTP client takes the process's TLS provider: pier's, ring. (Installed
         // already, by this or another client, is as good.)
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let store = object_store::aws::AmazonS3Builder::new()
+        let builder = object_store::aws::AmazonS3Builder::new()
             .with_endpoint(config.endpoint.trim_end_matches('/'))
             .with_bucket_name(&config.bucket)
             .with_region(&config.region)
             .with_access_key_id(&config.access_key_id)
             .with_secret_access_key(&config.secret_access_key)
             .with_virtual_hosted_style_request(!config.path_style)
-            .with_allow_http(config.endpoint.starts_with("http://"))
+            .with_allow_http(config.endpoint.starts_with("http://"));
+        let writer = builder.clone().build().map_err(|e| e.to_string())?;
+        // For reads, the defaults (30 s per whole request, 10 retries over up to 3 minutes)
+        // would make a dead store stall every lookup for minutes, and cut a blob that takes
+        // longer to read off mid-stream.
+        let reader = builder
+            .with_client_options(
+                object_store::ClientOptions::new()
+                    .with_allow_http(config.endpoint.starts_with("http://"))
+                    .with_connect_timeout(CONNECT_TIMEOUT)
+                    .with_read_timeout(READ_TIMEOUT)
+                    .with_timeout_disabled(),
+            )
+            .with_retry(object_store::RetryConfig {
+                backoff: object_store::BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(1),
+                    base: 2.0,
+                },
+                max_retries: 1,
+                retry_timeout: READ_TIMEOUT,
+            })
             .build()
             .map_err(|e| e.to_string())?;
-        Ok(Self::with_store(Arc::new(store), &config.prefix, metrics))
+        let mut shared = Self::with_store(Arc::new(reader), &config.prefix, metrics);
+        shared.writer = Arc::new(writer);
+        Ok(shared)
     }
 
     /// Over any object store (tests use the in-memory one).
@@ -84,9 +120,11 @@ impl SharedStore {
             prefix.push('/');
         }
         SharedStore {
+            writer: store.clone(),
             store,
             prefix,
             metrics,
+            down_until: Mutex::new(None),
         }
     }
 
@@ -119,15 +157,33 @@ impl SharedStore {
     }
 
     fn failed(&self, op: &str, e: &dyn std::fmt::Display) {
-        tracing::warn!(op, error = %e, "shared store");
         self.metrics
             .shared_store_errors
             .with_label_values(&[op])
             .inc();
+        if matches!(op, "get" | "head") {
+            tracing::warn!(op, error = %e, "shared store failed; lookups skipped for {}s", DOWN_FOR.as_secs());
+            *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + DOWN_FOR);
+        } else {
+            tracing::warn!(op, error = %e, "shared store");
+        }
+    }
+
+    /// Whether the store may be asked: lookups are not, for a while after one failed (writes
+    /// run beside the fills and are always tried).
+    fn up(&self) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|until| until <= Instant::now())
     }
 
     /// A blob from `offset` on, if the store has it.
     pub(crate) async fn blob(&self, digest: &Digest, offset: u64) -> Option<BlobResponse> {
+        if !self.up() {
+            return None;
+        }
         let options = GetOptions {
             range: (offset > 0).then_some(GetRange::Offset(offset)),
             ..GetOptions::default()
@@ -172,7 +228,7 @@ impl SharedStore {
             .shared_store_errors
             .with_label_values(&["corrupt"])
             .inc();
-        match self.store.delete(&self.blob_path(digest)).await {
+        match self.writer.delete(&self.blob_path(digest)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
             Err(e) => self.failed("delete", &e),
         }
@@ -180,6 +236,9 @@ impl SharedStore {
 
     /// A manifest and its media type, if the store has it.
     pub(crate) async fn manifest(&self, digest: &Digest) -> Option<(Bytes, String)> {
+        if !self.up() {
+            return None;
+        }
         let got = match self.store.get(&self.blob_path(digest)).await {
             Ok(g) => g,
             Err(object_store::Error::NotFound { .. }) => return None,
@@ -217,7 +276,7 @@ impl SharedStore {
             ..PutOptions::default()
         };
         match self
-            .store
+            .writer
             .put_opts(&self.blob_path(digest), PutPayload::from(bytes), options)
             .await
         {
@@ -238,7 +297,7 @@ impl SharedStore {
         digest: &Digest,
         mut stream: BoxStream<'static, std::io::Result<Bytes>>,
     ) -> bool {
-        let upload = match self.store.put_multipart(&self.blob_path(digest)).await {
+        let upload = match self.writer.put_multipart(&self.blob_path(digest)).await {
             Ok(u) => u,
             Err(e) => {
                 self.failed("put", &e);
@@ -268,7 +327,7 @@ impl SharedStore {
             // S3 completes no upload without parts: the empty blob goes in one put.
             let _ = writer.abort().await;
             return match self
-                .store
+                .writer
                 .put(&self.blob_path(digest), PutPayload::default())
                 .await
             {
@@ -301,6 +360,9 @@ impl SharedStore {
         repo: &RepositoryName,
         name: RecordName<'_>,
     ) -> Option<TagRecord> {
+        if !self.up() {
+            return None;
+        }
         let path = self.record_path(upstream, repo, name);
         let bytes = match self.store.get(&path).await {
             Ok(g) => g.bytes().await,
@@ -329,7 +391,7 @@ impl SharedStore {
             return;
         };
         let path = self.record_path(upstream, repo, name);
-        if let Err(e) = self.store.put(&path, PutPayload::from(json)).await {
+        if let Err(e) = self.writer.put(&path, PutPayload::from(json)).await {
             self.failed("put", &e);
         }
     }
@@ -341,6 +403,9 @@ impl SharedStore {
         repo: &RepositoryName,
         digest: &Digest,
     ) -> bool {
+        if !self.up() {
+            return false;
+        }
         match self
             .store
             .head(&self.link_path(upstream, repo, digest))
@@ -364,7 +429,7 @@ impl SharedStore {
     ) {
         for d in digests {
             if let Err(e) = self
-                .store
+                .writer
                 .put(&self.link_path(upstream, repo, d), PutPayload::default())
                 .await
             {
