@@ -760,3 +760,77 @@ async fn a_dead_shared_store_costs_little_time() {
         );
     }
 }
+
+/// A peer that lies about manifests: for a tag, bytes that do not match the digest it names;
+/// for a digest, another (self-consistent) manifest. Neither is taken: the node asks the
+/// upstream, and every client gets the right manifest.
+#[tokio::test]
+async fn a_peer_that_lies_about_manifests_is_not_believed() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let other = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","evil":1}"#;
+    let other_digest = format!("sha256:{}", hex(&Sha256::digest(other)));
+    let evil = fake_peer(Arc::new(move |path: &str| {
+        let headers = vec![
+            ("content-type", V2.to_string()),
+            ("docker-content-digest", other_digest.clone()),
+        ];
+        if path.contains("/manifests/sha256:") {
+            (200, headers, Bytes::from_static(other))
+        } else {
+            (200, headers, Bytes::from_static(b"{\"not\":\"it\"}"))
+        }
+    }))
+    .await;
+    let spec = NodeSpec {
+        shared: false,
+        ..NodeSpec::full()
+    };
+    let nodes = region(&up, &store, &[spec], std::slice::from_ref(&evil)).await;
+    let n = &nodes[0];
+    let tags = ["l0", "l1", "l2", "l3", "l4", "l5"];
+    let (index, amd64, arm64) = multi_platform(&up, &tags, "l");
+    let evil_node = Node::Peer(evil.clone());
+    assert!(tags
+        .iter()
+        .any(|t| owner(n, &format!("docker.io/library/multi:{t}")) == evil_node));
+    for t in tags {
+        assert_eq!(get_manifest(n, t, MULTI).await.2, index, "{t}");
+    }
+    for d in [&amd64, &arm64] {
+        assert_eq!(get_manifest(n, d, MULTI).await.2, *d);
+    }
+}
+
+/// A peer that answers a range other than the one asked for (a 206 from byte 5 to a request
+/// from byte 0): that fill fails, the peer is skipped, and the retry is served.
+#[tokio::test]
+async fn a_peer_that_answers_the_wrong_range_costs_one_attempt_not_the_blob() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let evil = fake_peer(Arc::new(|path: &str| {
+        if path.contains("/blobs/") {
+            (
+                206,
+                vec![("content-range", "bytes 5-69999/70000".to_string())],
+                Bytes::from(vec![1u8; 69_995]),
+            )
+        } else {
+            (404, vec![], Bytes::new())
+        }
+    }))
+    .await;
+    let spec = NodeSpec {
+        shared: false,
+        ..NodeSpec::full()
+    };
+    let nodes = region(&up, &store, &[spec], std::slice::from_ref(&evil)).await;
+    let n = &nodes[0];
+    let (d, data) = blob_owned_by(&up, "library/app", n, &Node::Peer(evil.clone()));
+    let (status, _, _) = get_blob(n, "library/app", &d).await;
+    assert_ne!(status, 200, "a range past the one asked for was served");
+    settle(n).await;
+    let (status, body, _) = get_blob(n, "library/app", &d).await;
+    assert_eq!(status, 200);
+    assert!(body == data, "second pull got wrong bytes");
+}

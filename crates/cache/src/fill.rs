@@ -35,7 +35,8 @@ pub trait Origin: Send + Sync + 'static {
         false
     }
 
-    /// The bytes this origin brought did not verify (wrong digest, or more than announced):
+    /// The bytes this origin brought did not verify (wrong digest, more than announced, a
+    /// range other than asked for, a size other than an earlier attempt's):
     /// nothing of them is kept. An origin with other sources (a region's) stops trusting the
     /// ones that sent them, so that the next fill of the digest does not fail the same way.
     fn rejected(&self) -> BoxFuture<'static, ()> {
@@ -183,14 +184,16 @@ impl Fill {
                     }
                     match (total, resp.total) {
                         (Some(t), Some(n)) if t != n => {
+                            origin.rejected().await;
                             return Err(FillError::Upstream(UpstreamError::Invalid(format!(
                                 "blob size changed from {t} to {n} between attempts"
-                            ))))
+                            ))));
                         }
                         (None, Some(n)) => total = Some(n),
                         _ => {}
                     }
                     if resp.start > written {
+                        origin.rejected().await;
                         return Err(FillError::Upstream(UpstreamError::Invalid(
                             "upstream answered a range past the one asked for".into(),
                         )));
