@@ -834,3 +834,49 @@ async fn a_peer_that_answers_the_wrong_range_costs_one_attempt_not_the_blob() {
     assert_eq!(status, 200);
     assert!(body == data, "second pull got wrong bytes");
 }
+
+/// Peers that refuse connections or never answer: each costs its timeout once, then is skipped;
+/// every pull is served.
+#[tokio::test]
+async fn dead_peers_cost_a_timeout_not_a_pull() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let store = Arc::new(InMemory::new());
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_url = format!("http://{}", hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = hole.accept().await {
+            held.push(s);
+        }
+    });
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let spec = NodeSpec {
+        shared: false,
+        ..NodeSpec::full()
+    };
+    let nodes = region(&up, &store, &[spec], &[hole_url.clone(), closed.clone()]).await;
+    let n = &nodes[0];
+    let started = std::time::Instant::now();
+    for dead in [&hole_url, &closed] {
+        let (d, data) = blob_owned_by(&up, "library/app", n, &Node::Peer(dead.clone()));
+        let (status, body, broke) = get_blob(n, "library/app", &d).await;
+        assert_eq!((status, broke), (200, false));
+        assert!(body == data);
+        // Skipped now: left out of the ranking.
+        let ranked = n.mirror.cache.region().unwrap().owners(&d);
+        assert!(
+            !ranked.contains(&Node::Peer(dead.clone())),
+            "{dead} still ranked"
+        );
+    }
+    let (index, _, _) = multi_platform(&up, &["dead-peers"], "p");
+    assert_eq!(get_manifest(n, "dead-peers", MULTI).await.2, index);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
