@@ -324,6 +324,23 @@ async fn a_digest_of_one_repository_is_never_served_under_another_across_the_reg
     let (d, data) = blob_owned_by(&up, "library/app", b, &Node::Peer(a.url.clone()));
     let (status, body, _) = get_blob(a, "library/app", &d).await;
     assert_eq!((status, body.len()), (200, data.len()));
+    // A tag of library/app, by tag and by digest, seen by A.
+    let manifest = up.add_manifest("library/app", "1.0", OCI, r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#);
+    let tag_of = |node: &Pier, repo: &'static str, reference: String| {
+        let url = format!("{}/v2/{repo}/manifests/{reference}", node.url);
+        async move {
+            client()
+                .get(url)
+                .header("accept", MULTI)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(tag_of(a, "library/app", "1.0".into()).await, 200);
+    assert_eq!(tag_of(a, "library/app", manifest.clone()).await, 200);
     assert!(wait_stored(a, &d).await);
     settle(a).await;
     // The blob reaches the shared store (with its link for library/app).
@@ -349,10 +366,16 @@ async fn a_digest_of_one_repository_is_never_served_under_another_across_the_reg
         let (status, body, _) = get_blob(node, "library/allowed", &d).await;
         assert_ne!(status, 200, "{}", String::from_utf8_lossy(&body));
     }
+    for node in [a, b, c] {
+        assert_ne!(tag_of(node, "library/allowed", "1.0".into()).await, 200);
+        assert_ne!(tag_of(node, "library/allowed", manifest.clone()).await, 200);
+    }
     // ... while library/app is served from the region by every node, with the upstream down.
     for node in [b, c] {
         let (status, body, _) = get_blob(node, "library/app", &d).await;
         assert_eq!((status, body == data), (200, true));
+        assert_eq!(tag_of(node, "library/app", "1.0".into()).await, 200);
+        assert_eq!(tag_of(node, "library/app", manifest.clone()).await, 200);
     }
 }
 
