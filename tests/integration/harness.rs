@@ -123,7 +123,14 @@ pub struct Setup {
     /// Hosted repository globs, and whether anonymous clients may push.
     pub hosted_repositories: Vec<String>,
     pub allow_anonymous_push: bool,
+    /// Makes the node part of a region (given the node's metrics).
+    pub region: Option<RegionMaker>,
+    /// A listener bound beforehand (a region's nodes must know each other's addresses).
+    pub listener: Option<tokio::net::TcpListener>,
 }
+
+/// Builds a node's region from its metrics.
+pub type RegionMaker = Box<dyn FnOnce(Arc<Metrics>) -> pier_cache::region::Region + Send>;
 
 impl Setup {
     pub fn new(dir: tempfile::TempDir) -> Self {
@@ -141,6 +148,8 @@ impl Setup {
             hosted: pier_cache::HostedConfig::default(),
             hosted_repositories: Vec::new(),
             allow_anonymous_push: false,
+            region: None,
+            listener: None,
         }
     }
 }
@@ -157,6 +166,8 @@ pub async fn launch(setup: Setup) -> Pier {
         hosted,
         hosted_repositories,
         allow_anonymous_push,
+        region,
+        listener,
     } = setup;
     let metrics = Arc::new(Metrics::new());
     let entries = upstreams
@@ -196,15 +207,24 @@ pub async fn launch(setup: Setup) -> Pier {
         max_queued_fills,
         hosted,
     };
-    let cache = Arc::new(Cache::open(cache_config, metrics.clone()).expect("open cache"));
+    let mut cache = Cache::open(cache_config, metrics.clone()).expect("open cache");
+    if let Some(make) = region {
+        let region = Arc::new(make(metrics.clone()));
+        region.start().await;
+        cache = cache.with_region(region);
+    }
+    let cache = Arc::new(cache);
     let hosted_repositories =
         pier_server::HostedRepositories::new(&hosted_repositories, allow_anonymous_push)
             .expect("valid hosted globs");
     let mirror =
         Arc::new(Mirror::new(entries, 0, cache.clone(), metrics).with_hosted(hosted_repositories));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind pier");
+    let listener = match listener {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind pier"),
+    };
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -20,6 +20,7 @@ mod hostile;
 mod metrics;
 mod negotiation;
 mod referrers;
+mod region;
 mod repository_access;
 mod routing;
 mod secrets;

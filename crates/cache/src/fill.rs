@@ -34,6 +34,14 @@ pub trait Origin: Send + Sync + 'static {
     fn shares(&self) -> bool {
         false
     }
+
+    /// The bytes this origin brought did not verify (wrong digest, more than announced, a
+    /// range other than asked for, a size other than an earlier attempt's):
+    /// nothing of them is kept. An origin with other sources (a region's) stops trusting the
+    /// ones that sent them, so that the next fill of the digest does not fail the same way.
+    fn rejected(&self) -> BoxFuture<'static, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// How hard a fill tries before giving up.
@@ -176,14 +184,16 @@ impl Fill {
                     }
                     match (total, resp.total) {
                         (Some(t), Some(n)) if t != n => {
+                            origin.rejected().await;
                             return Err(FillError::Upstream(UpstreamError::Invalid(format!(
                                 "blob size changed from {t} to {n} between attempts"
-                            ))))
+                            ))));
                         }
                         (None, Some(n)) => total = Some(n),
                         _ => {}
                     }
                     if resp.start > written {
+                        origin.rejected().await;
                         return Err(FillError::Upstream(UpstreamError::Invalid(
                             "upstream answered a range past the one asked for".into(),
                         )));
@@ -214,6 +224,7 @@ impl Fill {
                         }
                         let got = written + chunk.len() as u64;
                         if let Some(expected) = total.filter(|t| got > *t) {
+                            origin.rejected().await;
                             return Err(FillError::SizeMismatch { expected, got });
                         }
                         hasher.update(&chunk);
@@ -246,6 +257,7 @@ impl Fill {
         }
         let actual = hasher.finish();
         if actual != self.digest {
+            origin.rejected().await;
             return Err(FillError::DigestMismatch { actual });
         }
         Ok(resumes)

@@ -363,8 +363,9 @@ impl Cache {
                             &manifest.media_type,
                             SystemTime::now(),
                         );
-                        self.record(repo, RecordName::Tag(tag), answer).await;
+                        // Links first: see fetch_manifest.
                         self.link_manifest(repo, &h.digest, &manifest).await;
+                        self.record(repo, RecordName::Tag(tag), answer).await;
                         return Ok(ResolvedManifest {
                             digest: h.digest,
                             manifest,
@@ -410,14 +411,22 @@ impl Cache {
             bytes: m.bytes,
             media_type: m.media_type.into(),
         };
-        if let Err(e) = self.put_manifest(&digest, &manifest).await {
-            // The client still gets the verified bytes; only the cache goes without.
-            tracing::warn!(error = %e, %digest, "could not cache manifest");
-        } else if let Reference::Tag(tag) = reference {
-            let answer = TagAnswer::new(accept, &digest, &manifest.media_type, SystemTime::now());
-            self.record(repo, RecordName::Tag(tag), answer).await;
-        }
+        // Links before the tag's record: a repository's first links, loaded with no links file,
+        // are derived from its tag records (a cache of an earlier pier), and what is derived
+        // counts as linked already, so it would never be shared with the region.
+        let stored = self.put_manifest(&digest, &manifest).await;
         self.link_manifest(repo, &digest, &manifest).await;
+        match stored {
+            // The client still gets the verified bytes; only the cache goes without.
+            Err(e) => tracing::warn!(error = %e, %digest, "could not cache manifest"),
+            Ok(()) => {
+                if let Reference::Tag(tag) = reference {
+                    let answer =
+                        TagAnswer::new(accept, &digest, &manifest.media_type, SystemTime::now());
+                    self.record(repo, RecordName::Tag(tag), answer).await;
+                }
+            }
+        }
         Ok(ResolvedManifest {
             digest,
             manifest,

@@ -21,6 +21,15 @@ pub(crate) fn is_peer_request(path: &str) -> bool {
     path.starts_with(PATH_PREFIX)
 }
 
+/// Whether a request carries the region's secret (a node without peers accepts none).
+pub(crate) fn carries_secret<B>(mirror: &Mirror, req: &Request<B>) -> bool {
+    let secret = req.headers().get(SECRET_HEADER).map(|v| v.as_bytes());
+    mirror
+        .cache
+        .region()
+        .is_some_and(|r| r.has_peers() && r.accepts_secret(secret))
+}
+
 /// Answers a peer request.
 pub(crate) async fn answer<B>(mirror: &Mirror, req: &Request<B>) -> Response<Body> {
     let head = req.method() == Method::HEAD;
@@ -35,12 +44,7 @@ async fn dispatch<B>(
     req: &Request<B>,
     head: bool,
 ) -> Result<Response<Body>, RegistryError> {
-    let secret = req.headers().get(SECRET_HEADER).map(|v| v.as_bytes());
-    let accepted = mirror
-        .cache
-        .region()
-        .is_some_and(|r| r.has_peers() && r.accepts_secret(secret));
-    if !accepted {
+    if !carries_secret(mirror, req) {
         return Err(RegistryError::new(
             ErrorCode::Unauthorized,
             "peer requests need the region's secret",
@@ -57,8 +61,11 @@ async fn dispatch<B>(
     let upstream = q
         .get("upstream")
         .and_then(|u| mirror.upstream_named(u))
+        // Not 404: the asking node would take it for "the repository has no such object" (a
+        // rolling configuration change leaves nodes with different upstreams for a while).
         .ok_or_else(|| {
             RegistryError::new(ErrorCode::NameUnknown, "no such upstream on this node")
+                .with_status(421)
         })?;
     let repo = q
         .get("repo")
@@ -107,7 +114,7 @@ async fn dispatch<B>(
             Ok(resp)
         }
         _ => Err(
-            RegistryError::new(ErrorCode::Unsupported, "no such peer endpoint").with_status(404),
+            RegistryError::new(ErrorCode::Unsupported, "no such peer endpoint").with_status(400),
         ),
     }
 }

@@ -78,7 +78,15 @@ pub async fn serve(
     let handler = move |req: Request<Incoming>, peer: SocketAddr| {
         let (mirror, limiter, auth) = (mirror.clone(), limiter.clone(), auth.clone());
         async move {
-            if let Some(Err(wait)) = limiter.as_ref().map(|l| l.check(peer.ip())) {
+            // The per-address limit is for clients: a peer's address carries every miss of a
+            // whole node, and a peer refused would fetch from the upstream itself.
+            let from_peer = crate::region::is_peer_request(req.uri().path())
+                && crate::region::carries_secret(&mirror, &req);
+            if let Some(Err(wait)) = limiter
+                .as_ref()
+                .filter(|_| !from_peer)
+                .map(|l| l.check(peer.ip()))
+            {
                 let e =
                     RegistryError::new(ErrorCode::TooManyRequests, "request rate limit reached")
                         .with_retry_after(Some(wait));

@@ -126,6 +126,13 @@ impl Region {
         }
     }
 
+    /// This region with `shared` as its shared store (tests: an in-memory store next to real
+    /// peers).
+    pub fn with_store(mut self, shared: SharedStore) -> Region {
+        self.shared = Some(shared);
+        self
+    }
+
     /// Starts what runs in the background: re-resolving peers from DNS.
     pub async fn start(&self) {
         if let Some(m) = &self.members {

@@ -15,7 +15,7 @@ use crate::fill::Origin;
 use crate::remote::UpstreamOrigin;
 
 /// The source an attempt of the fill used.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Used {
     Peer(String),
     Shared,
@@ -36,6 +36,8 @@ pub(crate) struct RegionOrigin {
     /// as the store is keyed by digest alone.
     pub shared_allowed: bool,
     last: Arc<Mutex<Option<Used>>>,
+    /// Every source an attempt of this fill used, in order.
+    used: Arc<Mutex<Vec<Used>>>,
     shared_failed: Arc<AtomicBool>,
     from_upstream: Arc<AtomicBool>,
 }
@@ -55,6 +57,7 @@ impl RegionOrigin {
             ask_peers,
             shared_allowed,
             last: Arc::default(),
+            used: Arc::default(),
             shared_failed: Arc::default(),
             from_upstream: Arc::default(),
         }
@@ -67,8 +70,9 @@ impl Origin for RegionOrigin {
         let upstream = self.upstream.clone();
         let name = self.upstream_name.clone();
         let (ask_peers, shared_allowed) = (self.ask_peers, self.shared_allowed);
-        let (last, shared_failed, from_upstream) = (
+        let (last, used, shared_failed, from_upstream) = (
             self.last.clone(),
+            self.used.clone(),
             self.shared_failed.clone(),
             self.from_upstream.clone(),
         );
@@ -90,7 +94,12 @@ impl Origin for RegionOrigin {
                         .inc();
                 }
             };
-            let set_last = |u: Used| *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
+            let set_last = |u: Used| {
+                used.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(u.clone());
+                *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(u);
+            };
             if ask_peers {
                 for node in region.owners(&digest.to_string()) {
                     let Node::Peer(peer) = node else { break };
@@ -142,5 +151,29 @@ impl Origin for RegionOrigin {
 
     fn shares(&self) -> bool {
         self.region.shared.is_some() && self.from_upstream.load(Ordering::SeqCst)
+    }
+
+    /// Bytes that did not verify: every peer that sent some of them is left out for a while,
+    /// and an object of the shared store that sent them all is removed (it is not the content
+    /// of its key; the next fill goes to the upstream and shares the right bytes). Without
+    /// this, a corrupt object or a lying peer would fail every fill of the digest.
+    fn rejected(&self) -> BoxFuture<'static, ()> {
+        let used = std::mem::take(&mut *self.used.lock().unwrap_or_else(|p| p.into_inner()));
+        let (region, digest) = (self.region.clone(), self.upstream.digest.clone());
+        async move {
+            for u in &used {
+                if let Used::Peer(p) = u {
+                    tracing::warn!(peer = %p, %digest, "a peer sent bytes that do not verify");
+                    region.mark_down(p);
+                }
+            }
+            // Only when the store alone sent the bytes: mixed sources tell no culprit.
+            if !used.is_empty() && used.iter().all(|u| *u == Used::Shared) {
+                if let Some(shared) = &region.shared {
+                    shared.remove_corrupt(&digest).await;
+                }
+            }
+        }
+        .boxed()
     }
 }

@@ -15,7 +15,6 @@
 //! key. The store being slow or down never fails a pull: every caller treats an error as "not
 //! there" and counts it.
 
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,10 +36,12 @@ use crate::store::{RecordName, TagRecord};
 const PART_SIZE: usize = 8 << 20;
 /// Parts uploading at once per blob: bounds the memory an upload holds.
 const PARTS_IN_FLIGHT: usize = 2;
-/// Longest wait for the store's answer to a request (headers), and between two chunks of a body.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
-/// After a failure, how long the store is left alone: a store that is down or black-holed must
-/// cost one timeout per interval, not one per pull.
+/// Longest wait to connect to the store, and for its next bytes. No limit on a whole request:
+/// a big blob streams for as long as it takes, as long as it moves.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the store is left alone after an error: a dead or black-holed store costs one
+/// failed request per interval, not one (with its retries) per lookup.
 const DOWN_FOR: Duration = Duration::from_secs(10);
 
 /// Where the shared store is and how to reach it.
@@ -60,10 +61,13 @@ pub struct SharedStoreConfig {
 
 /// The shared store, as this node uses it.
 pub struct SharedStore {
+    /// For lookups and reads, which clients wait for: short timeouts, one retry.
     store: Arc<dyn ObjectStore>,
+    /// For writes, which run beside the fills: the client's own timeouts and retries.
+    writer: Arc<dyn ObjectStore>,
     prefix: String,
     metrics: Arc<Metrics>,
-    /// Until when the store is skipped after a failure.
+    /// Until when the store is taken as down, after an error.
     down_until: Mutex<Option<Instant>>,
 }
 
@@ -73,29 +77,40 @@ impl SharedStore {
         // The store's HTTP client takes the process's TLS provider: pier's, ring. (Installed
         // already, by this or another client, is as good.)
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let store = object_store::aws::AmazonS3Builder::new()
+        let builder = object_store::aws::AmazonS3Builder::new()
             .with_endpoint(config.endpoint.trim_end_matches('/'))
             .with_bucket_name(&config.bucket)
             .with_region(&config.region)
             .with_access_key_id(&config.access_key_id)
             .with_secret_access_key(&config.secret_access_key)
             .with_virtual_hosted_style_request(!config.path_style)
-            // No overall deadline (a large blob streams for as long as it takes); pier bounds
-            // each wait itself, and retries little: the next source is better than a wait.
+            .with_allow_http(config.endpoint.starts_with("http://"));
+        let writer = builder.clone().build().map_err(|e| e.to_string())?;
+        // For reads, the defaults (30 s per whole request, 10 retries over up to 3 minutes)
+        // would make a dead store stall every lookup for minutes, and cut a blob that takes
+        // longer to read off mid-stream.
+        let reader = builder
             .with_client_options(
                 object_store::ClientOptions::new()
                     .with_allow_http(config.endpoint.starts_with("http://"))
-                    .with_connect_timeout(Duration::from_secs(3))
+                    .with_connect_timeout(CONNECT_TIMEOUT)
+                    .with_read_timeout(READ_TIMEOUT)
                     .with_timeout_disabled(),
             )
             .with_retry(object_store::RetryConfig {
+                backoff: object_store::BackoffConfig {
+                    init_backoff: Duration::from_millis(100),
+                    max_backoff: Duration::from_secs(1),
+                    base: 2.0,
+                },
                 max_retries: 1,
-                retry_timeout: Duration::from_secs(10),
-                ..object_store::RetryConfig::default()
+                retry_timeout: READ_TIMEOUT,
             })
             .build()
             .map_err(|e| e.to_string())?;
-        Ok(Self::with_store(Arc::new(store), &config.prefix, metrics))
+        let mut shared = Self::with_store(Arc::new(reader), &config.prefix, metrics);
+        shared.writer = Arc::new(writer);
+        Ok(shared)
     }
 
     /// Over any object store (tests use the in-memory one).
@@ -105,36 +120,11 @@ impl SharedStore {
             prefix.push('/');
         }
         SharedStore {
+            writer: store.clone(),
             store,
             prefix,
             metrics,
             down_until: Mutex::new(None),
-        }
-    }
-
-    /// Runs one request against the store, within [`ANSWER_TIMEOUT`], unless the store is being
-    /// left alone after a failure. `None`: not there, or the store failed (counted and logged;
-    /// a missing object is no failure).
-    async fn call<T>(
-        &self,
-        op: &str,
-        request: impl Future<Output = object_store::Result<T>>,
-    ) -> Option<T> {
-        let down = *self.down_until.lock().unwrap_or_else(|p| p.into_inner());
-        if down.is_some_and(|until| Instant::now() < until) {
-            return None;
-        }
-        match tokio::time::timeout(ANSWER_TIMEOUT, request).await {
-            Ok(Ok(v)) => Some(v),
-            Ok(Err(object_store::Error::NotFound { .. })) => None,
-            Ok(Err(e)) => {
-                self.failed(op, &e);
-                None
-            }
-            Err(_) => {
-                self.failed(op, &"no answer in time");
-                None
-            }
         }
     }
 
@@ -166,34 +156,51 @@ impl SharedStore {
         ))
     }
 
-    /// Counts a failure and leaves the store alone for a while.
     fn failed(&self, op: &str, e: &dyn std::fmt::Display) {
-        let mut down = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
-        if down.is_none_or(|until| until <= Instant::now()) {
-            tracing::warn!(op, error = %e, "shared store failed; skipped for {}s", DOWN_FOR.as_secs());
-        }
-        *down = Some(Instant::now() + DOWN_FOR);
-        drop(down);
         self.metrics
             .shared_store_errors
             .with_label_values(&[op])
             .inc();
+        if matches!(op, "get" | "head") {
+            tracing::warn!(op, error = %e, "shared store failed; lookups skipped for {}s", DOWN_FOR.as_secs());
+            *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + DOWN_FOR);
+        } else {
+            tracing::warn!(op, error = %e, "shared store");
+        }
+    }
+
+    /// Whether the store may be asked: lookups are not, for a while after one failed (writes
+    /// run beside the fills and are always tried).
+    fn up(&self) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_none_or(|until| until <= Instant::now())
     }
 
     /// A blob from `offset` on, if the store has it.
     pub(crate) async fn blob(&self, digest: &Digest, offset: u64) -> Option<BlobResponse> {
+        if !self.up() {
+            return None;
+        }
         let options = GetOptions {
             range: (offset > 0).then_some(GetRange::Offset(offset)),
             ..GetOptions::default()
         };
-        let path = self.blob_path(digest);
-        let got = self
-            .call("get", self.store.get_opts(&path, options))
-            .await?;
+        let got = match self.store.get_opts(&self.blob_path(digest), options).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return None,
+            Err(e) => {
+                self.failed("get", &e);
+                return None;
+            }
+        };
         let total = got.meta.size;
         let start = got.range.start;
         let metrics = self.metrics.clone();
-        let body = idle_timeout(got.into_stream())
+        let body = got
+            .into_stream()
             .inspect_ok(move |b| {
                 metrics
                     .shared_store_bytes
@@ -214,23 +221,58 @@ impl SharedStore {
         })
     }
 
+    /// Removes a blob whose bytes, read back whole, did not hash to its digest.
+    pub(crate) async fn remove_corrupt(&self, digest: &Digest) {
+        tracing::warn!(%digest, "shared store object does not verify; removed");
+        self.metrics
+            .shared_store_errors
+            .with_label_values(&["corrupt"])
+            .inc();
+        match self.writer.delete(&self.blob_path(digest)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => self.failed("delete", &e),
+        }
+    }
+
     /// A blob's size, if the store has it.
     pub(crate) async fn size(&self, digest: &Digest) -> Option<u64> {
-        let path = self.blob_path(digest);
-        self.call("head", self.store.head(&path))
-            .await
-            .map(|m| m.size)
+        if !self.up() {
+            return None;
+        }
+        match self.store.head(&self.blob_path(digest)).await {
+            Ok(meta) => Some(meta.size),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => {
+                self.failed("head", &e);
+                None
+            }
+        }
     }
 
     /// A manifest and its media type, if the store has it.
     pub(crate) async fn manifest(&self, digest: &Digest) -> Option<(Bytes, String)> {
-        let path = self.blob_path(digest);
-        let got = self.call("get", self.store.get(&path)).await?;
+        if !self.up() {
+            return None;
+        }
+        let got = match self.store.get(&self.blob_path(digest)).await {
+            Ok(g) => g,
+            Err(object_store::Error::NotFound { .. }) => return None,
+            Err(e) => {
+                self.failed("get", &e);
+                return None;
+            }
+        };
         let media_type = got
             .attributes
             .get(&Attribute::ContentType)
             .map(|v| v.to_string())?;
-        let bytes = self.call("get", got.bytes()).await?;
+        let bytes = match got.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                self.failed("get", &e);
+                return None;
+            }
+        };
         self.metrics
             .shared_store_bytes
             .with_label_values(&["read"])
@@ -248,13 +290,17 @@ impl SharedStore {
             attributes,
             ..PutOptions::default()
         };
-        let path = self.blob_path(digest);
-        let put = self.store.put_opts(&path, PutPayload::from(bytes), options);
-        if self.call("put", put).await.is_some() {
-            self.metrics
+        match self
+            .writer
+            .put_opts(&self.blob_path(digest), PutPayload::from(bytes), options)
+            .await
+        {
+            Ok(_) => self
+                .metrics
                 .shared_store_bytes
                 .with_label_values(&["written"])
-                .inc_by(len);
+                .inc_by(len),
+            Err(e) => self.failed("put", &e),
         }
     }
 
@@ -266,9 +312,12 @@ impl SharedStore {
         digest: &Digest,
         mut stream: BoxStream<'static, std::io::Result<Bytes>>,
     ) -> bool {
-        let path = self.blob_path(digest);
-        let Some(upload) = self.call("put", self.store.put_multipart(&path)).await else {
-            return false;
+        let upload = match self.writer.put_multipart(&self.blob_path(digest)).await {
+            Ok(u) => u,
+            Err(e) => {
+                self.failed("put", &e);
+                return false;
+            }
         };
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
         let mut written = 0u64;
@@ -293,7 +342,7 @@ impl SharedStore {
             // S3 completes no upload without parts: the empty blob goes in one put.
             let _ = writer.abort().await;
             return match self
-                .store
+                .writer
                 .put(&self.blob_path(digest), PutPayload::default())
                 .await
             {
@@ -326,10 +375,22 @@ impl SharedStore {
         repo: &RepositoryName,
         name: RecordName<'_>,
     ) -> Option<TagRecord> {
+        if !self.up() {
+            return None;
+        }
         let path = self.record_path(upstream, repo, name);
-        let read = async { self.store.get(&path).await?.bytes().await };
-        let bytes = self.call("get", read).await?;
-        serde_json::from_slice(&bytes).ok()
+        let bytes = match self.store.get(&path).await {
+            Ok(g) => g.bytes().await,
+            Err(e) => Err(e),
+        };
+        match bytes {
+            Ok(b) => serde_json::from_slice(&b).ok(),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => {
+                self.failed("get", &e);
+                None
+            }
+        }
     }
 
     /// Writes a tag's (or referrers') record. Nodes merge what they read, newest answer per
@@ -345,9 +406,9 @@ impl SharedStore {
             return;
         };
         let path = self.record_path(upstream, repo, name);
-        let _ = self
-            .call("put", self.store.put(&path, PutPayload::from(json)))
-            .await;
+        if let Err(e) = self.writer.put(&path, PutPayload::from(json)).await {
+            self.failed("put", &e);
+        }
     }
 
     /// Whether the region linked `digest` to the repository.
@@ -357,6 +418,9 @@ impl SharedStore {
         repo: &RepositoryName,
         digest: &Digest,
     ) -> bool {
+        if !self.up() {
+            return false;
+        }
         match self
             .store
             .head(&self.link_path(upstream, repo, digest))
@@ -379,35 +443,16 @@ impl SharedStore {
         digests: &[Digest],
     ) {
         for d in digests {
-            let path = self.link_path(upstream, repo, d);
-            let put = self.store.put(&path, PutPayload::default());
-            if self.call("put", put).await.is_none() {
+            if let Err(e) = self
+                .writer
+                .put(&self.link_path(upstream, repo, d), PutPayload::default())
+                .await
+            {
+                self.failed("put", &e);
                 return;
             }
         }
     }
-}
-
-/// A body that fails when the store sends nothing for [`ANSWER_TIMEOUT`]: the fill then resumes
-/// from its next source.
-fn idle_timeout(
-    body: BoxStream<'static, object_store::Result<Bytes>>,
-) -> BoxStream<'static, object_store::Result<Bytes>> {
-    futures_util::stream::unfold(Some(body), |body| async move {
-        let mut body = body?;
-        match tokio::time::timeout(ANSWER_TIMEOUT, body.next()).await {
-            Ok(Some(item)) => Some((item, Some(body))),
-            Ok(None) => None,
-            Err(_) => Some((
-                Err(object_store::Error::Generic {
-                    store: "shared",
-                    source: "no bytes in time".into(),
-                }),
-                None,
-            )),
-        }
-    })
-    .boxed()
 }
 
 #[cfg(test)]
