@@ -86,6 +86,7 @@ async fn region(
                         peers: PeerSource::Static(peers),
                         secret: SECRET.into(),
                         timeout: Duration::from_millis(500),
+                        read_timeout: Duration::from_millis(500),
                         ca_file: None,
                     }),
                     shared_store: None,

@@ -31,10 +31,13 @@ pub struct ClusterSection {
     pub secret_file: Option<PathBuf>,
     #[serde(default)]
     pub secret_env: Option<String>,
-    /// Longest wait for a peer to accept a connection; a peer that does not is skipped. (A
-    /// connected peer gets 30 s between bytes: it may be waiting on a slow upstream.)
+    /// Longest wait for a peer to accept a connection; a peer that does not is skipped.
     #[serde(default = "default_peer_timeout", deserialize_with = "duration")]
     pub peer_timeout: Duration,
+    /// Longest wait for a connected peer's answer and between its body's chunks: longer, as a
+    /// live owner may be waiting on a slow upstream (giving up on it costs a second fetch).
+    #[serde(default = "default_peer_read_timeout", deserialize_with = "duration")]
+    pub peer_read_timeout: Duration,
     /// Extra CA certificates (PEM) for peers served over https.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
@@ -45,6 +48,9 @@ fn default_dns_interval() -> Duration {
 }
 fn default_peer_timeout() -> Duration {
     Duration::from_secs(3)
+}
+fn default_peer_read_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// An S3-compatible bucket shared by the region's nodes.
@@ -184,10 +190,13 @@ impl ClusterSection {
                 "peer requests need a shared secret: set secret_file or secret_env",
             ));
         }
-        if self.peer_timeout.is_zero() || self.dns_interval.is_zero() {
+        if self.peer_timeout.is_zero()
+            || self.peer_read_timeout.is_zero()
+            || self.dns_interval.is_zero()
+        {
             return Err(ConfigError::field(
                 "cluster.peer_timeout",
-                "peer_timeout and dns_interval must be greater than zero",
+                "peer_timeout, peer_read_timeout and dns_interval must be greater than zero",
             ));
         }
         Ok(())
@@ -226,6 +235,7 @@ impl ClusterSection {
             peers,
             secret,
             timeout: self.peer_timeout,
+            read_timeout: self.peer_read_timeout,
             ca_file: self.ca_file.clone(),
         })
     }

@@ -35,9 +35,13 @@ pub struct ClusterConfig {
     pub peers: PeerSource,
     /// What peer requests carry, and what this node requires of them.
     pub secret: String,
-    /// Longest wait for a peer to accept a connection (a connected peer gets longer to answer:
-    /// it may be waiting on its own upstream).
+    /// Longest wait for a peer to accept a connection: a node that is down is skipped after it.
     pub timeout: Duration,
+    /// Longest wait for a connected peer's answer, and between two chunks of its body. Longer
+    /// than `timeout`: a live owner answers as fast as its own upstream, which may be slow, and
+    /// giving up on it costs the region a second fetch. (A killed peer's connections reset at
+    /// once; this bounds only a peer that hangs.)
+    pub read_timeout: Duration,
     /// Extra CA certificates (PEM) for peers served over https.
     pub ca_file: Option<PathBuf>,
 }
@@ -89,7 +93,7 @@ impl Region {
                     }
                     None => None,
                 };
-                let client = PeerClient::new(c.secret.clone(), c.timeout, ca)
+                let client = PeerClient::new(c.secret.clone(), c.timeout, c.read_timeout, ca)
                     .map_err(RegionError::PeerClient)?;
                 let members = Members::new(&c.advertise, c.peers.clone(), metrics.clone());
                 (

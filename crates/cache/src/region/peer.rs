@@ -50,20 +50,17 @@ pub(crate) struct PeerClient {
 
 /// Largest manifest a peer may send (as from an upstream).
 const MAX_MANIFEST: usize = 4 << 20;
-/// Longest wait for a connected peer's answer, or between two chunks of its body. Longer than
-/// the connect timeout: a live owner answers as fast as its own upstream, which may be slow, and
-/// giving up on it costs the region a second fetch. A killed peer's connections reset at once.
-const READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl PeerClient {
     pub(crate) fn new(
         secret: String,
-        timeout: Duration,
+        connect_timeout: Duration,
+        read_timeout: Duration,
         ca: Option<reqwest::Certificate>,
     ) -> Result<Self, String> {
         let mut b = reqwest::Client::builder()
-            .connect_timeout(timeout)
-            .read_timeout(READ_TIMEOUT.max(timeout))
+            .connect_timeout(connect_timeout)
+            .read_timeout(read_timeout)
             // Peers answer themselves; a redirect would be someone else.
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy();
