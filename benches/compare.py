@@ -228,15 +228,18 @@ def parse_wrk(out):
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99[2]]
     done = re.search(r"(\d+) requests in [\d.]+\w+, ([\d.]+)(B|KB|MB|GB|TB) read", out)
-    errors = 0
+    errors, detail = 0, {}
     sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if sock:
-        errors += sum(int(sock[i]) for i in range(1, 5))
+        detail = {k: int(sock[i + 1]) for i, k in enumerate(["connect", "read", "write", "timeout"])}
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
-        errors += int(non2xx[1])
+        detail["non2xx"] = int(non2xx[1])
+    errors = sum(detail.values())
+    mx = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
     return {"rps": rps, "p99_ms": float(p99[1]) * scale, "bytes": float(done[2]) * UNITS[done[3]],
-            "requests": int(done[1]), "errors": errors}
+            "requests": int(done[1]), "errors": errors, "error_kinds": detail,
+            "max_ms": float(mx[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[mx[2]] if mx else None}
 
 
 def blob_throughput(srv, url, conns, seconds):
@@ -250,7 +253,7 @@ def blob_throughput(srv, url, conns, seconds):
             "errors": r["errors"]}
 
 
-def thousand_clients(srv, manifest_url, layer_url, seconds, accept, rss_of=None):
+def thousand_clients(srv, manifest_url, layer_url, seconds, accept, split=(800, 200)):
     """800 connections on a warm manifest by tag and 200 on a warm layer at once (two wrk
     processes). Returns the two wrk results."""
     def start(url, conns, accept_header):
@@ -258,8 +261,8 @@ def thousand_clients(srv, manifest_url, layer_url, seconds, accept, rss_of=None)
         if accept_header:
             args += ["-H", f"Accept: {accept_header}"]
         return subprocess.Popen(args + [url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    m = start(manifest_url, 800, accept)
-    l = start(layer_url, 200, None)
+    m = start(manifest_url, split[0], accept)
+    l = start(layer_url, split[1], None)
     return parse_wrk(m.communicate()[0]), parse_wrk(l.communicate()[0])
 
 
@@ -308,6 +311,7 @@ def main():
     ap.add_argument("--wrk-seconds", type=int, default=8)
     ap.add_argument("--fan-in", default="1,10,100")
     ap.add_argument("--thousand-seconds", type=int, default=60, help="length of the 1,000-connection run")
+    ap.add_argument("--thousand-split", default="800,200", help="connections on the manifest and on the layer")
     ap.add_argument("--layer-mib", type=int, default=16, help="size of the layer in the 1,000-connection run")
     ap.add_argument("--fan-in-clients", type=int, default=1000, help="clients on one cold blob (pier only)")
     ap.add_argument("--fan-in-mib", type=int, default=8, help="size of that cold blob")
@@ -505,7 +509,8 @@ http {{
                 curl(lurl)
                 time.sleep(1)
                 cpu0 = srv.cpu_seconds()
-                m, l = thousand_clients(srv, murl, lurl, args.thousand_seconds, OCI_MANIFEST)
+                m, l = thousand_clients(srv, murl, lurl, args.thousand_seconds, OCI_MANIFEST,
+                                        split=[int(n) for n in args.thousand_split.split(",")])
                 cpu = srv.cpu_seconds() - cpu0
                 tier = metric(srv.metrics_port, "pier_memory_tier_bytes") / MIB if who == "pier" else 0.0
                 thousand[who] = {"manifest": m, "layer": l, "rss": srv.peak_rss_mib(), "tier_mib": tier,

@@ -25,7 +25,12 @@ use crate::fill::{Phase, Progress};
 /// Largest read, and so the largest chunk a stream yields: small enough that a thousand
 /// concurrent streams cost little memory and that the buffer stays in the CPU's cache, large
 /// enough that the per-chunk work (a system call, a frame through hyper) costs little per byte.
-pub(crate) const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 32 * 1024;
+
+/// Bytes a stream reads without a thread hop before it lets the runtime's other tasks run: reads
+/// from the page cache never wait, so without this one download would fill its socket for as long
+/// as the socket takes bytes, while a thousand small requests wait behind it.
+const TURN: u64 = 8 * CHUNK as u64;
 
 /// Where a stream is.
 struct State {
@@ -38,6 +43,8 @@ struct State {
     /// Whether page-cache reads on the runtime's thread are worth trying (the file system
     /// supports them).
     nowait: bool,
+    /// Bytes read on the runtime's thread since the stream last yielded.
+    turn: u64,
 }
 
 /// A stream of the bytes `[start, end)` of `file`. With `progress`, bytes are read only once the
@@ -55,6 +62,7 @@ pub(crate) fn file_range(
         progress,
         buf: BytesMut::new(),
         nowait: true,
+        turn: 0,
     };
     stream::unfold(state, |mut s| async move {
         // How far the file may be read now, and where this stream ends.
@@ -115,6 +123,10 @@ async fn read_chunk(s: &mut State, len: usize) -> io::Result<Bytes> {
     s.buf.reserve(len);
     s.buf.resize(len, 0);
     let mut n = 0;
+    if s.turn >= TURN {
+        s.turn = 0;
+        tokio::task::yield_now().await;
+    }
     if s.nowait {
         match rustix::io::preadv2(
             &*s.file,
@@ -122,7 +134,10 @@ async fn read_chunk(s: &mut State, len: usize) -> io::Result<Bytes> {
             s.pos,
             ReadWriteFlags::NOWAIT,
         ) {
-            Ok(read) => n = read,
+            Ok(read) => {
+                n = read;
+                s.turn += read as u64;
+            }
             // Not in the page cache (or an interrupted call): the blocking pool reads it.
             Err(Errno::AGAIN | Errno::INTR) => {}
             // No such flag here: blocking reads from now on.
