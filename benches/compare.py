@@ -3,21 +3,28 @@
 and nginx serving the same blob files from disk, all in front of one real upstream (Debian's
 docker-registry, loaded with generated blobs and an image).
 
-Measures
-  1. warm large blob: throughput with 1 and 16 concurrent clients (curl);
-  2. warm small requests with 64 connections (wrk; ApacheBench for HEAD, which wrk mishandles):
-     manifest GET and HEAD by tag and by digest, and a 1 KiB blob: requests per second and p99
-     latency;
-  3. cold fan-in: N = 1, 10, 100 clients on one cold 100 MiB blob: upstream requests and bytes,
-     time until the last client finishes;
-  4. cold time to first byte through each proxy, against direct from the upstream;
-  5. peak RSS (VmHWM) of each server over 1-4;
-and prints a markdown table with the ratios pier/Distribution and pier/nginx.
+Measures (each section can be run alone with --only):
+  large     warm 200 MiB and 1 GiB blobs over 1 and 16 keep-alive connections (wrk): MiB/s, and
+            the server's CPU seconds (user + system, /proc/PID/stat) per GiB served;
+  small     warm small requests with 64 connections (wrk; ApacheBench for HEAD, which wrk
+            mishandles): manifest GET and HEAD by tag and by digest, and a 1 KiB blob: requests
+            per second and p99 latency;
+  cold      N = 1, 10, 100 clients on one cold 100 MiB blob: upstream requests and bytes, time
+            until the last client finishes; cold time to first byte, against direct from the
+            upstream;
+  fanin1000 1,000 clients at once on one cold blob (pier only): upstream GETs, bodies whose
+            sha256 is the digest;
+  thousand  1,000 connections (800 on a warm manifest by tag, 200 on a warm 16 MiB layer) for
+            60 s against a pier of its own: requests/s, errors, p99, peak RSS (VmHWM) and the
+            memory tier's bytes (from /metrics), CPU per GiB; nginx alongside;
+and peak RSS (VmHWM) of each server over the other sections, then prints a markdown table with
+the ratios pier/Distribution and pier/nginx.
 
 Needs: docker-registry, nginx, wrk, apache2-utils, curl (Debian packages), and pier built with
-`cargo build --release`. Run as root (nginx reads the temporary directory as root):
+`cargo build --release` (or PIER_BIN=path). Run as root (nginx reads the temporary directory as
+root; the descriptor limit is raised for 1,000 connections):
 
-    python3 benches/compare.py [--large-mib 1024] [--wrk-seconds 8]
+    python3 benches/compare.py [--only large,thousand] [--large-mib 200,1024] [--wrk-seconds 8]
 
 Everything listens on 127.0.0.1 and stops when the script ends.
 """
