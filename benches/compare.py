@@ -3,21 +3,28 @@
 and nginx serving the same blob files from disk, all in front of one real upstream (Debian's
 docker-registry, loaded with generated blobs and an image).
 
-Measures
-  1. warm large blob: throughput with 1 and 16 concurrent clients (curl);
-  2. warm small requests with 64 connections (wrk; ApacheBench for HEAD, which wrk mishandles):
-     manifest GET and HEAD by tag and by digest, and a 1 KiB blob: requests per second and p99
-     latency;
-  3. cold fan-in: N = 1, 10, 100 clients on one cold 100 MiB blob: upstream requests and bytes,
-     time until the last client finishes;
-  4. cold time to first byte through each proxy, against direct from the upstream;
-  5. peak RSS (VmHWM) of each server over 1-4;
-and prints a markdown table with the ratios pier/Distribution and pier/nginx.
+Measures (each section can be run alone with --only):
+  large     warm 200 MiB and 1 GiB blobs over 1 and 16 keep-alive connections (wrk): MiB/s, and
+            the server's CPU seconds (user + system, /proc/PID/stat) per GiB served;
+  small     warm small requests with 64 connections (wrk; ApacheBench for HEAD, which wrk
+            mishandles): manifest GET and HEAD by tag and by digest, and a 1 KiB blob: requests
+            per second and p99 latency;
+  cold      N = 1, 10, 100 clients on one cold 100 MiB blob: upstream requests and bytes, time
+            until the last client finishes; cold time to first byte, against direct from the
+            upstream;
+  fanin1000 1,000 clients at once on one cold blob (pier only): upstream GETs, bodies whose
+            sha256 is the digest;
+  thousand  1,000 connections (800 on a warm manifest by tag, 200 on a warm 16 MiB layer) for
+            60 s against a pier of its own: requests/s, errors, p99, peak RSS (VmHWM) and the
+            memory tier's bytes (from /metrics), CPU per GiB; nginx alongside;
+and peak RSS (VmHWM) of each server over the other sections, then prints a markdown table with
+the ratios pier/Distribution and pier/nginx.
 
 Needs: docker-registry, nginx, wrk, apache2-utils, curl (Debian packages), and pier built with
-`cargo build --release`. Run as root (nginx reads the temporary directory as root):
+`cargo build --release` (or PIER_BIN=path). Run as root (nginx reads the temporary directory as
+root; the descriptor limit is raised for 1,000 connections):
 
-    python3 benches/compare.py [--large-mib 1024] [--wrk-seconds 8]
+    python3 benches/compare.py [--only large,thousand] [--large-mib 200,1024] [--wrk-seconds 8]
 
 Everything listens on 127.0.0.1 and stops when the script ends.
 """
@@ -29,6 +36,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -37,7 +45,7 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PIER = os.path.join(ROOT, "target", "release", "pier")
+PIER = os.environ.get("PIER_BIN", os.path.join(ROOT, "target", "release", "pier"))
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MIB = 1024 * 1024
 
@@ -89,6 +97,28 @@ class Server:
             except OSError:
                 pass
         return total / 1024
+
+    def pids(self):
+        """The process and its children (nginx's workers)."""
+        pids = [self.proc.pid]
+        try:
+            out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+            pids += [int(p) for p in out.stdout.split()]
+        except OSError:
+            pass
+        return pids
+
+    def cpu_seconds(self):
+        """User + system CPU time of the process and its children so far (/proc/PID/stat)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+            except (OSError, IndexError, ValueError):
+                pass
+        return total / os.sysconf("SC_CLK_TCK")
 
     def stop(self):
         self.proc.terminate()
@@ -187,23 +217,126 @@ def wrk(url, seconds, head=False, accept=None, tmp="."):
     return rps, float(p99[1]) * scale, int(non2xx[1]) if non2xx else 0
 
 
+UNITS = {"B": 1, "KB": 1024, "MB": 1024 ** 2, "GB": 1024 ** 3, "TB": 1024 ** 4}
+
+
+def wrk_run(url, conns, seconds, accept=None, threads=2, timeout="30s"):
+    """wrk with `conns` connections: requests/s, p99 (ms), bytes read, requests, errors (socket
+    errors and non-2xx answers)."""
+    args = ["wrk", f"-t{min(threads, conns)}", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", timeout]
+    if accept:
+        args += ["-H", f"Accept: {accept}"]
+    out = subprocess.run(args + [url], capture_output=True, text=True).stdout
+    return parse_wrk(out)
+
+
+def parse_wrk(out):
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
+    p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99[2]]
+    done = re.search(r"(\d+) requests in [\d.]+\w+, ([\d.]+)(B|KB|MB|GB|TB) read", out)
+    errors, detail = 0, {}
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if sock:
+        detail = {k: int(sock[i + 1]) for i, k in enumerate(["connect", "read", "write", "timeout"])}
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        detail["non2xx"] = int(non2xx[1])
+    errors = sum(detail.values())
+    mx = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)", out)
+    return {"rps": rps, "p99_ms": float(p99[1]) * scale, "bytes": float(done[2]) * UNITS[done[3]],
+            "requests": int(done[1]), "errors": errors, "error_kinds": detail,
+            "max_ms": float(mx[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[mx[2]] if mx else None}
+
+
+def blob_throughput(srv, url, conns, seconds):
+    """Warm blob downloads over `conns` keep-alive connections for `seconds`: MiB/s, and the
+    server's CPU seconds (user + system, all its processes) per GiB served."""
+    cpu0 = srv.cpu_seconds()
+    r = wrk_run(url, conns, seconds)
+    cpu = srv.cpu_seconds() - cpu0
+    gib = r["bytes"] / 1024 ** 3
+    return {"mib_s": r["bytes"] / MIB / seconds, "cpu_per_gib": cpu / gib if gib else float("nan"),
+            "errors": r["errors"]}
+
+
+def thousand_clients(srv, manifest_url, layer_url, seconds, accept, split=(800, 200)):
+    """800 connections on a warm manifest by tag and 200 on a warm layer at once (two wrk
+    processes). Returns the two wrk results."""
+    def start(url, conns, accept_header):
+        args = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "30s"]
+        if accept_header:
+            args += ["-H", f"Accept: {accept_header}"]
+        return subprocess.Popen(args + [url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    m = start(manifest_url, split[0], accept)
+    l = start(layer_url, split[1], None)
+    return parse_wrk(m.communicate()[0]), parse_wrk(l.communicate()[0])
+
+
+def get_and_hash(url):
+    """GET a URL; (status, sha256 hex of the body, length)."""
+    m = re.match(r"http://([^/:]+):(\d+)(/.*)", url)
+    c = http.client.HTTPConnection(m[1], int(m[2]), timeout=600)
+    try:
+        c.request("GET", m[3])
+        r = c.getresponse()
+        h, n = hashlib.sha256(), 0
+        while True:
+            chunk = r.read(256 * 1024)
+            if not chunk:
+                break
+            h.update(chunk)
+            n += len(chunk)
+        return r.status, h.hexdigest(), n
+    except OSError as e:
+        return str(e), "", 0
+    finally:
+        c.close()
+
+
+def metric(port, name):
+    """A gauge or counter of pier's /metrics (summed over its labels)."""
+    _, _, body = request(port, "GET", "/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith(name) and (line[len(name)] in " {"):
+            total += float(line.split()[-1])
+    return total
+
+
 def ratio(a, b):
     return f"{a / b:.2f}x" if a and b else "n/a"
 
 
+SECTIONS = ["cold", "large", "small", "thousand", "fanin1000"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--large-mib", type=int, default=1024, help="size of the warm large blob")
+    ap.add_argument("--large-mib", default="200,1024", help="sizes of the warm large blobs (comma-separated)")
     ap.add_argument("--cold-mib", type=int, default=100, help="size of each cold fan-in blob")
     ap.add_argument("--wrk-seconds", type=int, default=8)
     ap.add_argument("--fan-in", default="1,10,100")
+    ap.add_argument("--thousand-seconds", type=int, default=60, help="length of the 1,000-connection run")
+    ap.add_argument("--thousand-split", default="800,200", help="connections on the manifest and on the layer")
+    ap.add_argument("--layer-mib", type=int, default=16, help="size of the layer in the 1,000-connection run")
+    ap.add_argument("--fan-in-clients", type=int, default=1000, help="clients on one cold blob (pier only)")
+    ap.add_argument("--fan-in-mib", type=int, default=8, help="size of that cold blob")
+    ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run: " + ",".join(SECTIONS))
     args = ap.parse_args()
+    only = set(args.only.split(","))
     for tool in ["docker-registry", "nginx", "wrk", "ab", "curl"]:
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (apt-get install docker-registry nginx wrk apache2-utils curl)")
     if not os.path.exists(PIER):
         sys.exit("build pier first: cargo build --release")
-    fan_in = [int(n) for n in args.fan_in.split(",")]
+    # A thousand connections need a thousand descriptors in wrk and in each server.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        sys.exit(f"the descriptor limit ({hard}) is too low for 1,000 connections: raise it (ulimit -Hn)")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    fan_in = [int(n) for n in args.fan_in.split(",")] if "cold" in only else []
+    large_sizes = [int(n) for n in args.large_mib.split(",")] if "large" in only else []
     tmp = tempfile.mkdtemp(prefix="pier-bench-")
     servers = []
     try:
@@ -216,20 +349,28 @@ def main():
                     f"http:\n  addr: 127.0.0.1:{up_port}\n")
         upstream = Server("upstream", ["docker-registry", "serve", f"{tmp}/upstream.yml"], up_port, f"{tmp}/upstream.log")
         servers.append(upstream)
-        print(f"loading the upstream ({args.large_mib} MiB + {(2 * len(fan_in) + 2) * args.cold_mib} MiB of blobs)...", file=sys.stderr)
+        print("loading the upstream...", file=sys.stderr)
         blobs = {}
         random_file(f"{tmp}/small", 1024)
         blobs["small"] = push_blob(up_port, "bench/app", f"{tmp}/small")
-        random_file(f"{tmp}/large", args.large_mib * MIB)
-        blobs["large"] = push_blob(up_port, "bench/app", f"{tmp}/large")
+        for mib in large_sizes:
+            random_file(f"{tmp}/large{mib}", mib * MIB)
+            blobs[f"large{mib}"] = push_blob(up_port, "bench/app", f"{tmp}/large{mib}")
+        random_file(f"{tmp}/layer", args.layer_mib * MIB)
+        blobs["layer"] = push_blob(up_port, "bench/app", f"{tmp}/layer")
         cold = {}
-        for who in ["pier", "distribution"]:
-            for n in fan_in + ["ttfb"]:
-                random_file(f"{tmp}/cold", args.cold_mib * MIB)
-                cold[(who, n)] = push_blob(up_port, "bench/app", f"{tmp}/cold")
-        random_file(f"{tmp}/cold", args.cold_mib * MIB)
-        cold[("direct", "ttfb")] = push_blob(up_port, "bench/app", f"{tmp}/cold")
-        os.remove(f"{tmp}/cold")
+        if "cold" in only:
+            for who in ["pier", "distribution"]:
+                for n in fan_in + ["ttfb"]:
+                    random_file(f"{tmp}/cold", args.cold_mib * MIB)
+                    cold[(who, n)] = push_blob(up_port, "bench/app", f"{tmp}/cold")
+            random_file(f"{tmp}/cold", args.cold_mib * MIB)
+            cold[("direct", "ttfb")] = push_blob(up_port, "bench/app", f"{tmp}/cold")
+        if "fanin1000" in only:
+            random_file(f"{tmp}/cold", args.fan_in_mib * MIB)
+            cold["fanin1000"] = push_blob(up_port, "bench/app", f"{tmp}/cold")
+        if os.path.exists(f"{tmp}/cold"):
+            os.remove(f"{tmp}/cold")
         config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
         with open(f"{tmp}/config", "wb") as f:
             f.write(config)
@@ -242,13 +383,17 @@ def main():
         manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
 
         # --- the contenders ---
-        pier_port = free_port()
-        with open(f"{tmp}/mirror.yaml", "w") as f:
-            f.write(f"cache:\n  dir: {tmp}/pier-cache\nlog:\n  level: warn\nmetrics:\n  listen: null\n"
-                    f"upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{up_port}\n")
-        pier = Server("pier", [PIER, "serve", "--config", f"{tmp}/mirror.yaml", "--listen", f"127.0.0.1:{pier_port}"],
-                      pier_port, f"{tmp}/pier.log")
-        servers.append(pier)
+        def start_pier(name):
+            port, metrics_port = free_port(), free_port()
+            with open(f"{tmp}/{name}.yaml", "w") as f:
+                f.write(f"cache:\n  dir: {tmp}/{name}-cache\nlog:\n  level: warn\nmetrics:\n  listen: 127.0.0.1:{metrics_port}\n"
+                        f"upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{up_port}\n")
+            srv = Server(name, [PIER, "serve", "--config", f"{tmp}/{name}.yaml", "--listen", f"127.0.0.1:{port}"],
+                         port, f"{tmp}/{name}.log")
+            srv.metrics_port = metrics_port
+            servers.append(srv)
+            return srv
+        pier = start_pier("pier")
         dist_port = free_port()
         with open(f"{tmp}/proxy.yml", "w") as f:
             f.write(f"version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n"
@@ -259,7 +404,7 @@ def main():
         # nginx serves the same files: blobs by digest, the manifest by tag and by digest.
         os.makedirs(f"{tmp}/www/blobs")
         os.makedirs(f"{tmp}/www/manifests")
-        for name in ["small", "large"]:
+        for name in ["small", "layer"] + [f"large{mib}" for mib in large_sizes]:
             os.link(f"{tmp}/{name}", f"{tmp}/www/blobs/{blobs[name]}")
         for ref in ["1", manifest_digest]:
             with open(f"{tmp}/www/manifests/{ref}", "wb") as f:
@@ -271,7 +416,7 @@ user root;
 worker_processes auto;
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log;
-events {{ worker_connections 1024; }}
+events {{ worker_connections 4096; }}
 http {{
   access_log off;
   sendfile on;
@@ -283,7 +428,7 @@ http {{
   uwsgi_temp_path {tmp}/nginx-uwsgi;
   scgi_temp_path {tmp}/nginx-scgi;
   server {{
-    listen 127.0.0.1:{nginx_port};
+    listen 127.0.0.1:{nginx_port} backlog=4096;
     root {tmp}/www;
     location ~ ^/v2/.+/blobs/(sha256:[0-9a-f]+)$ {{ default_type application/octet-stream; try_files /blobs/$1 =404; }}
     location ~ ^/v2/.+/manifests/(.+)$ {{ default_type {OCI_MANIFEST}; try_files /manifests/$1 =404; }}
@@ -294,7 +439,7 @@ http {{
         servers.append(nginx)
         proxies = {"pier": pier, "distribution": dist}
         contenders = {"pier": pier, "distribution": dist, "nginx": nginx}
-        rows = []
+        results = {}
 
         # 3. cold fan-in (first, while every cold blob is cold)
         fan = {}
@@ -302,27 +447,45 @@ http {{
             for n in fan_in:
                 digest = cold[(who, n)]
                 before = len(upstream_log(f"{tmp}/upstream.log"))
-                wall, results = parallel_curl(srv.url(f"/v2/bench/app/blobs/{digest}"), n)
+                wall, res = parallel_curl(srv.url(f"/v2/bench/app/blobs/{digest}"), n)
                 time.sleep(1)  # let the upstream's log catch up
                 reqs = [r for r in upstream_log(f"{tmp}/upstream.log")[before:] if digest in r[1]]
-                ok = sum(1 for r in results if r[0] == 200 and r[1] == args.cold_mib * MIB)
+                ok = sum(1 for r in res if r[0] == 200 and r[1] == args.cold_mib * MIB)
                 fan[(who, n)] = (wall, sum(1 for r in reqs if r[0] == "GET"), sum(r[3] for r in reqs if r[0] == "GET") / MIB, ok)
         # 4. cold time to first byte
         ttfb = {}
-        for who, srv in proxies.items():
-            ttfb[who] = curl(srv.url(f"/v2/bench/app/blobs/{cold[(who, 'ttfb')]}"))[2]
-        ttfb["direct"] = curl(upstream.url(f"/v2/bench/app/blobs/{cold[('direct', 'ttfb')]}"))[2]
+        if "cold" in only:
+            for who, srv in proxies.items():
+                ttfb[who] = curl(srv.url(f"/v2/bench/app/blobs/{cold[(who, 'ttfb')]}"))[2]
+            ttfb["direct"] = curl(upstream.url(f"/v2/bench/app/blobs/{cold[('direct', 'ttfb')]}"))[2]
 
-        # 1. warm large blob
-        large = {}
-        for who, srv in contenders.items():
-            url = srv.url(f"/v2/bench/app/blobs/{blobs['large']}")
-            curl(url)  # prime (a proxy caches it)
+        # 4b. many clients on one cold blob (pier only: Distribution makes one upstream request
+        # per client, see the fan-in rows)
+        many = None
+        if "fanin1000" in only:
+            digest = cold["fanin1000"]
+            url = pier.url(f"/v2/bench/app/blobs/{digest}")
+            before = len(upstream_log(f"{tmp}/upstream.log"))
+            start = time.time()
+            with concurrent.futures.ThreadPoolExecutor(args.fan_in_clients) as pool:
+                res = list(pool.map(lambda _: get_and_hash(url), range(args.fan_in_clients)))
+            wall = time.time() - start
             time.sleep(1)
-            one = curl(url)
-            wall16, res16 = parallel_curl(url, 16)
-            total16 = sum(r[1] for r in res16)
-            large[who] = (one[1] / one[3] / MIB, total16 / wall16 / MIB, one[0] == 200 and all(r[0] == 200 for r in res16))
+            reqs = [r for r in upstream_log(f"{tmp}/upstream.log")[before:] if digest in r[1] and r[0] == "GET"]
+            good = sum(1 for r in res if r[0] == 200 and "sha256:" + r[1] == digest and r[2] == args.fan_in_mib * MIB)
+            many = (len(reqs), good, wall)
+            results["fanin1000"] = many
+
+        # 1. warm large blobs: throughput and the server's CPU per GiB
+        large = {}
+        for mib in large_sizes:
+            for who, srv in contenders.items():
+                url = srv.url(f"/v2/bench/app/blobs/{blobs[f'large{mib}']}")
+                curl(url)  # prime (a proxy caches it)
+                time.sleep(1)
+                for conns in [1, 16]:
+                    large[(mib, conns, who)] = blob_throughput(srv, url, conns, args.wrk_seconds)
+        results["large"] = {f"{m} MiB / {c} / {w}": v for (m, c, w), v in large.items()}
 
         # 2. warm small requests
         small_cases = [
@@ -331,17 +494,36 @@ http {{
             ("manifest HEAD by tag", "/v2/bench/app/manifests/1", True),
             ("manifest HEAD by digest", f"/v2/bench/app/manifests/{manifest_digest}", True),
             ("1 KiB blob GET", f"/v2/bench/app/blobs/{blobs['small']}", False),
-        ]
+        ] if "small" in only else []
         small = {}
         for case, path, head in small_cases:
             for who, srv in contenders.items():
                 curl(srv.url(path), headers=[f"Accept: {OCI_MANIFEST}"])  # prime
                 small[(case, who)] = wrk(srv.url(path), args.wrk_seconds, head=head, accept=OCI_MANIFEST, tmp=tmp)
+        results["small"] = {f"{c} / {w}": v for (c, w), v in small.items()}
 
         rss = {who: srv.peak_rss_mib() for who, srv in contenders.items()}
-        print(json.dumps({"large": large, "small": {f"{c} / {w}": v for (c, w), v in small.items()},
-                          "fan_in": {f"{w} / {n}": v for (w, n), v in fan.items()}, "ttfb": ttfb, "rss": rss}),
-              file=sys.stderr)
+        results["rss"] = rss
+
+        # 5. a thousand connections: 800 on a warm manifest by tag, 200 on a warm layer. A pier
+        # of its own, so that its peak RSS is this scenario's alone.
+        thousand = {}
+        if "thousand" in only:
+            pier1k = start_pier("pier-1000")
+            for who, srv in [("pier", pier1k), ("nginx", nginx)]:
+                murl, lurl = srv.url("/v2/bench/app/manifests/1"), srv.url(f"/v2/bench/app/blobs/{blobs['layer']}")
+                curl(murl, headers=[f"Accept: {OCI_MANIFEST}"])
+                curl(lurl)
+                time.sleep(1)
+                cpu0 = srv.cpu_seconds()
+                m, l = thousand_clients(srv, murl, lurl, args.thousand_seconds, OCI_MANIFEST,
+                                        split=[int(n) for n in args.thousand_split.split(",")])
+                cpu = srv.cpu_seconds() - cpu0
+                tier = metric(srv.metrics_port, "pier_memory_tier_bytes") / MIB if who == "pier" else 0.0
+                thousand[who] = {"manifest": m, "layer": l, "rss": srv.peak_rss_mib(), "tier_mib": tier,
+                                 "cpu_per_gib": cpu / ((m["bytes"] + l["bytes"]) / 1024 ** 3)}
+            results["thousand"] = thousand
+        print(json.dumps(results), file=sys.stderr)
 
         # --- the table ---
         print(f"\n### pier vs Distribution {subprocess.run(['docker-registry', '--version'], capture_output=True, text=True).stdout.split()[-1]} (proxy) vs nginx\n")
@@ -349,9 +531,12 @@ http {{
               f"clients (curl, wrk) run on the same cores as the servers.\n")
         print("| measurement | pier | Distribution | nginx | pier/Distribution | pier/nginx |")
         print("|---|---|---|---|---|---|")
-        for i, label in enumerate(["1 client", "16 clients"]):
-            p, d, n = (large[w][i] for w in ["pier", "distribution", "nginx"])
-            print(f"| warm {args.large_mib} MiB blob, {label} (MiB/s) | {p:.0f} | {d:.0f} | {n:.0f} | {ratio(p, d)} | {ratio(p, n)} |")
+        for mib in large_sizes:
+            for conns in [1, 16]:
+                p, d, n = (large[(mib, conns, w)] for w in ["pier", "distribution", "nginx"])
+                errs = lambda r: f" ({r['errors']} errors)" if r["errors"] else ""
+                print(f"| warm {mib} MiB blob, {conns} conns (MiB/s) | {p['mib_s']:.0f}{errs(p)} | {d['mib_s']:.0f}{errs(d)} | {n['mib_s']:.0f}{errs(n)} | {ratio(p['mib_s'], d['mib_s'])} | {ratio(p['mib_s'], n['mib_s'])} |")
+                print(f"| warm {mib} MiB blob, {conns} conns: server CPU s per GiB | {p['cpu_per_gib']:.3f} | {d['cpu_per_gib']:.3f} | {n['cpu_per_gib']:.3f} | {ratio(p['cpu_per_gib'], d['cpu_per_gib'])} | {ratio(p['cpu_per_gib'], n['cpu_per_gib'])} |")
         for case, _, _ in small_cases:
             (pr, pl, pe), (dr, dl, de), (nr, nl, ne) = (small[(case, w)] for w in ["pier", "distribution", "nginx"])
             errs = lambda e: f" ({e} non-2xx)" if e else ""
@@ -362,10 +547,21 @@ http {{
             print(f"| cold {args.cold_mib} MiB, {n} clients: upstream GETs | {pg} | {dg} | - | {ratio(pg, dg)} | - |")
             print(f"| cold {args.cold_mib} MiB, {n} clients: upstream MiB | {pb:.0f} | {db:.0f} | - | {ratio(pb, db)} | - |")
             print(f"| cold {args.cold_mib} MiB, {n} clients: last client done (s), complete bodies | {pw:.2f}, {pok}/{n} | {dw:.2f}, {dok}/{n} | - | {ratio(pw, dw)} | - |")
-        print(f"| cold time to first byte (ms; direct from upstream: {ttfb['direct'] * 1000:.1f}) | {ttfb['pier'] * 1000:.1f} | {ttfb['distribution'] * 1000:.1f} | - | {ratio(ttfb['pier'], ttfb['distribution'])} | - |")
-        print(f"| peak RSS over the run (MiB) | {rss['pier']:.0f} | {rss['distribution']:.0f} | {rss['nginx']:.0f} | {ratio(rss['pier'], rss['distribution'])} | {ratio(rss['pier'], rss['nginx'])} |")
-        if not all(large[w][2] for w in contenders):
-            print("\nWARNING: some warm large-blob downloads did not answer 200", file=sys.stderr)
+        if ttfb:
+            print(f"| cold time to first byte (ms; direct from upstream: {ttfb['direct'] * 1000:.1f}) | {ttfb['pier'] * 1000:.1f} | {ttfb['distribution'] * 1000:.1f} | - | {ratio(ttfb['pier'], ttfb['distribution'])} | - |")
+        if many:
+            print(f"| cold {args.fan_in_mib} MiB, {args.fan_in_clients} clients: upstream GETs, bodies with the right digest, last done (s) | {many[0]}, {many[1]}/{args.fan_in_clients}, {many[2]:.1f} | - | - | - | - |")
+        print(f"| peak RSS over sections 1-4 (MiB) | {rss['pier']:.0f} | {rss['distribution']:.0f} | {rss['nginx']:.0f} | {ratio(rss['pier'], rss['distribution'])} | {ratio(rss['pier'], rss['nginx'])} |")
+        if thousand:
+            p, n = thousand["pier"], thousand["nginx"]
+            for part, label in [("manifest", "800 conns on a manifest by tag"), ("layer", f"200 conns on a {args.layer_mib} MiB layer")]:
+                pm, nm = p[part], n[part]
+                print(f"| 1,000 conns, {label} (req/s; errors) | {pm['rps']:.0f}; {pm['errors']} | - | {nm['rps']:.0f}; {nm['errors']} | - | {ratio(pm['rps'], nm['rps'])} |")
+                print(f"| 1,000 conns, {label}: p99 (ms) | {pm['p99_ms']:.1f} | - | {nm['p99_ms']:.1f} | - | {ratio(pm['p99_ms'], nm['p99_ms'])} |")
+            print(f"| 1,000 conns for {args.thousand_seconds} s: peak RSS (MiB; pier's memory tier held {p['tier_mib']:.1f}) | {p['rss']:.0f} | - | {n['rss']:.0f} | - | {ratio(p['rss'], n['rss'])} |")
+            print(f"| 1,000 conns: server CPU s per GiB | {p['cpu_per_gib']:.3f} | - | {n['cpu_per_gib']:.3f} | - | {ratio(p['cpu_per_gib'], n['cpu_per_gib'])} |")
+        if not all(r["errors"] == 0 for r in large.values()):
+            print("\nWARNING: some warm large-blob downloads failed", file=sys.stderr)
     finally:
         for s in reversed(servers):
             s.stop()

@@ -227,3 +227,58 @@ async fn one_download_slot_means_downloads_one_after_another() {
 async fn downloads_beyond_the_slots_wait_and_never_overlap_more() {
     downloads_stay_within(2, 6).await;
 }
+
+/// A thousand clients on one cold blob: one upstream request, and every body complete and right.
+/// (The 100-client test above checks the fill's metrics; this one the scale, with a connection
+/// per client.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_clients_one_upstream_request_all_bodies_right() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    use sha2::{Digest as _, Sha256};
+    // Two descriptors per client (its end and pier's), and some to spare.
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    let _ = setrlimit(Resource::Nofile, limit);
+    let fds = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let clients = 1000.min((fds.saturating_sub(200) / 2) as usize);
+    assert!(clients >= 100, "only {fds} file descriptors");
+    if clients < 1000 {
+        eprintln!("descriptor limit {fds}: {clients} clients instead of 1000");
+    }
+    let up = FakeUpstream::start(Behaviour {
+        chunk_delay: Some(Duration::from_millis(20)),
+        ..Behaviour::default()
+    })
+    .await;
+    // A thousand clients hashing in a debug build can keep the fill's task from the runtime for
+    // seconds: no read timeout cutting the download short (a resume would be a second request).
+    let mut spec = UpstreamSpec::new("docker.io", up.url());
+    spec.read_timeout = Duration::from_secs(120);
+    let pier = start(vec![spec], (0, 0)).await;
+    let body = data(512 * 1024);
+    let want: [u8; 32] = Sha256::digest(&body).into();
+    let digest = up.add_blob(body);
+    let url = format!("{}/v2/library/app/blobs/{digest}", pier.url);
+    // One client: a thousand requests at once are a thousand connections (HTTP/1.1).
+    let c = client();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let (c, url) = (c.clone(), url.clone());
+            tokio::spawn(async move {
+                let r = c.get(&url).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                let mut s = r.bytes_stream();
+                let mut h = Sha256::new();
+                while let Some(chunk) = s.next().await {
+                    h.update(chunk.unwrap());
+                }
+                <[u8; 32]>::from(h.finalize())
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), want);
+    }
+    let ranges = up.state.ranges_seen.lock().unwrap().clone();
+    assert_eq!(up.state.blob_gets.load(Ordering::SeqCst), 1, "{ranges:?}");
+}
