@@ -1,11 +1,12 @@
 //! Real clients push to hosted repositories: skopeo pushes a generated two-platform image,
 //! copies it to another hosted repository (cross-repository mounts) and pulls both back byte for
-//! byte; podman logs in and pushes through the token flow, where an anonymous push is refused.
+//! byte; podman logs in and pushes through the token flow, where an anonymous push is refused;
+//! containerd pulls a pushed image back by tag and by digest.
 //! The upstream is never running: hosted repositories need none.
 
 use std::process::Command;
 
-use crate::docker::run;
+use crate::docker::{run, stdout, wait_for, Daemon};
 use crate::support::image;
 use crate::support::process::{path_str, pier, push_image, skopeo, skopeo_try};
 use crate::support::{free_port, http_get, require};
@@ -177,4 +178,83 @@ fn podman_logs_in_and_pushes_an_anonymous_client_may_not() {
         image::blobs(&back).contains_key(config_blob.digest.trim_start_matches("sha256:")),
         "the image pulled back has another config"
     );
+}
+
+/// containerd pulls a pushed two-platform image back from pier by tag and by digest (plain
+/// HTTP, no mirror configuration: pier is the registry).
+#[test]
+fn containerd_pulls_a_hosted_image_by_tag_and_digest() {
+    if !require(&["skopeo", "containerd", "ctr"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = tmp.path().join("src");
+    let index = image::two_platform_index(&layout, "1.0", &[200_000, 900_000]);
+    let config = tmp.path().join("mirror.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{}\n\
+             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n",
+            free_port()
+        ),
+    )
+    .expect("write config");
+    let mirror = pier(&[
+        "--config",
+        &path_str(&config),
+        "--cache-dir",
+        &path_str(&tmp.path().join("cache")),
+    ]);
+    push_image(
+        &layout,
+        "1.0",
+        &format!("{}/team/app:1.0", mirror.addr),
+        true,
+    );
+
+    let d = tmp.path().join("containerd");
+    std::fs::create_dir_all(&d).expect("mkdir");
+    let sock = d.join("containerd.sock");
+    let cfg = d.join("config.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version = 2\nroot = \"{}\"\nstate = \"{}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n[grpc]\n  address = \"{}\"\n",
+            path_str(&d.join("root")),
+            path_str(&d.join("state")),
+            path_str(&sock)
+        ),
+    )
+    .expect("config.toml");
+    let log = std::fs::File::create(d.join("containerd.log")).expect("log");
+    let _containerd = Daemon(
+        Command::new("containerd")
+            .args(["--config", &path_str(&cfg)])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd"),
+    );
+    let ctr = |args: &[&str]| {
+        let mut c = Command::new("ctr");
+        c.args(["-a", &path_str(&sock)]).args(args);
+        c
+    };
+    wait_for("containerd", || {
+        ctr(&["version"]).output().is_ok_and(|o| o.status.success())
+    });
+    let by_tag = format!("{}/team/app:1.0", mirror.addr);
+    let by_digest = format!("{}/team/app@{}", mirror.addr, index.top.digest);
+    for reference in [&by_tag, &by_digest] {
+        run(&mut ctr(&["images", "pull", "--plain-http", reference]));
+    }
+    let list = stdout(&run(&mut ctr(&["images", "ls"])));
+    let tagged = list
+        .lines()
+        .find(|l| l.starts_with(&by_tag))
+        .unwrap_or_else(|| panic!("{by_tag} not listed: {list}"));
+    assert!(tagged.contains(&index.top.digest), "{list}");
+    // Every blob containerd fetched verified against its digest; check it holds the content too.
+    run(&mut ctr(&["images", "check"]));
 }
