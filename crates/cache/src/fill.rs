@@ -29,8 +29,8 @@ pub trait Origin: Send + Sync + 'static {
     /// then skips what it already has).
     fn open(&self, offset: u64) -> BoxFuture<'static, Result<BlobResponse, UpstreamError>>;
 
-    /// Whether what this origin brings should also go to the region's shared store: true when
-    /// it fetched from the upstream, false when a peer or the store itself answered.
+    /// Whether what this origin brings should also go to the region's shared store: true once
+    /// it fetched from the upstream, false while only a peer or the store itself answered.
     fn shares(&self) -> bool {
         false
     }

@@ -709,7 +709,8 @@ async fn run_fill(cache: Arc<Cache>, fill: Arc<Fill>, origin: Arc<dyn Origin>) {
 
 /// Uploads what a fill brings from the upstream to the region's shared store as it streams,
 /// completing the upload only once the fill verified (its stream holds the last byte back until
-/// then). A fill served by a peer or by the shared store itself is not uploaded again.
+/// then). A fill served by a peer or by the shared store itself is not uploaded again, unless it
+/// had to finish from the upstream.
 async fn share_fill(region: Arc<Region>, fill: Arc<Fill>, origin: Arc<dyn Origin>) {
     let mut rx = fill.progress.subscribe();
     let Ok(ready) = rx
@@ -719,8 +720,24 @@ async fn share_fill(region: Arc<Region>, fill: Arc<Fill>, origin: Arc<dyn Origin
     else {
         return;
     };
-    if matches!(ready.phase, Phase::Failed(_)) || !origin.shares() {
+    if matches!(ready.phase, Phase::Failed(_)) {
         return;
+    }
+    if !origin.shares() {
+        // A later attempt may still go to the upstream (its first source died mid-fill): then
+        // the whole verified blob is shared once the fill is done.
+        let done = rx
+            .wait_for(|p| {
+                matches!(
+                    p.phase,
+                    Phase::Verified | Phase::Complete | Phase::Failed(_)
+                )
+            })
+            .await
+            .map(|p| matches!(p.phase, Phase::Verified | Phase::Complete));
+        if !(matches!(done, Ok(true)) && origin.shares()) {
+            return;
+        }
     }
     let (Some(shared), Some(file)) = (&region.shared, fill.file()) else {
         return;

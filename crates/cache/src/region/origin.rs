@@ -141,9 +141,7 @@ impl Origin for RegionOrigin {
             }
             count("upstream");
             set_last(Used::Upstream);
-            if first {
-                from_upstream.store(true, Ordering::SeqCst);
-            }
+            from_upstream.store(true, Ordering::SeqCst);
             upstream.open(offset).await
         }
         .boxed()
