@@ -135,9 +135,20 @@ fn docker_logs_in_pushes_searches_and_pulls_while_garbage_is_collected() {
         "docker search found {names:?}"
     );
 
-    // Pulled back, after the local copies are gone.
+    // Pulled back by tag and by digest, after the local copies are gone.
+    let repo_digest = stdout(&run(&mut docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{index .RepoDigests 0}}",
+        &app,
+    ])))
+    .trim()
+    .to_string();
+    assert!(repo_digest.contains("@sha256:"), "{repo_digest}");
     run(&mut docker(&["rmi", &app, &copy]));
     run(&mut docker(&["pull", &app]));
+    run(&mut docker(&["pull", &repo_digest]));
 
     // A large push and a pull run while garbage collection runs again and again: none of them
     // loses anything (the push's blobs are within the grace period, the pulled ones live).

@@ -8,7 +8,7 @@ use std::process::Command;
 
 use crate::docker::{run, stdout, wait_for, Daemon};
 use crate::support::image;
-use crate::support::process::{path_str, pier, push_image, skopeo, skopeo_try};
+use crate::support::process::{path_str, pier, pier_at, push_image, skopeo, skopeo_try};
 use crate::support::{free_port, http_get, require};
 
 #[test]
@@ -78,6 +78,19 @@ fn skopeo_pushes_to_a_hosted_repository_and_pulls_it_back() {
     let top = index.top.digest.clone();
     let (status, _) = http_get(&mirror.addr, &format!("/v2/team/copy/manifests/{top}"));
     assert_eq!(status, 200);
+    // By digest too, every platform.
+    let by_digest = tmp.path().join("by-digest");
+    skopeo(&[
+        "copy",
+        "--all",
+        "--src-tls-verify=false",
+        &format!("docker://{}/team/app@{top}", mirror.addr),
+        &format!("oci:{}:1.0", path_str(&by_digest)),
+    ]);
+    assert!(
+        image::blobs(&by_digest) == original,
+        "pulled back by digest differs from what was pushed"
+    );
 }
 
 #[test]
@@ -159,12 +172,34 @@ fn podman_logs_in_and_pushes_an_anonymous_client_may_not() {
         "ci-pw",
         &mirror.addr,
     ]));
+    let digest_file = d.join("pushed-digest");
     run(&mut podman(&[
         "push",
         "--tls-verify=false",
+        "--digestfile",
+        &path_str(&digest_file),
         local,
         &format!("{}/team/podman:1.0", mirror.addr),
     ]));
+    // podman pulls it back by tag and by digest, its local copy gone first.
+    let pushed = std::fs::read_to_string(&digest_file).expect("digest file");
+    let by_digest = format!("{}/team/podman@{}", mirror.addr, pushed.trim());
+    run(&mut podman(&["rmi", "-f", local]));
+    run(&mut podman(&[
+        "pull",
+        "--tls-verify=false",
+        &format!("{}/team/podman:1.0", mirror.addr),
+    ]));
+    run(&mut podman(&["pull", "--tls-verify=false", &by_digest]));
+    let id = stdout(&run(&mut podman(&[
+        "image", "inspect", "--format", "{{.Id}}", &by_digest,
+    ])));
+    let (_, pushed_config) = img.amd64();
+    assert_eq!(
+        id.trim(),
+        pushed_config.digest.trim_start_matches("sha256:"),
+        "podman pulled back another image"
+    );
     // Anyone may pull it back (anonymous pulls are on): the same config, so the same image.
     let back = tmp.path().join("back");
     skopeo(&[
@@ -257,4 +292,148 @@ fn containerd_pulls_a_hosted_image_by_tag_and_digest() {
     assert!(tagged.contains(&index.top.digest), "{list}");
     // Every blob containerd fetched verified against its digest; check it holds the content too.
     run(&mut ctr(&["images", "check"]));
+}
+
+/// One HTTP/1.1 exchange over a fresh connection: (status, head, body).
+fn exchange(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &[u8],
+) -> (u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).expect("write head");
+    s.write_all(body).expect("write body");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("read answer");
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let head = String::from_utf8_lossy(&buf[..split]).to_string();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, head, buf[split + 4..].to_vec())
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+/// A chunked upload broken off mid-chunk and by a restart of pier resumes where the session
+/// stood: the broken chunk is not half-kept, the status says where to go on, and the finished
+/// blob is the one that was sent.
+#[test]
+fn a_chunked_upload_interrupted_and_resumed_after_a_restart() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = tmp.path().join("mirror.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{}\n\
+             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n",
+            free_port()
+        ),
+    )
+    .expect("write config");
+    let cache = path_str(&tmp.path().join("cache"));
+    let args = ["--config", &path_str(&config), "--cache-dir", &cache];
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut mirror = pier_at(&addr, &args);
+
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let digest = format!("sha256:{}", image::sha256_hex(&data));
+    let half = data.len() / 2;
+    let (status, head, _) = exchange(&addr, "POST", "/v2/team/chunked/blobs/uploads/", &[], b"");
+    assert_eq!(status, 202, "{head}");
+    let location = header(&head, "location").expect("Location").to_string();
+    let location = location
+        .strip_prefix(&format!("http://{addr}"))
+        .unwrap_or(&location)
+        .to_string();
+    let octets = ("Content-Type", "application/octet-stream".to_string());
+    let (status, head, _) = exchange(
+        &addr,
+        "PATCH",
+        &location,
+        &[octets.clone(), ("Content-Range", format!("0-{}", half - 1))],
+        &data[..half],
+    );
+    assert_eq!(status, 202, "{head}");
+    // The client dies in the middle of the second chunk.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&addr).expect("connect");
+        write!(
+            s,
+            "PATCH {location} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Range: {half}-{}\r\nContent-Length: {}\r\n\r\n",
+            data.len() - 1,
+            data.len() - half
+        )
+        .expect("write head");
+        s.write_all(&data[half..half + 100_000])
+            .expect("write part");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // And pier restarts.
+    mirror.stop();
+    let _mirror = pier_at(&addr, &args);
+    let (status, head, _) = exchange(&addr, "GET", &location, &[], b"");
+    assert_eq!(status, 204, "{head}");
+    assert_eq!(
+        header(&head, "range"),
+        Some(format!("0-{}", half - 1).as_str()),
+        "{head}"
+    );
+    let (status, head, _) = exchange(
+        &addr,
+        "PATCH",
+        &location,
+        &[
+            octets,
+            ("Content-Range", format!("{half}-{}", data.len() - 1)),
+        ],
+        &data[half..],
+    );
+    assert_eq!(status, 202, "{head}");
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let (status, head, _) = exchange(
+        &addr,
+        "PUT",
+        &format!("{location}{sep}digest={digest}"),
+        &[],
+        b"",
+    );
+    assert_eq!(status, 201, "{head}");
+    assert_eq!(
+        header(&head, "docker-content-digest"),
+        Some(digest.as_str())
+    );
+    let (status, _, body) = exchange(
+        &addr,
+        "GET",
+        &format!("/v2/team/chunked/blobs/{digest}"),
+        &[],
+        b"",
+    );
+    assert_eq!(status, 200);
+    assert!(body == data, "the blob is not what was sent");
 }
