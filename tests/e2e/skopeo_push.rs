@@ -437,3 +437,73 @@ fn a_chunked_upload_interrupted_and_resumed_after_a_restart() {
     assert_eq!(status, 200);
     assert!(body == data, "the blob is not what was sent");
 }
+
+/// An image pulled through the mirror and then copied into a hosted repository by skopeo: its
+/// layers are mounted from the mirrored repository, not uploaded again.
+#[test]
+fn layers_pulled_through_the_mirror_are_mounted_into_a_hosted_repository() {
+    if !require(&["skopeo", "docker-registry"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = tmp.path().join("src");
+    // Random layers: they compress to about their own size, far above what a config weighs.
+    image::single_image(&layout, "1.0", &[400_000, 1_500_000]);
+    let upstream = crate::support::process::registry(&tmp.path().join("registry"));
+    push_image(
+        &layout,
+        "1.0",
+        &format!("{}/library/app:1.0", upstream.addr),
+        false,
+    );
+    let config = tmp.path().join("mirror.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  - name: docker.io\n    url: http://{}\n\
+             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n",
+            upstream.addr
+        ),
+    )
+    .expect("write config");
+    let mirror = pier(&[
+        "--config",
+        &path_str(&config),
+        "--cache-dir",
+        &path_str(&tmp.path().join("cache")),
+    ]);
+    let pulled = tmp.path().join("pulled");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/library/app:1.0", mirror.addr),
+        &format!("oci:{}:1.0", path_str(&pulled)),
+    ]);
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        "--dest-tls-verify=false",
+        &format!("docker://{}/library/app:1.0", mirror.addr),
+        &format!("docker://{}/team/mounted:1.0", mirror.addr),
+    ]);
+    // The layers were mounted, not uploaded: the bytes pushed are fewer than the smaller layer's
+    // (skopeo sends an image's small config blob without trying to reuse it).
+    let (_, metrics) = http_get(&mirror.ops, "/metrics");
+    let received: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("pier_hosted_received_bytes_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(
+        received < 100_000,
+        "{received} bytes uploaded: the layers were not mounted"
+    );
+    let back = tmp.path().join("back");
+    skopeo(&[
+        "copy",
+        "--src-tls-verify=false",
+        &format!("docker://{}/team/mounted:1.0", mirror.addr),
+        &format!("oci:{}:1.0", path_str(&back)),
+    ]);
+    assert!(image::blobs(&back) == image::blobs(&pulled));
+}
