@@ -507,3 +507,52 @@ fn layers_pulled_through_the_mirror_are_mounted_into_a_hosted_repository() {
     ]);
     assert!(image::blobs(&back) == image::blobs(&pulled));
 }
+
+/// A push past the hosted budget is refused with an error that names it, and leaves nothing
+/// counted against the budget or listed.
+#[test]
+fn a_push_past_the_hosted_budget_is_refused_and_leaves_nothing() {
+    if !require(&["skopeo"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let layout = tmp.path().join("src");
+    image::single_image(&layout, "1.0", &[1_500_000]);
+    let config = tmp.path().join("mirror.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{}\n\
+             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n  max_size: 1MB\n",
+            free_port()
+        ),
+    )
+    .expect("write config");
+    let mirror = pier(&[
+        "--config",
+        &path_str(&config),
+        "--cache-dir",
+        &path_str(&tmp.path().join("cache")),
+    ]);
+    let out = skopeo_try(&[
+        "copy",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:1.0", path_str(&layout)),
+        &format!("docker://{}/team/big:1.0", mirror.addr),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a push past the budget went through");
+    assert!(err.contains("hosted.max_size"), "{err}");
+    let (_, metrics) = http_get(&mirror.ops, "/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "pier_hosted_bytes 0"),
+        "something was kept: {}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("pier_hosted"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let (status, _) = http_get(&mirror.addr, "/v2/team/big/manifests/1.0");
+    assert_eq!(status, 404);
+}
