@@ -695,15 +695,17 @@ async fn run_fill(cache: Arc<Cache>, fill: Arc<Fill>, origin: Arc<dyn Origin>) {
         }
         fill.progress.send_modify(|p| p.phase = Phase::Failed(e));
     }
-    let purged = {
-        let mut fills = cache.fills.lock().unwrap_or_else(|p| p.into_inner());
-        fills.remove(&fill.digest);
-        fill.purged.load(Ordering::SeqCst)
-    };
-    if purged {
-        // A purge ran during the fill: what it committed must not outlive the purge.
+    if fill.purged.load(Ordering::SeqCst) {
+        // A purge ran during the fill: what it committed must not outlive the purge. Done
+        // before the fill leaves the map, so that whoever waits for fills sees it done; a purge
+        // from now on finds the committed blob itself.
         let _ = cache.purge_digest(&fill.digest).await;
     }
+    cache
+        .fills
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&fill.digest);
     cache.metrics.fills_in_flight.dec();
 }
 

@@ -119,14 +119,22 @@ impl Cache {
         let lock = self.uploads.lock_of(session);
         let _writing = lock.lock().await;
         let size = self.live_upload(repo, session).await?;
-        if let Some((first, _)) = range {
-            if first != size {
-                return Err(PushError::OutOfOrder { size });
-            }
-        }
+        // The chunk's announced length, checked before anything is written (a range up to the
+        // top of u64 has no length).
+        let expected = match range {
+            Some((first, _)) if first != size => return Err(PushError::OutOfOrder { size }),
+            Some((first, last)) => Some(
+                last.checked_sub(first)
+                    .and_then(|d| d.checked_add(1))
+                    .ok_or(PushError::ChunkLength {
+                        expected: u64::MAX,
+                        got: 0,
+                    })?,
+            ),
+            None => None,
+        };
         let end = self.append(session, size, body).await?;
-        if let Some((first, last)) = range {
-            let expected = last - first + 1;
+        if let Some(expected) = expected {
             if end - size != expected {
                 self.cut_back(session, size, end - size).await;
                 return Err(PushError::ChunkLength {
