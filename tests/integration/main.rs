@@ -16,6 +16,7 @@ mod fills;
 mod freshness;
 mod hardening;
 mod hosted;
+mod hosted_hostile;
 mod hostile;
 mod metrics;
 mod negotiation;

@@ -1,0 +1,981 @@
+//! Hosted repositories against hostile users: other users' upload sessions, mounts from what
+//! the caller may not pull, tokens and pull-only users, manifests naming other repositories'
+//! content, garbage collection racing pushes and deletes, and bad upload ranges.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pier_oci::Digest;
+use pier_server::auth::{Action, Auth, AuthConfig, Rule};
+use pier_server::ServerOptions;
+
+use crate::fake_upstream::{Behaviour, FakeUpstream};
+use crate::harness::{client, error_code, launch, settle, Pier, Setup, UpstreamSpec};
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+/// pier mirroring `up` as docker.io (with `deny`), hosting `team/**` and `local/*`.
+async fn start(
+    up: &FakeUpstream,
+    auth: Option<Arc<Auth>>,
+    hosted: pier_cache::HostedConfig,
+    deny: Vec<String>,
+    dir: Option<tempfile::TempDir>,
+) -> Pier {
+    let mut s = Setup::new(dir.unwrap_or_else(|| tempfile::tempdir().unwrap()));
+    let mut spec = UpstreamSpec::new("docker.io", up.url());
+    spec.deny = deny;
+    s.upstreams = vec![spec];
+    s.hosted_repositories = vec!["team/**".into(), "local/*".into()];
+    s.allow_anonymous_push = auth.is_none();
+    s.hosted = hosted;
+    s.options = ServerOptions {
+        auth,
+        metrics_on_main: true,
+        ..ServerOptions::default()
+    };
+    launch(s).await
+}
+
+fn rule(pattern: &str, actions: &[Action]) -> Rule {
+    Rule {
+        pattern: pattern.into(),
+        actions: actions.to_vec(),
+    }
+}
+
+/// Users (password `pw`): alice pushes and deletes `team/**` and pulls docker.io; carol pushes
+/// `local/*` and pulls only `docker.io/library/*`; dave pushes only `team/a`; erin only pulls
+/// `team/**`; bob has no rules (pulls anything, pushes nothing).
+fn users(dir: &std::path::Path) -> Arc<Auth> {
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    let names = ["alice", "bob", "carol", "dave", "erin"];
+    let lines: String = names.iter().map(|n| format!("{n}:{hash}\n")).collect();
+    std::fs::write(dir.join("htpasswd"), lines).unwrap();
+    let all = [Action::Pull, Action::Push, Action::Delete];
+    Arc::new(
+        Auth::load(&AuthConfig {
+            htpasswd: dir.join("htpasswd"),
+            anonymous: true,
+            token_ttl: Duration::from_secs(60),
+            rules: HashMap::from([
+                (
+                    "alice".to_string(),
+                    vec![Rule::pull("docker.io/**"), rule("team/**", &all)],
+                ),
+                (
+                    "carol".to_string(),
+                    vec![
+                        Rule::pull("docker.io/library/*"),
+                        rule("local/*", &[Action::Pull, Action::Push]),
+                    ],
+                ),
+                (
+                    "dave".to_string(),
+                    vec![rule("team/a", &[Action::Pull, Action::Push])],
+                ),
+                ("erin".to_string(), vec![rule("team/**", &[Action::Pull])]),
+            ]),
+        })
+        .unwrap(),
+    )
+}
+
+fn digest_of(data: &[u8]) -> String {
+    Digest::sha256_of(data).to_string()
+}
+
+fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn as_user(req: reqwest::RequestBuilder, user: Option<&str>) -> reqwest::RequestBuilder {
+    match user {
+        Some(u) => req.basic_auth(u, Some("pw")),
+        None => req,
+    }
+}
+
+/// Pushes a blob in one request as `user`; returns its digest.
+async fn push_blob(pier: &Pier, user: Option<&str>, repo: &str, data: &[u8]) -> String {
+    let d = digest_of(data);
+    let r = as_user(
+        client().post(format!("{}/v2/{repo}/blobs/uploads/?digest={d}", pier.url)),
+        user,
+    )
+    .body(data.to_vec())
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201, "{repo}: {:?}", r.text().await);
+    d
+}
+
+fn image_manifest(config: &str, layers: &[&str]) -> String {
+    let layers: Vec<String> = layers
+        .iter()
+        .map(|l| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l}","size":1}}"#))
+        .collect();
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{}]}}"#,
+        layers.join(",")
+    )
+}
+
+fn index_of(child: &str, size: usize) -> String {
+    format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{child}","size":{size}}}]}}"#
+    )
+}
+
+async fn put_manifest(
+    pier: &Pier,
+    user: Option<&str>,
+    repo: &str,
+    reference: &str,
+    content_type: &str,
+    body: &str,
+) -> reqwest::Response {
+    as_user(
+        client().put(format!("{}/v2/{repo}/manifests/{reference}", pier.url)),
+        user,
+    )
+    .header("content-type", content_type)
+    .body(body.to_string())
+    .send()
+    .await
+    .unwrap()
+}
+
+fn blob_file(pier: &Pier, digest: &str) -> std::path::PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    pier.dir
+        .path()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+}
+
+async fn start_session(pier: &Pier, user: Option<&str>, repo: &str) -> String {
+    let r = as_user(
+        client().post(format!("{}/v2/{repo}/blobs/uploads/", pier.url)),
+        user,
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 202, "{repo}");
+    header(&r, "location")
+}
+
+#[tokio::test]
+async fn another_users_upload_session_is_out_of_reach() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(
+        &up,
+        Some(users(dir.path())),
+        Default::default(),
+        vec![],
+        None,
+    )
+    .await;
+    let c = client();
+    let location = start_session(&pier, Some("alice"), "team/a").await;
+    let uuid = location.rsplit('/').next().unwrap().to_string();
+    let at = format!("{}{location}", pier.url);
+    let r = c
+        .patch(&at)
+        .basic_auth("alice", Some("pw"))
+        .body(b"alice's ".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+
+    // bob (no push rule) and carol (push on local/* only), even knowing the Location.
+    for user in ["bob", "carol"] {
+        for method in ["PATCH", "PUT", "GET", "DELETE"] {
+            let url = if method == "PUT" {
+                format!("{at}?digest={}", digest_of(b"alice's evil"))
+            } else {
+                at.clone()
+            };
+            let r = c
+                .request(method.parse().unwrap(), url)
+                .basic_auth(user, Some("pw"))
+                .body(if method == "GET" || method == "DELETE" {
+                    Vec::new()
+                } else {
+                    b"evil".to_vec()
+                })
+                .send()
+                .await
+                .unwrap();
+            if user == "bob" && method == "GET" {
+                // See `a_user_who_may_only_pull_cannot_read_an_upload_session`.
+                continue;
+            }
+            assert_eq!(r.status(), 403, "{user} {method}");
+        }
+        // Anonymous: challenged.
+        let r = c.patch(&at).body(b"evil".to_vec()).send().await.unwrap();
+        assert_eq!(r.status(), 401, "anonymous PATCH");
+    }
+    // carol through a repository she may push to, with alice's session id: unknown there.
+    let theirs = format!("{}/v2/local/x/blobs/uploads/{uuid}", pier.url);
+    for method in ["PATCH", "PUT", "GET", "DELETE"] {
+        let url = if method == "PUT" {
+            format!("{theirs}?digest={}", digest_of(b"alice's "))
+        } else {
+            theirs.clone()
+        };
+        let r = c
+            .request(method.parse().unwrap(), url)
+            .basic_auth("carol", Some("pw"))
+            .send()
+            .await
+            .unwrap();
+        if method == "DELETE" {
+            // carol may not delete from local/x: refused before the session is looked up.
+            assert_eq!(r.status(), 403, "carol DELETE via local/x");
+            continue;
+        }
+        assert_eq!(r.status(), 404, "carol {method} via local/x");
+        assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+    }
+    // alice may not finish her own session into another repository either (not hers: 404).
+    let r = c
+        .put(format!(
+            "{}/v2/team/b/blobs/uploads/{uuid}?digest={}",
+            pier.url,
+            digest_of(b"alice's ")
+        ))
+        .basic_auth("alice", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+    // Her session is untouched, and finishes where it was started.
+    let r = c
+        .get(&at)
+        .basic_auth("alice", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(header(&r, "range"), "0-7");
+    let whole = b"alice's blob";
+    let r = c
+        .put(format!("{at}?digest={}", digest_of(whole)))
+        .basic_auth("alice", Some("pw"))
+        .body(b"blob".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = c
+        .get(format!("{}/v2/team/b/blobs/{}", pier.url, digest_of(whole)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "not linked to team/b");
+}
+
+#[tokio::test]
+async fn mounts_need_pull_on_the_source_a_link_there_and_push_on_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let mirrored = up.add_blob_in("other/thing", vec![7u8; 5_000]);
+    let pier = start(
+        &up,
+        Some(users(dir.path())),
+        Default::default(),
+        vec![],
+        None,
+    )
+    .await;
+    let c = client();
+    // alice pulls other/thing's blob through the mirror, and pushes one to team/secret.
+    let r = c
+        .get(format!("{}/v2/other/thing/blobs/{mirrored}", pier.url))
+        .basic_auth("alice", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 5_000);
+    settle(&pier).await;
+    let secret = push_blob(&pier, Some("alice"), "team/secret", b"team secret layer").await;
+    let mount = |repo: &str, digest: &str, from: &str, user: &str| {
+        c.post(format!(
+            "{}/v2/{repo}/blobs/uploads/?mount={digest}&from={from}",
+            pier.url
+        ))
+        .basic_auth(user, Some("pw"))
+        .send()
+    };
+    // carol may pull neither team/secret nor docker.io/other/thing: a session, not a mount.
+    for (digest, from) in [(&secret, "team/secret"), (&mirrored, "other/thing")] {
+        let r = mount("local/x", digest, from, "carol").await.unwrap();
+        assert_eq!(r.status(), 202, "carol mounting from {from}");
+        assert!(header(&r, "location").starts_with("/v2/local/x/blobs/uploads/"));
+    }
+    for digest in [&secret, &mirrored] {
+        let r = c
+            .get(format!("{}/v2/local/x/blobs/{digest}", pier.url))
+            .basic_auth("carol", Some("pw"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "{digest} not in local/x");
+    }
+    // A digest in the store but linked only to another repository: not mountable from team/b.
+    let r = mount("team/c", &secret, "team/b", "alice").await.unwrap();
+    assert_eq!(r.status(), 202);
+    let r = mount("team/c", &mirrored, "library/base", "alice")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // A mount into a repository the caller may not push: refused, nothing linked.
+    for user in ["bob", "carol", "erin"] {
+        let r = mount("team/c", &secret, "team/secret", user).await.unwrap();
+        assert_eq!(r.status(), 403, "{user}");
+    }
+    let r = c
+        .post(format!(
+            "{}/v2/team/c/blobs/uploads/?mount={secret}&from=team/secret",
+            pier.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "anonymous");
+    let r = c
+        .get(format!("{}/v2/team/c/blobs/{secret}", pier.url))
+        .basic_auth("alice", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // alice may: the mount works.
+    let r = mount("team/c", &secret, "team/secret", "alice")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+}
+
+#[tokio::test]
+async fn a_mount_from_a_denied_upstream_repository_is_an_upload() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let blob = up.add_blob_in("library/secret", vec![9u8; 4_000]);
+    let pier = start(&up, None, Default::default(), vec![], None).await;
+    let r = client()
+        .get(format!("{}/v2/library/secret/blobs/{blob}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().len(), 4_000);
+    settle(&pier).await;
+    let dir = pier.stop().await;
+    // Now denied: what was cached of it is out of reach, mounts included.
+    let pier = start(
+        &up,
+        None,
+        Default::default(),
+        vec!["library/secret".into()],
+        Some(dir),
+    )
+    .await;
+    let r = client()
+        .get(format!("{}/v2/library/secret/blobs/{blob}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error(), "{}", r.status());
+    for from in ["library/secret", "secret", "docker.io/library/secret"] {
+        let r = client()
+            .post(format!(
+                "{}/v2/team/app/blobs/uploads/?mount={blob}&from={from}",
+                pier.url
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "from={from}");
+    }
+    let r = client()
+        .get(format!("{}/v2/team/app/blobs/{blob}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn tokens_and_pull_only_users_push_and_delete_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(
+        &up,
+        Some(users(dir.path())),
+        Default::default(),
+        vec![],
+        None,
+    )
+    .await;
+    let c = client();
+    let token_for = |user: &str, scope: &str| {
+        c.get(format!(
+            "{}/auth/token?service=pier&scope=repository:{scope}",
+            pier.url
+        ))
+        .basic_auth(user, Some("pw"))
+        .send()
+    };
+    let v: serde_json::Value = token_for("dave", "team/a:pull,push")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = v["token"].as_str().unwrap().to_string();
+    let r = c
+        .post(format!("{}/v2/team/a/blobs/uploads/", pier.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202, "the token pushes where it was granted");
+    for repo in ["team/b", "team/a/sub", "local/x"] {
+        let r = c
+            .post(format!("{}/v2/{repo}/blobs/uploads/", pier.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status() == 401 || r.status() == 403,
+            "{repo}: {}",
+            r.status()
+        );
+    }
+    // A token asked for team/b by dave (no rule there) grants no push on it.
+    let v: serde_json::Value = token_for("dave", "team/b:pull,push")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = v["token"].as_str().unwrap().to_string();
+    let r = c
+        .post(format!("{}/v2/team/b/blobs/uploads/", pier.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status() == 401 || r.status() == 403, "{}", r.status());
+
+    // alice pushes team/b:1.0; erin (pull only), dave (push, no delete), bob and anonymous
+    // clients may not delete it, by tag or by digest.
+    let config = push_blob(&pier, Some("alice"), "team/b", b"{}").await;
+    let layer = push_blob(&pier, Some("alice"), "team/b", b"layer").await;
+    let manifest = image_manifest(&config, &[&layer]);
+    let r = put_manifest(
+        &pier,
+        Some("alice"),
+        "team/b",
+        "1.0",
+        OCI_MANIFEST,
+        &manifest,
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let md = digest_of(manifest.as_bytes());
+    for user in [Some("erin"), Some("dave"), Some("bob"), Some("carol"), None] {
+        for reference in ["1.0", md.as_str()] {
+            let r = as_user(
+                c.delete(format!("{}/v2/team/b/manifests/{reference}", pier.url)),
+                user,
+            )
+            .send()
+            .await
+            .unwrap();
+            let want = if user.is_some() { 403 } else { 401 };
+            assert_eq!(r.status(), want, "{user:?} {reference}");
+        }
+    }
+    // dave on team/a may push but not delete.
+    let r = c
+        .delete(format!("{}/v2/team/a/manifests/latest", pier.url))
+        .basic_auth("dave", Some("pw"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // erin's token asked with delete grants none.
+    let v: serde_json::Value = token_for("erin", "team/b:pull,push,delete")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = v["token"].as_str().unwrap().to_string();
+    let r = c
+        .delete(format!("{}/v2/team/b/manifests/1.0", pier.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status() == 401 || r.status() == 403, "{}", r.status());
+    let r = c
+        .get(format!("{}/v2/team/b/manifests/1.0", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "still there");
+    assert_eq!(header(&r, "docker-content-digest"), md);
+}
+
+#[tokio::test]
+async fn manifests_are_checked_against_this_repository_and_their_own_claims() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(&up, None, Default::default(), vec![], None).await;
+    let c = client();
+    let config = push_blob(&pier, None, "team/a", b"{\"a\":1}").await;
+    let layer = push_blob(&pier, None, "team/a", b"a's layer").await;
+    let manifest = image_manifest(&config, &[&layer]);
+    let r = put_manifest(&pier, None, "team/a", "1.0", OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), 201);
+    let md = digest_of(manifest.as_bytes());
+    // team/b: the same blobs are in the store but not linked there.
+    let r = put_manifest(&pier, None, "team/b", "1.0", OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
+    // Only the config is team/b's: the layer still is not.
+    let own_config = push_blob(&pier, None, "team/b", b"{\"a\":1}").await;
+    assert_eq!(own_config, config);
+    let r = put_manifest(&pier, None, "team/b", "1.0", OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
+    // An index in team/b whose child manifest is only team/a's.
+    let index = index_of(&md, manifest.len());
+    let r = put_manifest(&pier, None, "team/b", "multi", OCI_INDEX, &index).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
+    // Even with the child's blobs linked to team/b, the child manifest is not.
+    push_blob(&pier, None, "team/b", b"a's layer").await;
+    let r = put_manifest(&pier, None, "team/b", "multi", OCI_INDEX, &index).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
+    // Content-Type disagreeing with mediaType, both ways.
+    let r = put_manifest(&pier, None, "team/a", "2.0", OCI_INDEX, &manifest).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "MANIFEST_INVALID");
+    let r = put_manifest(&pier, None, "team/a", "2.0", OCI_MANIFEST, &index).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "MANIFEST_INVALID");
+    // By digest: a digest that is not the body's.
+    let wrong = digest_of(b"something else");
+    let r = put_manifest(&pier, None, "team/a", &wrong, OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+    let r = c
+        .get(format!("{}/v2/team/a/manifests/{wrong}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    // Tags with odd characters: refused, never stored.
+    let long = "a".repeat(129);
+    for tag in [
+        "-dash", ".dot", "a%2Fb", "a%3Ab", "a%20b", "%2E%2E", "a..%2F..", "%C3%A9", &long,
+    ] {
+        let r = put_manifest(&pier, None, "team/a", tag, OCI_MANIFEST, &manifest).await;
+        assert!(
+            r.status().is_client_error(),
+            "{tag}: {} {:?}",
+            r.status(),
+            r.text().await
+        );
+    }
+    let r = c
+        .get(format!("{}/v2/team/a/tags/list", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["tags"], serde_json::json!(["1.0"]));
+    // The longest valid tag is fine.
+    let longest = format!("A{}", "_.-9".repeat(31) + "abc");
+    assert_eq!(longest.len(), 128);
+    let r = put_manifest(&pier, None, "team/a", &longest, OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), 201);
+}
+
+#[tokio::test]
+async fn garbage_collection_keeps_what_a_new_manifest_of_another_repository_names() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let grace = Duration::from_millis(300);
+    let hosted = pier_cache::HostedConfig {
+        gc_grace: grace,
+        ..Default::default()
+    };
+    let pier = start(&up, None, hosted, vec![], None).await;
+    let c = client();
+    // Pushed to team/a long ago, with no manifest there.
+    let config = push_blob(&pier, None, "team/a", b"{\"gc\":1}").await;
+    let layer = push_blob(&pier, None, "team/a", &[3u8; 3000]).await;
+    tokio::time::sleep(grace + Duration::from_millis(100)).await;
+    // team/b mounts them and pushes a manifest naming them; time passes.
+    for d in [&config, &layer] {
+        let r = c
+            .post(format!(
+                "{}/v2/team/b/blobs/uploads/?mount={d}&from=team/a",
+                pier.url
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    let manifest = image_manifest(&config, &[&layer]);
+    let r = put_manifest(&pier, None, "team/b", "1.0", OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), 201);
+    tokio::time::sleep(grace + Duration::from_millis(100)).await;
+    let r = c
+        .post(format!("{}/admin/gc", pier.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let report: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(report["removed"], 0, "{report}");
+    for d in [&config, &layer] {
+        assert!(blob_file(&pier, d).exists(), "{d}");
+        let r = c
+            .get(format!("{}/v2/team/b/blobs/{d}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    // Deleting tags while collections run: every tag left pulls whole.
+    let mut tags = Vec::new();
+    for i in 0..20 {
+        let m = image_manifest(&config, &[&layer]).replace(
+            r#""schemaVersion":2"#,
+            &format!(r#""schemaVersion":2,"annotations":{{"n":"{i}"}}"#),
+        );
+        let r = put_manifest(&pier, None, "team/b", &format!("t{i}"), OCI_MANIFEST, &m).await;
+        assert_eq!(r.status(), 201);
+        tags.push((format!("t{i}"), digest_of(m.as_bytes())));
+    }
+    tokio::time::sleep(grace + Duration::from_millis(100)).await;
+    let gcs = {
+        let admin = pier.admin.clone();
+        tokio::spawn(async move {
+            for _ in 0..10 {
+                let r = client()
+                    .post(format!("{admin}/admin/gc"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        })
+    };
+    for (i, (tag, digest)) in tags.iter().enumerate() {
+        let reference = if i % 2 == 0 { tag } else { digest };
+        let r = c
+            .delete(format!("{}/v2/team/b/manifests/{reference}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{reference}");
+    }
+    gcs.await.unwrap();
+    tokio::time::sleep(grace + Duration::from_millis(100)).await;
+    let r = c
+        .post(format!("{}/admin/gc", pier.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .get(format!("{}/v2/team/b/tags/list", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["tags"], serde_json::json!(["1.0"]), "{v}");
+    let r = c
+        .get(format!("{}/v2/team/b/manifests/1.0", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for d in [&config, &layer] {
+        let r = c
+            .get(format!("{}/v2/team/b/blobs/{d}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{d}");
+    }
+    // Deleted by digest: collected. A deleted tag leaves its manifest in the repository.
+    for (i, (_, digest)) in tags.iter().enumerate() {
+        let r = c
+            .get(format!("{}/v2/team/b/manifests/{digest}", pier.url))
+            .send()
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            assert_eq!(r.status(), 200, "{digest}");
+            assert!(blob_file(&pier, digest).exists(), "{digest} kept");
+        } else {
+            assert_eq!(r.status(), 404, "{digest}");
+            assert!(!blob_file(&pier, digest).exists(), "{digest} collected");
+        }
+    }
+}
+
+#[tokio::test]
+async fn bad_content_ranges_and_oversized_chunks_are_refused_and_cut_back() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let hosted = pier_cache::HostedConfig {
+        max_size: 10_000,
+        ..Default::default()
+    };
+    let pier = start(&up, None, hosted, vec![], None).await;
+    let c = client();
+    let location = start_session(&pier, None, "team/a").await;
+    let at = format!("{}{location}", pier.url);
+    let r = c
+        .patch(&at)
+        .header("content-range", "0-999")
+        .body(vec![1u8; 1000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    // Overlapping what was sent, or past it: 416 with where the upload is.
+    for range in ["500-1499", "0-999", "999-1000", "1001-1100"] {
+        let r = c
+            .patch(&at)
+            .header("content-range", range)
+            .body(vec![2u8; 1000])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 416, "{range}");
+        assert_eq!(header(&r, "range"), "0-999");
+    }
+    // Not a range: negative, reversed, not numbers, beyond u64.
+    for range in [
+        "-5-10",
+        "1000--1",
+        "1100-1000",
+        "a-b",
+        "1000-",
+        "1000-99999999999999999999999",
+    ] {
+        let r = c
+            .patch(&at)
+            .header("content-range", range)
+            .body(vec![2u8; 10])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{range}");
+        assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    }
+    // Its length not the body's: 400, nothing kept.
+    let r = c
+        .patch(&at)
+        .header("content-range", "1000-1009")
+        .body(vec![2u8; 5])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    // More than the budget left: 403 DENIED, cut back.
+    let r = c.patch(&at).body(vec![3u8; 20_000]).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("hosted.max_size"), "{body}");
+    let r = c.get(&at).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(header(&r, "range"), "0-999");
+    // A second session cannot take what the first holds.
+    let other = format!("{}{}", pier.url, start_session(&pier, None, "team/b").await);
+    let r = c.patch(&other).body(vec![4u8; 9_500]).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = c.patch(&other).body(vec![4u8; 9_000]).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    // Cancelling gives the room back.
+    let r = c.delete(&other).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let r = c
+        .patch(&at)
+        .header("content-range", "1000-9999")
+        .body(vec![5u8; 9_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(header(&r, "range"), "0-9999");
+}
+
+/// `Content-Range: 0-18446744073709551615` makes `last - first + 1` overflow in
+/// `Cache::upload_chunk`.
+#[tokio::test]
+#[ignore = "defect: `last - first + 1` overflows in Cache::upload_chunk (crates/cache/src/uploads.rs:129): \
+            a debug build panics after the chunk was written (connection dropped, the bytes stay in \
+            the session); a release build wraps to 0 and takes an empty PATCH (202)"]
+async fn a_content_range_up_to_u64_max_is_refused() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(&up, None, Default::default(), vec![], None).await;
+    let c = client();
+    let location = start_session(&pier, None, "team/a").await;
+    let at = format!("{}{location}", pier.url);
+    for body in [vec![1u8; 10], Vec::new()] {
+        let r = c
+            .patch(&at)
+            .header("content-range", "0-18446744073709551615")
+            .body(body.clone())
+            .send()
+            .await;
+        let Ok(r) = r else {
+            let r = c.get(&at).send().await.unwrap();
+            panic!(
+                "{} bytes: connection dropped; the session is now at {:?}",
+                body.len(),
+                r.headers().get("range")
+            );
+        };
+        assert_eq!(r.status(), 400, "{} bytes", body.len());
+        assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    }
+    let r = c.get(&at).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+}
+
+/// How many sessions one client may hold open.
+#[tokio::test]
+#[ignore = "defect: no limit on open upload sessions (2000 empty sessions from one anonymous \
+            client are all 202, each a directory and two files under <cache>/uploads until \
+            upload_expiry); slow: 2000 requests"]
+async fn upload_sessions_are_limited() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(&up, None, Default::default(), vec![], None).await;
+    let mut refused = 0;
+    for _ in 0..2_000 {
+        let r = client()
+            .post(format!("{}/v2/team/a/blobs/uploads/", pier.url))
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 202 {
+            refused += 1;
+        }
+    }
+    let open = std::fs::read_dir(pier.dir.path().join("uploads"))
+        .unwrap()
+        .count();
+    let r = client()
+        .get(format!("{}/metrics", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let metrics = r.text().await.unwrap();
+    let in_progress: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("pier_hosted_uploads_in_progress"))
+        .collect();
+    assert!(
+        refused > 0,
+        "{open} sessions open, none refused; {in_progress:?}"
+    );
+}
+
+/// A user who may only pull a hosted repository reads the status of another user's upload
+/// session there (given its id): upload status is part of a push.
+#[tokio::test]
+#[ignore = "defect: GET /v2/<name>/blobs/uploads/<id> is checked as a pull: bob (no rules) and \
+            erin (pull only) get 204 and the session's Range"]
+async fn a_user_who_may_only_pull_cannot_read_an_upload_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(
+        &up,
+        Some(users(dir.path())),
+        Default::default(),
+        vec![],
+        None,
+    )
+    .await;
+    let location = start_session(&pier, Some("alice"), "team/a").await;
+    let at = format!("{}{location}", pier.url);
+    let r = client()
+        .patch(&at)
+        .basic_auth("alice", Some("pw"))
+        .body(b"alice's ".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    for user in [Some("bob"), Some("erin"), None] {
+        let r = as_user(client().get(&at), user).send().await.unwrap();
+        let got = r.status();
+        let range = r.headers().get("range").cloned();
+        assert!(got == 401 || got == 403, "{user:?}: {got} range {range:?}");
+    }
+}
+
+/// An index whose child manifest this repository holds only as a blob (the same bytes pushed
+/// as a blob) is accepted; what is the child then in this repository?
+#[tokio::test]
+#[ignore = "defect: put_hosted_manifest takes a child manifest linked to the repository as a blob \
+            (and stored as a manifest by another repository): the index is 201, the child is then \
+            served from team/b by digest (200) though its layers are not there (404)"]
+async fn an_index_child_held_only_as_a_blob() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(&up, None, Default::default(), vec![], None).await;
+    let config = push_blob(&pier, None, "team/a", b"{\"a\":1}").await;
+    let layer = push_blob(&pier, None, "team/a", b"a's layer").await;
+    let manifest = image_manifest(&config, &[&layer]);
+    let r = put_manifest(&pier, None, "team/a", "1.0", OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), 201);
+    let md = digest_of(manifest.as_bytes());
+    push_blob(&pier, None, "team/b", manifest.as_bytes()).await;
+    let index = index_of(&md, manifest.len());
+    let r = put_manifest(&pier, None, "team/b", "multi", OCI_INDEX, &index).await;
+    let put = r.status();
+    let r = client()
+        .get(format!("{}/v2/team/b/manifests/{md}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let get = r.status();
+    let r = client()
+        .get(format!("{}/v2/team/b/blobs/{layer}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        put,
+        400,
+        "index PUT {put}, child GET {get}, child's layer GET {}",
+        r.status()
+    );
+}
