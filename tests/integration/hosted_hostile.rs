@@ -243,11 +243,8 @@ async fn another_users_upload_session_is_out_of_reach() {
             .send()
             .await
             .unwrap();
-        if method == "DELETE" {
-            // carol may not delete from local/x: refused before the session is looked up.
-            assert_eq!(r.status(), 403, "carol DELETE via local/x");
-            continue;
-        }
+        // Every request on an upload session is part of a push, which carol may do in local/x:
+        // the session is simply not there.
         assert_eq!(r.status(), 404, "carol {method} via local/x");
         assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     }
@@ -836,12 +833,9 @@ async fn bad_content_ranges_and_oversized_chunks_are_refused_and_cut_back() {
     assert_eq!(header(&r, "range"), "0-9999");
 }
 
-/// `Content-Range: 0-18446744073709551615` makes `last - first + 1` overflow in
-/// `Cache::upload_chunk`.
+/// `Content-Range: 0-18446744073709551615` (no length fits) is refused before anything is
+/// written.
 #[tokio::test]
-#[ignore = "defect: `last - first + 1` overflows in Cache::upload_chunk (crates/cache/src/uploads.rs:129): \
-            a debug build panics after the chunk was written (connection dropped, the bytes stay in \
-            the session); a release build wraps to 0 and takes an empty PATCH (202)"]
 async fn a_content_range_up_to_u64_max_is_refused() {
     let up = FakeUpstream::start(Behaviour::default()).await;
     let pier = start(&up, None, Default::default(), vec![], None).await;
@@ -911,8 +905,6 @@ async fn upload_sessions_are_limited() {
 /// A user who may only pull a hosted repository reads the status of another user's upload
 /// session there (given its id): upload status is part of a push.
 #[tokio::test]
-#[ignore = "defect: GET /v2/<name>/blobs/uploads/<id> is checked as a pull: bob (no rules) and \
-            erin (pull only) get 204 and the session's Range"]
 async fn a_user_who_may_only_pull_cannot_read_an_upload_session() {
     let dir = tempfile::tempdir().unwrap();
     let up = FakeUpstream::start(Behaviour::default()).await;

@@ -63,9 +63,17 @@ pub enum Action {
 }
 
 impl Action {
-    /// The action a request's method is: GET and HEAD pull, DELETE deletes, the rest push.
-    pub fn of(method: &http::Method) -> Action {
-        match *method {
+    /// The action a request is: anything on an upload session is part of a push (its status and
+    /// its cancelling included, as Distribution has it); else GET and HEAD pull, DELETE deletes,
+    /// the rest push.
+    pub fn of<B>(req: &Request<B>) -> Action {
+        if matches!(
+            pier_oci::Endpoint::parse(req.uri().path()),
+            Ok(pier_oci::Endpoint::Upload { .. })
+        ) {
+            return Action::Push;
+        }
+        match *req.method() {
             http::Method::GET | http::Method::HEAD => Action::Pull,
             http::Method::DELETE => Action::Delete,
             _ => Action::Push,
@@ -660,7 +668,7 @@ fn challenge<B>(req: &Request<B>, tls: bool, name: Option<&str>, message: &str) 
     let mut value = format!("Bearer realm=\"{}\",service=\"pier\"", realm(req, tls));
     if let Some(n) = name {
         // What the request needs, as Distribution asks it: a push also reads what it pushes.
-        let actions = match Action::of(req.method()) {
+        let actions = match Action::of(req) {
             Action::Pull => "pull",
             Action::Push => "pull,push",
             Action::Delete => "delete",
@@ -719,7 +727,7 @@ pub(crate) async fn gate<B>(
 ) -> Result<Identity, Box<Response<Body>>> {
     let name = requested_name(req.uri().path());
     let query = req.uri().query();
-    let action = Action::of(req.method());
+    let action = Action::of(req);
     let denied = |n: &str| {
         let verb = match action {
             Action::Pull => "pull",

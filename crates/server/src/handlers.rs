@@ -130,7 +130,7 @@ where
         Endpoint::Base | Endpoint::Catalog => None,
     };
     if let Some(repo) = hosted_target {
-        let action = Action::of(req.method());
+        let action = Action::of(&req);
         if !caller.may(mirror, action, &Target::Hosted(repo.clone())) {
             return Err(hosted::refused(caller, action, &repo));
         }
