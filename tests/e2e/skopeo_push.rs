@@ -8,8 +8,35 @@ use std::process::Command;
 
 use crate::docker::{run, stdout, wait_for, Daemon};
 use crate::support::image;
-use crate::support::process::{path_str, pier, pier_at, push_image, skopeo, skopeo_try};
+use crate::support::process::{path_str, pier, pier_at, push_image, skopeo, skopeo_try, Running};
 use crate::support::{free_port, http_get, require};
+
+/// pier's arguments for a hosted `team/**` that anyone may push to (`extra`: more `hosted:` keys),
+/// mirroring `upstream` (an address nothing listens on when `None`), caching under `dir`.
+fn hosting_args(dir: &std::path::Path, upstream: Option<&str>, extra: &str) -> Vec<String> {
+    let upstream = upstream.map_or_else(|| format!("127.0.0.1:{}", free_port()), str::to_string);
+    let config = dir.join("mirror.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  - name: docker.io\n    url: http://{upstream}\n\
+             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n{extra}"
+        ),
+    )
+    .expect("write config");
+    vec![
+        "--config".into(),
+        path_str(&config),
+        "--cache-dir".into(),
+        path_str(&dir.join("cache")),
+    ]
+}
+
+/// pier started with [`hosting_args`].
+fn hosting_pier(dir: &std::path::Path, upstream: Option<&str>, extra: &str) -> Running {
+    let args = hosting_args(dir, upstream, extra);
+    pier(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
 
 #[test]
 fn skopeo_pushes_to_a_hosted_repository_and_pulls_it_back() {
@@ -19,23 +46,7 @@ fn skopeo_pushes_to_a_hosted_repository_and_pulls_it_back() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let layout = tmp.path().join("src");
     let index = image::two_platform_index(&layout, "1.0", &[300_000, 2_500_000]);
-    let config = tmp.path().join("mirror.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{}\n\
-             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n",
-            free_port()
-        ),
-    )
-    .expect("write config");
-    let cache = tmp.path().join("cache");
-    let mirror = pier(&[
-        "--config",
-        &path_str(&config),
-        "--cache-dir",
-        &path_str(&cache),
-    ]);
+    let mirror = hosting_pier(tmp.path(), None, "");
 
     push_image(
         &layout,
@@ -225,22 +236,7 @@ fn containerd_pulls_a_hosted_image_by_tag_and_digest() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let layout = tmp.path().join("src");
     let index = image::two_platform_index(&layout, "1.0", &[200_000, 900_000]);
-    let config = tmp.path().join("mirror.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{}\n\
-             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n",
-            free_port()
-        ),
-    )
-    .expect("write config");
-    let mirror = pier(&[
-        "--config",
-        &path_str(&config),
-        "--cache-dir",
-        &path_str(&tmp.path().join("cache")),
-    ]);
+    let mirror = hosting_pier(tmp.path(), None, "");
     push_image(
         &layout,
         "1.0",
@@ -342,18 +338,8 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 #[test]
 fn a_chunked_upload_interrupted_and_resumed_after_a_restart() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = tmp.path().join("mirror.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{}\n\
-             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n",
-            free_port()
-        ),
-    )
-    .expect("write config");
-    let cache = path_str(&tmp.path().join("cache"));
-    let args = ["--config", &path_str(&config), "--cache-dir", &cache];
+    let args = hosting_args(tmp.path(), None, "");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let addr = format!("127.0.0.1:{}", free_port());
     let mut mirror = pier_at(&addr, &args);
 
@@ -456,22 +442,7 @@ fn layers_pulled_through_the_mirror_are_mounted_into_a_hosted_repository() {
         &format!("{}/library/app:1.0", upstream.addr),
         false,
     );
-    let config = tmp.path().join("mirror.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "upstreams:\n  - name: docker.io\n    url: http://{}\n\
-             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n",
-            upstream.addr
-        ),
-    )
-    .expect("write config");
-    let mirror = pier(&[
-        "--config",
-        &path_str(&config),
-        "--cache-dir",
-        &path_str(&tmp.path().join("cache")),
-    ]);
+    let mirror = hosting_pier(tmp.path(), Some(&upstream.addr), "");
     let pulled = tmp.path().join("pulled");
     skopeo(&[
         "copy",
@@ -518,22 +489,7 @@ fn a_push_past_the_hosted_budget_is_refused_and_leaves_nothing() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let layout = tmp.path().join("src");
     image::single_image(&layout, "1.0", &[1_500_000]);
-    let config = tmp.path().join("mirror.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "upstreams:\n  - name: docker.io\n    url: http://127.0.0.1:{}\n\
-             hosted:\n  repositories: [\"team/**\"]\n  allow_anonymous_push: true\n  max_size: 1MB\n",
-            free_port()
-        ),
-    )
-    .expect("write config");
-    let mirror = pier(&[
-        "--config",
-        &path_str(&config),
-        "--cache-dir",
-        &path_str(&tmp.path().join("cache")),
-    ]);
+    let mirror = hosting_pier(tmp.path(), None, "  max_size: 1MB\n");
     let out = skopeo_try(&[
         "copy",
         "--dest-tls-verify=false",
