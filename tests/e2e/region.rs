@@ -151,6 +151,44 @@ fn list_keys(s3: &str, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// The digest and size of the first layer of `img`, written in the OCI layout `layout`.
+fn first_layer(layout: &Path, img: &image::Image) -> (String, u64) {
+    let hex = img.top.digest.trim_start_matches("sha256:");
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(layout.join("blobs/sha256").join(hex)).expect("read manifest"),
+    )
+    .expect("manifest JSON");
+    let layer = &manifest["layers"][0];
+    (
+        layer["digest"].as_str().expect("layer digest").to_string(),
+        layer["size"].as_u64().expect("layer size"),
+    )
+}
+
+/// Every object under the store's blob keys holds exactly the bytes of its digest: nothing
+/// partial or wrong was ever completed there.
+fn assert_store_holds_only_verified_blobs(s3: &str) {
+    for key in list_keys(s3, "pier/blobs/sha256/") {
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--aws-sigv4",
+                "aws:amz:us-east-1:s3",
+                "--user",
+                &format!("{ACCESS_KEY}:{SECRET_KEY}"),
+                &format!("http://{s3}/{BUCKET}/{key}"),
+            ])
+            .output()
+            .expect("curl");
+        let hex = key.rsplit('/').next().unwrap_or_default();
+        assert_eq!(
+            sha256_hex(&out.stdout),
+            hex,
+            "{key} holds a partial or wrong object"
+        );
+    }
+}
+
 /// A TCP proxy to `target` that sends answers at most `bytes_per_sec`: a slow upstream link.
 fn slow_link(target: String, bytes_per_sec: usize) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
@@ -331,20 +369,7 @@ fn a_region_fetches_once_serves_new_nodes_offline_and_outlives_its_store() {
         .collect();
 
     // 30 clients over the three nodes on the cold big layer: one upstream GET, 30 good bodies.
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            layout
-                .join("blobs/sha256")
-                .join(img.top.digest.trim_start_matches("sha256:")),
-        )
-        .expect("read manifest"),
-    )
-    .expect("manifest JSON");
-    let digest = manifest["layers"][0]["digest"]
-        .as_str()
-        .expect("layer digest")
-        .to_string();
-    let layer_size = manifest["layers"][0]["size"].as_u64().expect("layer size");
+    let (digest, layer_size) = first_layer(&layout, &img);
     let want = digest.trim_start_matches("sha256:").to_string();
     let clients: Vec<_> = (0..30)
         .map(|i| {
@@ -528,25 +553,7 @@ fn a_region_fetches_once_serves_new_nodes_offline_and_outlives_its_store() {
     );
     assert_eq!(sha256_hex(&pulled[&want]), want);
     // Nothing partial or wrong under a blob key: every object's key is its content's digest.
-    for key in list_keys(&region.s3.s3, "pier/blobs/sha256/") {
-        let hex = key.rsplit('/').next().unwrap_or_default();
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "--aws-sigv4",
-                "aws:amz:us-east-1:s3",
-                "--user",
-                &format!("{ACCESS_KEY}:{SECRET_KEY}"),
-                &format!("http://{}/{BUCKET}/{key}", region.s3.s3),
-            ])
-            .output()
-            .expect("curl");
-        assert_eq!(
-            sha256_hex(&out.stdout),
-            hex,
-            "{key} does not hold its digest's bytes"
-        );
-    }
+    assert_store_holds_only_verified_blobs(&region.s3.s3);
     drop(nodes);
 }
 
@@ -586,19 +593,7 @@ fn the_owner_killed_mid_fill_costs_a_fetch_not_a_pull() {
         &format!("{}/library/big:1.0", upstream.addr),
         false,
     );
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(
-            layout
-                .join("blobs/sha256")
-                .join(img.top.digest.trim_start_matches("sha256:")),
-        )
-        .expect("read manifest"),
-    )
-    .expect("manifest JSON");
-    let digest = manifest["layers"][0]["digest"]
-        .as_str()
-        .expect("layer digest")
-        .to_string();
+    let (digest, _) = first_layer(&layout, &img);
     let want = digest.trim_start_matches("sha256:").to_string();
     // 8 MB/s: the 32 MiB layer takes about four seconds.
     let link = slow_link(upstream.addr.clone(), 8 << 20);
@@ -662,23 +657,5 @@ fn the_owner_killed_mid_fill_costs_a_fetch_not_a_pull() {
         std::thread::sleep(Duration::from_millis(300));
     }
     // The killed owner's upload was never completed: nothing but whole verified objects.
-    for key in list_keys(&region.s3.s3, "pier/blobs/sha256/") {
-        let out = Command::new("curl")
-            .args([
-                "-s",
-                "--aws-sigv4",
-                "aws:amz:us-east-1:s3",
-                "--user",
-                &format!("{ACCESS_KEY}:{SECRET_KEY}"),
-                &format!("http://{}/{BUCKET}/{key}", region.s3.s3),
-            ])
-            .output()
-            .expect("curl");
-        let hex = key.rsplit('/').next().unwrap_or_default();
-        assert_eq!(
-            sha256_hex(&out.stdout),
-            hex,
-            "{key} holds a partial or wrong object"
-        );
-    }
+    assert_store_holds_only_verified_blobs(&region.s3.s3);
 }
