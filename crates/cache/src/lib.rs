@@ -125,6 +125,19 @@ enum Content {
 }
 
 impl Blob {
+    /// The blob's file on disk when it is complete and verified (its bytes final, `size` its
+    /// length), so that the server may hand them to the socket itself (`sendfile`) instead of
+    /// streaming them through memory. `None` for the memory tier and for a fill still running.
+    pub fn complete_file(&self) -> Option<&Arc<File>> {
+        match &self.content {
+            Content::File {
+                file,
+                progress: None,
+            } if self.size.is_some() => Some(file),
+            _ => None,
+        }
+    }
+
     /// The bytes `[start, end)` (`end` = `None`: to the end). A stream from a fill waits for bytes
     /// as they arrive and ends in an error if the fill fails; it never yields the blob's last byte
     /// before the digest verified.

@@ -16,6 +16,7 @@ use pier_oci::{
 use crate::auth::{Action, Auth, Identity};
 use crate::response::{self, Body};
 use crate::routing::{Route, Target};
+use crate::sendfile::FileRegion;
 use crate::{hosted, Mirror};
 
 /// Who is asking, for what pier lists: per-user rules apply to listings as they do to pulls
@@ -398,21 +399,24 @@ pub(crate) fn blob_head_response(digest: &Digest, size: Option<u64>) -> Response
     response::built(b.body(response::empty()), true)
 }
 
-/// A blob's bytes, whole or the range asked for (206; 416 outside the blob).
+/// A blob's bytes, whole or the range asked for (206; 416 outside the blob). A complete file on
+/// disk is also described as a [`FileRegion`], which a plain HTTP/1 connection sends with
+/// `sendfile` instead of the streaming body.
 pub(crate) fn blob_response(
     digest: &Digest,
     blob: pier_cache::Blob,
     range: Option<ByteRange>,
 ) -> Response<Body> {
-    let resp = match (range, blob.size) {
+    let (builder, start, len) = match (range, blob.size) {
         (Some(range), Some(size)) => match range.resolve(size) {
-            Ok((first, last)) => blob_headers(digest, StatusCode::PARTIAL_CONTENT)
-                .header(
+            Ok((first, last)) => (
+                blob_headers(digest, StatusCode::PARTIAL_CONTENT).header(
                     header::CONTENT_RANGE,
                     format!("bytes {first}-{last}/{size}"),
-                )
-                .header(header::CONTENT_LENGTH, last - first + 1)
-                .body(response::stream(blob.stream(first, Some(last + 1)))),
+                ),
+                first,
+                Some(last - first + 1),
+            ),
             Err(_) => {
                 let mut e = response::error(&range_error(RangeError::Unsatisfiable), false);
                 if let Ok(v) = format!("bytes */{size}").parse() {
@@ -421,15 +425,23 @@ pub(crate) fn blob_response(
                 return e;
             }
         },
-        (_, size) => {
-            let mut b = blob_headers(digest, StatusCode::OK);
-            if let Some(size) = size {
-                b = b.header(header::CONTENT_LENGTH, size);
-            }
-            b.body(response::stream(blob.stream(0, None)))
-        }
+        (_, size) => (blob_headers(digest, StatusCode::OK), 0, size),
     };
-    response::built(resp, false)
+    let builder = match len {
+        Some(len) => builder.header(header::CONTENT_LENGTH, len),
+        None => builder,
+    };
+    let region = blob.complete_file().zip(len).map(|(file, len)| FileRegion {
+        file: file.clone(),
+        start,
+        len,
+    });
+    let body = response::stream(blob.stream(start, len.map(|len| start + len)));
+    let mut resp = response::built(builder.body(body), false);
+    if let Some(region) = region {
+        resp.extensions_mut().insert(region);
+    }
+    resp
 }
 
 pub(crate) fn range_error(e: RangeError) -> RegistryError {

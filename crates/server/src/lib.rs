@@ -14,6 +14,7 @@ mod ops;
 mod region;
 pub mod response;
 pub mod routing;
+mod sendfile;
 mod serve;
 pub mod tls;
 pub mod warm;

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::Method;
+use http::{Method, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -24,7 +24,7 @@ use crate::handlers::{self, Caller, Outcome};
 use crate::limits::{RateLimit, RateLimiter};
 use crate::response::{self, Body};
 use crate::tls::Tls;
-use crate::{ops, Mirror};
+use crate::{ops, sendfile, Mirror};
 
 /// How the front serves connections, and the limits that keep strangers from exhausting it.
 #[derive(Clone, Debug)]
@@ -154,6 +154,9 @@ where
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        // Bodies reach the socket as the frames they are, never copied into one buffer: the
+        // sendfile path recognises its placeholders by address.
+        .writev(true)
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
         .max_buf_size(options.max_header_bytes.max(8192));
@@ -187,25 +190,34 @@ where
         };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
-        let service = service_fn(move |req: Request<Incoming>| {
-            let response = handler(req, peer);
-            async move { Ok::<_, std::convert::Infallible>(response.await) }
-        });
         let (builder, acceptor) = (builder.clone(), acceptor.clone());
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _permit = permit;
             let result = match acceptor {
                 None => {
+                    // Plain TCP: HTTP/1 responses may send blob files with `sendfile`.
+                    let (socket, files) = sendfile::Socket::new(stream);
+                    let service = service_fn(move |mut req: Request<Incoming>| {
+                        if req.version() < Version::HTTP_2 {
+                            req.extensions_mut().insert(files.clone());
+                        }
+                        let response = handler(req, peer);
+                        async move { Ok::<_, std::convert::Infallible>(response.await) }
+                    });
                     watcher
                         .watch(
                             builder
-                                .serve_connection(TokioIo::new(stream), service)
+                                .serve_connection(TokioIo::new(socket), service)
                                 .into_owned(),
                         )
                         .await
                 }
                 Some(acceptor) => {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let response = handler(req, peer);
+                        async move { Ok::<_, std::convert::Infallible>(response.await) }
+                    });
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             watcher
@@ -252,10 +264,16 @@ async fn answer(
         return ops::metrics(mirror).await;
     }
     let (method, uri) = (req.method().clone(), req.uri().clone());
+    let files = req.extensions().get::<sendfile::Files>().cloned();
     let resp = if crate::region::is_peer_request(uri.path()) {
         crate::region::answer(mirror, &req).await
     } else {
         handlers::handle(mirror, req, caller).await
+    };
+    // Before the byte counting below, which counts the file's bytes as hyper writes them.
+    let resp = match files {
+        Some(files) => files.send(resp),
+        None => resp,
     };
     let outcome = resp.extensions().get::<Outcome>().cloned();
     let method_name = method_label(&method);

@@ -1,0 +1,588 @@
+//! Blob files handed to the socket by the kernel (`sendfile`), on plain HTTP/1 connections.
+//!
+//! A warm blob is a file whose bytes are final. Streaming it through hyper costs two copies per
+//! byte (page cache → pier's buffer → socket); `sendfile` costs none, which is how nginx serves
+//! files. hyper owns the connection and writes bodies as `Bytes`, so the file's bytes travel to
+//! the socket on a side path:
+//!
+//! - A handler that answers with a complete blob file marks its response with a [`FileRegion`]
+//!   (it also carries an ordinary streaming body, used wherever this path is not available:
+//!   TLS, HTTP/2, in-process callers).
+//! - On a plain HTTP/1 connection, [`Files::send`] swaps that body for one whose frames are
+//!   *placeholders*: slices of [`PLACEHOLDER`], a static buffer nothing ever reads, one frame per
+//!   piece of the file, each piece queued on the connection as it is yielded.
+//! - hyper writes bodies through the connection's [`Socket`] with vectored writes (never copying
+//!   them: `writev` is forced on). The socket recognises a placeholder slice by its address and
+//!   sends the queued piece of the file with `sendfile` instead, returning the count hyper
+//!   expects.
+//!
+//! The socket checks that each placeholder slice is exactly where the front of its queue says
+//! the file's bytes are (offset and length); anything else ends the connection with an error, so
+//! a mismatch can cut a response short but never put wrong bytes on the wire. A file truncated
+//! behind pier's back ends the connection the same way (the client sees a short body); a file
+//! evicted (unlinked) while sent is still read through its open descriptor.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, IoSlice};
+use std::num::NonZeroU64;
+use std::os::fd::AsFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{ready, Context, Poll};
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use rustix::fs::Advice;
+use rustix::net::{SendAncillaryBuffer, SendFlags};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::response::Body;
+
+/// Largest piece of a file one body frame stands for (and the size of [`PLACEHOLDER`]). Large,
+/// because a frame costs a trip through hyper while memory does not grow with it: the kernel
+/// sends as much of a piece as the socket takes.
+const PIECE: usize = 1 << 20;
+
+/// The bytes placeholder frames point into. Zeroed and never read or written (it lives in the
+/// binary's zero-initialised segment and costs no memory); only its address range matters.
+static PLACEHOLDER: [u8; PIECE] = [0; PIECE];
+
+/// A response's body as a byte range of a complete, verified file: set by the handler beside the
+/// streaming body, for the connection to send the file itself when it can.
+#[derive(Clone, Debug)]
+pub(crate) struct FileRegion {
+    pub file: Arc<File>,
+    pub start: u64,
+    pub len: u64,
+}
+
+/// A piece of a file queued for the socket: what the next placeholder bytes stand for.
+struct Piece {
+    file: Arc<File>,
+    offset: u64,
+    len: usize,
+    /// Bytes of the piece already sent.
+    sent: usize,
+}
+
+/// The pieces a connection's responses queued, in the order hyper will write them.
+type Queue = Arc<Mutex<VecDeque<Piece>>>;
+
+/// A plain TCP connection whose writes send queued file pieces with `sendfile`.
+pub(crate) struct Socket {
+    tcp: TcpStream,
+    queue: Queue,
+}
+
+/// The connection's side of [`Socket`], for its requests: swaps file responses for placeholders.
+#[derive(Clone)]
+pub(crate) struct Files {
+    queue: Queue,
+}
+
+impl Socket {
+    pub(crate) fn new(tcp: TcpStream) -> (Socket, Files) {
+        let queue = Queue::default();
+        (
+            Socket {
+                tcp,
+                queue: queue.clone(),
+            },
+            Files { queue },
+        )
+    }
+
+    /// Sends up to `slice.len()` bytes of the queue's front piece, which `slice` (a placeholder)
+    /// must stand for exactly.
+    fn poll_send_piece(&self, cx: &mut Context<'_>, slice: &[u8]) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            let Some(piece) = queue.front_mut() else {
+                return Poll::Ready(Err(mismatch("placeholder bytes with no file queued")));
+            };
+            if placeholder_offset(slice) != Some(piece.sent) || slice.len() > piece.len - piece.sent
+            {
+                return Poll::Ready(Err(mismatch(
+                    "placeholder bytes out of step with the queued file",
+                )));
+            }
+            let mut offset = piece.offset + piece.sent as u64;
+            let sent = self.tcp.try_io(Interest::WRITABLE, || {
+                rustix::fs::sendfile(&self.tcp, &*piece.file, Some(&mut offset), slice.len())
+                    .map_err(io::Error::from)
+            });
+            match sent {
+                Ok(0) => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "blob file shorter than its recorded size",
+                    )))
+                }
+                Ok(n) => {
+                    piece.sent += n;
+                    if piece.sent == piece.len {
+                        queue.pop_front();
+                    }
+                    return Poll::Ready(Ok(n));
+                }
+                // Readiness was cleared by try_io: wait for the socket again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    /// Writes `bufs` (none a placeholder), telling the kernel that more follows when `more`, so
+    /// that a response's head and the start of its file leave in the same packets.
+    fn poll_write_plain(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+        more: bool,
+    ) -> Poll<io::Result<usize>> {
+        let flags = if more {
+            SendFlags::MORE | SendFlags::NOSIGNAL
+        } else {
+            SendFlags::NOSIGNAL
+        };
+        loop {
+            ready!(self.tcp.poll_write_ready(cx))?;
+            let written = self.tcp.try_io(Interest::WRITABLE, || {
+                rustix::net::sendmsg(&self.tcp, bufs, &mut SendAncillaryBuffer::default(), flags)
+                    .map_err(io::Error::from)
+            });
+            match written {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+}
+
+/// Where `slice` starts in [`PLACEHOLDER`], if it lies within it.
+fn placeholder_offset(slice: &[u8]) -> Option<usize> {
+    let base = PLACEHOLDER.as_ptr() as usize;
+    let at = (slice.as_ptr() as usize).checked_sub(base)?;
+    (at < PIECE && slice.len() <= PIECE - at).then_some(at)
+}
+
+fn mismatch(what: &str) -> io::Error {
+    io::Error::other(format!("sendfile path: {what}"))
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_write_vectored(cx, &[IoSlice::new(buf)])
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let Some(first) = bufs.iter().position(|b| placeholder_offset(b).is_some()) else {
+            return Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
+        };
+        if first == 0 {
+            return this.poll_send_piece(cx, &bufs[0]);
+        }
+        // Plain bytes (a response's head) before the file's: write them first, then as much of
+        // the file as the socket takes right away.
+        let plain = &bufs[..first];
+        let total: usize = plain.iter().map(|b| b.len()).sum();
+        let n = ready!(this.poll_write_plain(cx, plain, true))?;
+        if n < total {
+            return Poll::Ready(Ok(n));
+        }
+        match this.poll_send_piece(cx, &bufs[first]) {
+            Poll::Ready(Ok(m)) => Poll::Ready(Ok(n + m)),
+            // The plain bytes are written: report them; the file's turn comes on the next call
+            // (which meets the same error, if there was one).
+            Poll::Ready(Err(_)) | Poll::Pending => Poll::Ready(Ok(n)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().tcp).poll_shutdown(cx)
+    }
+}
+
+impl Files {
+    /// `resp` with its body sent from its file, when the handler marked it with a
+    /// [`FileRegion`]; otherwise `resp` as it is. Call it only for HTTP/1 requests on the
+    /// connection of this `Files`: the swapped body is meaningful to its [`Socket`] alone.
+    pub(crate) fn send(&self, mut resp: Response<Body>) -> Response<Body> {
+        let Some(region) = resp.extensions_mut().remove::<FileRegion>() else {
+            return resp;
+        };
+        if !matches!(resp.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT) {
+            return resp;
+        }
+        // The first piece is read ahead while the head is written.
+        advise_read(&region.file, region.start, region.len);
+        let body = FileBody {
+            region,
+            queue: self.queue.clone(),
+        };
+        resp.map(|_| body.boxed_unsync())
+    }
+}
+
+/// Asks the kernel to read `[offset, offset + PIECE.min(len))` of `file` into the page cache in
+/// the background, so that `sendfile` (which runs on the runtime's thread) seldom waits for the
+/// disk. Only advice: failure changes nothing but speed.
+fn advise_read(file: &File, offset: u64, len: u64) {
+    if let Some(len) = NonZeroU64::new(len.min(PIECE as u64)) {
+        let _ = rustix::fs::fadvise(file.as_fd(), offset, Some(len), Advice::WillNeed);
+    }
+}
+
+/// A body of placeholder frames standing for a file's bytes, each queued for the socket as it is
+/// yielded.
+struct FileBody {
+    /// What is left to yield.
+    region: FileRegion,
+    queue: Queue,
+}
+
+impl HttpBody for FileBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
+        let this = self.get_mut();
+        if this.region.len == 0 {
+            return Poll::Ready(None);
+        }
+        let len = this.region.len.min(PIECE as u64) as usize;
+        let piece = Piece {
+            file: this.region.file.clone(),
+            offset: this.region.start,
+            len,
+            sent: 0,
+        };
+        this.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(piece);
+        this.region.start += len as u64;
+        this.region.len -= len as u64;
+        advise_read(&this.region.file, this.region.start, this.region.len);
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+            &PLACEHOLDER[..len],
+        )))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.region.len == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.region.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+    use std::net::SocketAddr;
+
+    use hyper::body::Incoming;
+    use hyper::Request;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::response;
+    use crate::serve::{accept_loop, ServerOptions};
+
+    /// Bytes that differ at every position, so a placeholder (zeros) or a shifted piece shows.
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// A server on the real accept loop whose every GET is answered from `file` the way blob
+    /// handlers answer: `/whole` the whole file, `/from/<a>/<b>` the bytes `[a, b)`.
+    async fn server(file: Arc<File>, size: u64) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let handler = move |req: Request<Incoming>, _peer: SocketAddr| {
+            let file = file.clone();
+            async move {
+                let path = req.uri().path().to_owned();
+                let (start, end) = match path.strip_prefix("/from/") {
+                    Some(r) => {
+                        let (a, b) = r.split_once('/').expect("range path");
+                        (a.parse().expect("start"), b.parse().expect("end"))
+                    }
+                    None => (0, size),
+                };
+                let mut resp = Response::builder()
+                    .status(StatusCode::OK)
+                    .header(http::header::CONTENT_LENGTH, end - start)
+                    // The streaming body is never used on a plain HTTP/1 connection: make it
+                    // wrong, so that a response that took it shows.
+                    .body(response::full(vec![b'!'; (end - start) as usize]))
+                    .expect("response");
+                resp.extensions_mut().insert(FileRegion {
+                    file,
+                    start,
+                    len: end - start,
+                });
+                match req.extensions().get::<Files>() {
+                    Some(files) => files.send(resp),
+                    None => resp,
+                }
+            }
+        };
+        tokio::spawn(async move {
+            let options = ServerOptions::default();
+            let _ = accept_loop(listener, &options, std::future::pending(), handler).await;
+        });
+        addr
+    }
+
+    fn stored(bytes: &[u8]) -> (tempfile::NamedTempFile, Arc<File>) {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(bytes).expect("write");
+        let file = Arc::new(File::open(f.path()).expect("open"));
+        (f, file)
+    }
+
+    /// Reads one response: its status line and its body as its Content-Length announced
+    /// (`Err` with what arrived when the connection ended before).
+    async fn read_response(conn: &mut TcpStream) -> Result<(String, Vec<u8>), Vec<u8>> {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            match conn.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return Err(head),
+            }
+        }
+        let head = String::from_utf8(head).expect("head is text");
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_owned)
+            })
+            .expect("content-length")
+            .trim()
+            .parse()
+            .expect("length");
+        let mut body = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            match conn.read(&mut body[got..]).await {
+                Ok(0) | Err(_) => {
+                    body.truncate(got);
+                    return Err(body);
+                }
+                Ok(n) => got += n,
+            }
+        }
+        let status = head.lines().next().unwrap_or_default().to_owned();
+        Ok((status, body))
+    }
+
+    #[tokio::test]
+    async fn files_reach_the_client_whole_and_in_ranges_over_one_connection() {
+        // Larger than two pieces, so that a response is several placeholder frames.
+        let bytes = pattern(2 * PIECE + 12_345);
+        let (_keep, file) = stored(&bytes);
+        let addr = server(file, bytes.len() as u64).await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        let ranges = [
+            (0, bytes.len()),
+            (1, 2),
+            (PIECE - 3, PIECE + 5),
+            (12_345, 2 * PIECE),
+            (0, bytes.len()),
+        ];
+        for (a, b) in ranges {
+            let path = if (a, b) == (0, bytes.len()) {
+                "/whole".to_owned()
+            } else {
+                format!("/from/{a}/{b}")
+            };
+            conn.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .expect("request");
+            let (status, body) = read_response(&mut conn).await.expect("whole response");
+            assert!(status.contains("200"), "{status}");
+            assert!(
+                body == bytes[a..b],
+                "bytes [{a}, {b}) differ from the file's"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_get_their_own_bytes_in_order() {
+        let bytes = pattern(PIECE + 777);
+        let (_keep, file) = stored(&bytes);
+        let addr = server(file, bytes.len() as u64).await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        let ranges = [
+            (10, 20),
+            (0, PIECE + 777),
+            (500, 70_000),
+            (PIECE, PIECE + 1),
+        ];
+        let mut requests = String::new();
+        for (a, b) in ranges {
+            requests.push_str(&format!("GET /from/{a}/{b} HTTP/1.1\r\nhost: x\r\n\r\n"));
+        }
+        conn.write_all(requests.as_bytes()).await.expect("requests");
+        for (a, b) in ranges {
+            let (_, body) = read_response(&mut conn).await.expect("whole response");
+            assert!(
+                body == bytes[a..b],
+                "bytes [{a}, {b}) differ from the file's"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_file_removed_while_sent_is_sent_whole() {
+        let bytes = pattern(3 * PIECE);
+        let (keep, file) = stored(&bytes);
+        let addr = server(file, bytes.len() as u64).await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let mut first = vec![0u8; 1000];
+        conn.read_exact(&mut first).await.expect("first bytes");
+        keep.close().expect("unlink");
+        let mut rest = Vec::new();
+        let mut whole = first;
+        // What is left of the head and the body, up to the body's end.
+        let head_end = whole
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("head within the first bytes")
+            + 4;
+        let want = head_end + bytes.len();
+        while whole.len() + rest.len() < want {
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = conn.read(&mut buf).await.expect("read");
+            assert!(n > 0, "connection ended early");
+            rest.extend_from_slice(&buf[..n]);
+        }
+        whole.extend_from_slice(&rest);
+        assert!(whole[head_end..] == bytes[..], "body differs from the file");
+    }
+
+    #[tokio::test]
+    async fn a_file_truncated_behind_piers_back_ends_the_connection_short() {
+        let bytes = pattern(2 * PIECE);
+        let (keep, file) = stored(&bytes);
+        let addr = server(file, bytes.len() as u64).await;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(keep.path())
+            .and_then(|f| f.set_len(PIECE as u64 / 2))
+            .expect("truncate");
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let short = read_response(&mut conn).await.expect_err("a short body");
+        assert!(short.len() <= PIECE / 2, "more bytes than the file holds");
+        assert!(
+            short == bytes[..short.len()],
+            "the bytes sent are the file's"
+        );
+        // The server carries on.
+        let mut again = TcpStream::connect(addr).await.expect("connect");
+        again
+            .write_all(b"GET /from/0/100 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let (_, body) = read_response(&mut again).await.expect("whole response");
+        assert!(body == bytes[..100]);
+    }
+
+    #[tokio::test]
+    async fn placeholder_bytes_out_of_step_are_refused_not_sent() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let (mut socket, files) = Socket::new(accepted);
+        // Nothing queued.
+        let e = socket
+            .write_vectored(&[IoSlice::new(&PLACEHOLDER[..10])])
+            .await
+            .expect_err("no file queued");
+        assert_eq!(e.kind(), io::ErrorKind::Other);
+        // A piece queued, but the slice claims to start elsewhere in it, or to be longer.
+        let (_keep, file) = stored(&pattern(100));
+        files
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(Piece {
+                file,
+                offset: 0,
+                len: 100,
+                sent: 0,
+            });
+        for slice in [&PLACEHOLDER[5..20], &PLACEHOLDER[..101]] {
+            let e = socket
+                .write_vectored(&[IoSlice::new(slice)])
+                .await
+                .expect_err("out of step");
+            assert_eq!(e.kind(), io::ErrorKind::Other);
+        }
+        drop(client);
+    }
+
+    #[test]
+    fn placeholder_slices_are_recognised_by_address_only() {
+        assert_eq!(placeholder_offset(&PLACEHOLDER[..10]), Some(0));
+        assert_eq!(placeholder_offset(&PLACEHOLDER[100..200]), Some(100));
+        assert_eq!(
+            placeholder_offset(&PLACEHOLDER[PIECE - 1..]),
+            Some(PIECE - 1)
+        );
+        // Zeros elsewhere are ordinary bytes.
+        let zeros = vec![0u8; 64];
+        assert_eq!(placeholder_offset(&zeros), None);
+        assert_eq!(placeholder_offset(b"HTTP/1.1 200 OK\r\n"), None);
+    }
+}
