@@ -76,6 +76,9 @@ type Queue = Arc<Mutex<VecDeque<Piece>>>;
 pub(crate) struct Socket {
     tcp: TcpStream,
     queue: Queue,
+    /// Whether `TCP_CORK` is set: while a file is sent, so that its head and its bytes leave in
+    /// full segments (nginx's `tcp_nopush`); lifted when the queue empties, which sends the rest.
+    corked: bool,
 }
 
 /// The connection's side of [`Socket`], for its requests: swaps file responses for placeholders.
@@ -91,6 +94,7 @@ impl Socket {
             Socket {
                 tcp,
                 queue: queue.clone(),
+                corked: false,
             },
             Files { queue },
         )
@@ -98,7 +102,7 @@ impl Socket {
 
     /// Sends up to `slice.len()` bytes of the queue's front piece, which `slice` (a placeholder)
     /// must stand for exactly.
-    fn poll_send_piece(&self, cx: &mut Context<'_>, slice: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_send_piece(&mut self, cx: &mut Context<'_>, slice: &[u8]) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.tcp.poll_write_ready(cx))?;
             let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
@@ -127,6 +131,10 @@ impl Socket {
                     piece.sent += n;
                     if piece.sent == piece.len {
                         queue.pop_front();
+                        if queue.is_empty() && self.corked {
+                            self.corked = false;
+                            rustix::net::sockopt::set_tcp_cork(&self.tcp, false)?;
+                        }
                     }
                     return Poll::Ready(Ok(n));
                 }
@@ -203,6 +211,10 @@ impl AsyncWrite for Socket {
         let Some(first) = bufs.iter().position(|b| placeholder_offset(b).is_some()) else {
             return Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
         };
+        if !this.corked {
+            rustix::net::sockopt::set_tcp_cork(&this.tcp, true)?;
+            this.corked = true;
+        }
         if first == 0 {
             return this.poll_send_piece(cx, &bufs[0]);
         }
