@@ -49,6 +49,12 @@ pub struct HostedSection {
     /// Upload sessions that take no bytes for this long are removed.
     #[serde(default = "default_upload_expiry", deserialize_with = "duration")]
     pub upload_expiry: Duration,
+    /// Upload sessions open at once on this node; a new one beyond gets 429 TOOMANYREQUESTS.
+    #[serde(default = "default_max_uploads")]
+    pub max_uploads: usize,
+    /// Upload sessions one caller (a user; an anonymous client by its address) may hold open.
+    #[serde(default = "default_max_uploads_per_client")]
+    pub max_uploads_per_client: usize,
     /// Anonymous clients (everyone, without an `auth` section) may push and delete. For labs.
     #[serde(default)]
     pub allow_anonymous_push: bool,
@@ -77,6 +83,17 @@ fn no_size() -> Size {
 fn default_upload_expiry() -> Duration {
     Duration::from_secs(3600)
 }
+
+fn default_max_uploads() -> usize {
+    1000
+}
+
+fn default_max_uploads_per_client() -> usize {
+    100
+}
+
+/// More open upload sessions than this is a typo: each is a directory and files on disk.
+const MAX_UPLOAD_SESSIONS: usize = 1_000_000;
 
 impl HostedSection {
     /// The repositories, compiled for the front.
@@ -780,6 +797,28 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+        for (field, n) in [
+            ("hosted.max_uploads", h.max_uploads),
+            ("hosted.max_uploads_per_client", h.max_uploads_per_client),
+        ] {
+            if n == 0 || n > MAX_UPLOAD_SESSIONS {
+                return Err(ConfigError::field(
+                    field,
+                    format!(
+                        "{n} must be between 1 and {MAX_UPLOAD_SESSIONS} (open upload sessions)"
+                    ),
+                ));
+            }
+        }
+        if h.max_uploads_per_client > h.max_uploads {
+            return Err(ConfigError::field(
+                "hosted.max_uploads_per_client",
+                format!(
+                    "{} is more than hosted.max_uploads ({}): one client could take every slot",
+                    h.max_uploads_per_client, h.max_uploads
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -901,6 +940,26 @@ mod tests {
         let e =
             Config::parse("hosted:\n  repositories: [a/*]\n  upload_expiry: never\n").unwrap_err();
         assert!(e.0.contains("hosted.upload_expiry"), "{e}");
+        // Upload session limits: 1000 and 100 unless set; 0, absurd or inverted named.
+        let h = Config::parse(ok).unwrap().hosted.unwrap();
+        assert_eq!((h.max_uploads, h.max_uploads_per_client), (1000, 100));
+        for (keys, field) in [
+            ("max_uploads: 0", "hosted.max_uploads:"),
+            ("max_uploads: 5000000", "hosted.max_uploads:"),
+            (
+                "max_uploads_per_client: 0",
+                "hosted.max_uploads_per_client:",
+            ),
+            (
+                "max_uploads: 10\n  max_uploads_per_client: 20",
+                "hosted.max_uploads_per_client:",
+            ),
+        ] {
+            let e = check(&format!("hosted:\n  repositories: [a/*]\n  {keys}\n")).unwrap_err();
+            assert!(e.0.starts_with(field), "{keys}: {e}");
+        }
+        let e = Config::parse("hosted:\n  repositories: [a/*]\n  max_uploads: -1\n").unwrap_err();
+        assert!(e.0.contains("hosted.max_uploads"), "{e}");
         // Garbage collection: hourly, with half an hour's grace, unless set.
         let h = Config::parse(ok).unwrap().hosted.unwrap();
         assert_eq!(h.gc_interval, Duration::from_secs(3600));

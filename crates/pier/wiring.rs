@@ -76,6 +76,8 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
             .map(|h| pier_cache::HostedConfig {
                 max_size: h.max_size.0,
                 upload_expiry: h.upload_expiry,
+                max_uploads: h.max_uploads,
+                max_uploads_per_client: h.max_uploads_per_client,
                 gc_grace: h.gc_grace,
             })
             .unwrap_or_default(),

@@ -925,6 +925,111 @@ async fn upload_sessions_survive_a_restart_and_expire_when_idle() {
     assert_eq!(pier.mirror.cache.hosted_usage().uploading_bytes, 0);
 }
 
+/// An upload session holds a slot of `hosted.max_uploads_per_client` until it is cancelled,
+/// finishes or expires; sessions kept across a restart hold theirs.
+#[tokio::test]
+async fn a_closed_upload_session_frees_its_slot() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let limits = |expiry: Duration| pier_cache::HostedConfig {
+        max_uploads_per_client: 2,
+        upload_expiry: expiry,
+        ..pier_cache::HostedConfig::default()
+    };
+    let pier = start(
+        &up,
+        Options {
+            hosted: limits(Duration::from_secs(3600)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let c = client();
+    let uploads = format!("{}/v2/team/app/blobs/uploads/", pier.url);
+    let post = || c.post(&uploads).send();
+    let first = header(&post().await.unwrap(), "location");
+    let second = header(&post().await.unwrap(), "location");
+    let r = post().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    // Cancelled: its slot is free.
+    let r = c
+        .delete(format!("{}{first}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = post().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let third = header(&r, "location");
+    assert_eq!(post().await.unwrap().status(), 429);
+    // Finished: its slot is free.
+    let r = c
+        .put(format!(
+            "{}{second}?digest={}",
+            pier.url,
+            digest_of(b"done")
+        ))
+        .body(b"done".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let fourth = header(&post().await.unwrap(), "location");
+    assert_eq!(post().await.unwrap().status(), 429);
+
+    // Across a restart the two open sessions still count.
+    let dir = pier.stop().await;
+    let pier = start(
+        &up,
+        Options {
+            dir: Some(dir),
+            hosted: limits(Duration::from_secs(3600)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let uploads = format!("{}/v2/team/app/blobs/uploads/", pier.url);
+    let r = c.post(&uploads).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let metrics = c
+        .get(format!("{}/metrics", pier.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pier_hosted_uploads_in_progress 2"),
+        "{metrics}"
+    );
+    // Expired (no maintenance run needed): their slots are free, and they are gone.
+    let dir = pier.stop().await;
+    let pier = start(
+        &up,
+        Options {
+            dir: Some(dir),
+            hosted: limits(Duration::from_millis(300)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let uploads = format!("{}/v2/team/app/blobs/uploads/", pier.url);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = c.post(&uploads).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    for gone in [third, fourth] {
+        let r = c.get(format!("{}{gone}", pier.url)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{gone}");
+    }
+    assert_eq!(
+        std::fs::read_dir(pier.dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        1
+    );
+}
+
 #[tokio::test]
 async fn without_client_authentication_hosted_repositories_are_read_only_unless_allowed() {
     let up = FakeUpstream::start(Behaviour::default()).await;

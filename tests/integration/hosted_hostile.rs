@@ -864,42 +864,92 @@ async fn a_content_range_up_to_u64_max_is_refused() {
     assert_eq!(r.status(), 204);
 }
 
-/// How many sessions one client may hold open.
+/// How many sessions one client may hold open: an anonymous client opening sessions without
+/// end gets 429 TOOMANYREQUESTS naming `hosted.max_uploads_per_client` past the default (100),
+/// with nothing created on disk; and users together stop at `hosted.max_uploads`.
 #[tokio::test]
-#[ignore = "defect: no limit on open upload sessions (2000 empty sessions from one anonymous \
-            client are all 202, each a directory and two files under <cache>/uploads until \
-            upload_expiry); slow: 2000 requests"]
 async fn upload_sessions_are_limited() {
     let up = FakeUpstream::start(Behaviour::default()).await;
     let pier = start(&up, None, Default::default(), vec![], None).await;
+    let c = client();
     let mut refused = 0;
-    for _ in 0..2_000 {
-        let r = client()
+    for i in 0..150 {
+        let r = c
             .post(format!("{}/v2/team/a/blobs/uploads/", pier.url))
             .send()
             .await
             .unwrap();
-        if r.status() != 202 {
-            refused += 1;
+        if i < 100 {
+            assert_eq!(r.status(), 202, "session {i}");
+            continue;
         }
+        assert_eq!(r.status(), 429, "session {i}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["errors"][0]["code"], "TOOMANYREQUESTS", "{v}");
+        let message = v["errors"][0]["message"].as_str().unwrap();
+        assert!(
+            message.contains("hosted.max_uploads_per_client"),
+            "{message}"
+        );
+        refused += 1;
     }
+    assert_eq!(refused, 50);
+    // A monolithic upload needs a session too.
+    let r = client()
+        .post(format!(
+            "{}/v2/team/a/blobs/uploads/?digest={}",
+            pier.url,
+            digest_of(b"x")
+        ))
+        .body(b"x".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
     let open = std::fs::read_dir(pier.dir.path().join("uploads"))
         .unwrap()
         .count();
+    assert_eq!(open, 100);
     let r = client()
         .get(format!("{}/metrics", pier.url))
         .send()
         .await
         .unwrap();
     let metrics = r.text().await.unwrap();
-    let in_progress: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("pier_hosted_uploads_in_progress"))
-        .collect();
     assert!(
-        refused > 0,
-        "{open} sessions open, none refused; {in_progress:?}"
+        metrics.contains("pier_hosted_uploads_in_progress 100"),
+        "{metrics}"
     );
+
+    // Users are counted apart, and all of them together stop at the node's limit.
+    let dir = tempfile::tempdir().unwrap();
+    let limits = pier_cache::HostedConfig {
+        max_uploads: 4,
+        max_uploads_per_client: 3,
+        ..Default::default()
+    };
+    let pier = start(&up, Some(users(dir.path())), limits, vec![], None).await;
+    for _ in 0..3 {
+        start_session(&pier, Some("alice"), "team/a").await;
+    }
+    let post = |user: &str, repo: &str| {
+        client()
+            .post(format!("{}/v2/{repo}/blobs/uploads/", pier.url))
+            .basic_auth(user, Some("pw"))
+            .send()
+    };
+    let r = post("alice", "team/a").await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r
+        .text()
+        .await
+        .unwrap()
+        .contains("hosted.max_uploads_per_client"));
+    start_session(&pier, Some("carol"), "local/x").await;
+    let r = post("carol", "local/x").await.unwrap();
+    assert_eq!(r.status(), 429);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("hosted.max_uploads is 4"), "{body}");
 }
 
 /// A user who may only pull a hosted repository reads the status of another user's upload

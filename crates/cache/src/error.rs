@@ -111,6 +111,11 @@ pub enum PushError {
         "hosted storage budget hosted.max_size ({max} bytes) would be exceeded ({used} bytes used)"
     )]
     Budget { max: u64, used: u64 },
+    /// Too many upload sessions open: the caller's own (`hosted.max_uploads_per_client`) or the
+    /// node's (`hosted.max_uploads`). Nothing was created; a session that finishes, is
+    /// cancelled or expires frees a slot.
+    #[error("too many upload sessions open: {field} is {limit}; finish or cancel (DELETE) one, or wait until idle ones expire (hosted.upload_expiry)")]
+    TooManyUploads { field: &'static str, limit: usize },
     /// A manifest that names a blob or manifest its repository does not hold.
     #[error("manifest refers to {0}, which this repository does not hold")]
     BlobUnknown(pier_oci::Digest),

@@ -33,6 +33,12 @@ pub struct HostedConfig {
     pub max_size: u64,
     /// Upload sessions idle for this long are removed.
     pub upload_expiry: Duration,
+    /// Upload sessions open at once on this node (`hosted.max_uploads`): each is a directory
+    /// and files under `uploads/` until it finishes, is cancelled or expires.
+    pub max_uploads: usize,
+    /// Upload sessions one caller (a user, or an anonymous client's address) may hold open
+    /// (`hosted.max_uploads_per_client`), so that one client cannot take every slot.
+    pub max_uploads_per_client: usize,
     /// Garbage collection leaves hosted content used (uploaded, mounted, asked for) this
     /// recently, so that a push under way, whose manifest is not there yet, keeps its blobs.
     pub gc_grace: Duration,
@@ -43,6 +49,8 @@ impl Default for HostedConfig {
         HostedConfig {
             max_size: 0,
             upload_expiry: Duration::from_secs(3600),
+            max_uploads: 1000,
+            max_uploads_per_client: 100,
             gc_grace: Duration::from_secs(30 * 60),
         }
     }

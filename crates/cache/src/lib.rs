@@ -227,7 +227,7 @@ impl Cache {
             tag_list_fetches: SingleFlight::default(),
             region: None,
             hosted: config.hosted,
-            uploads: uploads::Uploads::default(),
+            uploads: uploads::Uploads::from_disk(&sessions),
             uploading: Mutex::new(uploading),
             gc_running: tokio::sync::Mutex::new(()),
         };

@@ -9,6 +9,7 @@
 //! <root>/tmp/                          fills in progress; anything here at start-up is a leftover
 //! <root>/uploads/<session>/data        a push's blob upload so far (kept across restarts)
 //! <root>/uploads/<session>/repository  the hosted repository it is for
+//! <root>/uploads/<session>/owner       the caller who opened it (for the per-client limit)
 //! ```
 //!
 //! Hosted repositories keep their tags and links under `tags/_hosted/<repo>/` (and
@@ -208,6 +209,9 @@ pub struct UploadInfo {
     pub size: u64,
     /// When it last took bytes (or was created).
     pub touched: SystemTime,
+    /// Whose it is, as the upload limits count callers (`None`: a session of an earlier
+    /// version, which recorded no owner).
+    pub owner: Option<String>,
 }
 
 /// One verified blob found on disk.
@@ -790,13 +794,24 @@ impl DiskStore {
         self.root.join("uploads").join(session)
     }
 
-    /// Creates an empty upload session for `repo`.
-    pub fn create_upload(&self, session: &str, repo: &RepositoryName) -> io::Result<()> {
+    /// Creates an empty upload session for `repo`, opened by `owner`. Its `data` comes last:
+    /// a session is one once that is there, with everything else.
+    pub fn create_upload(
+        &self,
+        session: &str,
+        repo: &RepositoryName,
+        owner: &str,
+    ) -> io::Result<()> {
         let dir = self.upload_dir(session);
         fs::create_dir(&dir)?;
-        fs::write(dir.join("repository"), repo.as_str())?;
-        File::create(dir.join("data"))?;
-        Ok(())
+        let created = fs::write(dir.join("repository"), repo.as_str())
+            .and_then(|()| fs::write(dir.join("owner"), owner))
+            .and_then(|()| File::create(dir.join("data")).map(drop));
+        if created.is_err() {
+            // Half a session would hold no slot and never expire: none at all.
+            let _ = fs::remove_dir_all(&dir);
+        }
+        created
     }
 
     /// An upload session's repository, its size so far and when it last took bytes; `None`
@@ -813,10 +828,12 @@ impl DiskStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        let owner = fs::read_to_string(dir.join("owner")).ok();
         Ok(Some(UploadInfo {
             repository: repo,
             size: meta.len(),
             touched: meta.modified().unwrap_or(UNIX_EPOCH),
+            owner,
         }))
     }
 
@@ -977,7 +994,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path()).unwrap();
         let repo = RepositoryName::parse("team/app").unwrap();
-        store.create_upload("s1", &repo).unwrap();
+        store.create_upload("s1", &repo, "ip:127.0.0.1").unwrap();
         assert_eq!(store.append_upload("s1", 0, b"hello ").unwrap(), 6);
         // Not at the end: refused, nothing written.
         assert!(store.append_upload("s1", 2, b"x").is_err());
@@ -985,6 +1002,7 @@ mod tests {
         store.truncate_upload("s1", 11).unwrap();
         let info = store.upload_info("s1").unwrap().unwrap();
         assert_eq!((info.repository.as_str(), info.size), ("team/app", 11));
+        assert_eq!(info.owner.as_deref(), Some("ip:127.0.0.1"));
         assert_eq!(store.uploads().unwrap().len(), 1);
         // A wrong digest keeps nothing.
         let wrong = Digest::sha256_of(b"other");
@@ -994,7 +1012,7 @@ mod tests {
         // The right one becomes the blob; a second upload of it is not written again.
         let d = Digest::sha256_of(b"hello world");
         for session in ["s2", "s3"] {
-            store.create_upload(session, &repo).unwrap();
+            store.create_upload(session, &repo, "user:alice").unwrap();
             store.append_upload(session, 0, b"hello world").unwrap();
         }
         assert_eq!(store.commit_upload("s2", &d, None).unwrap(), Some(11));

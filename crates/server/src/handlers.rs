@@ -18,6 +18,11 @@ use crate::response::{self, Body};
 use crate::routing::{Route, Target};
 use crate::{hosted, Mirror};
 
+/// The address a request came from (a request extension the listener adds): who an anonymous
+/// client is, where pier counts per client.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
 /// Who is asking, for what pier lists: per-user rules apply to listings as they do to pulls
 /// (the gate in front of the handlers already applied them to the repository of a request).
 pub enum Caller<'a> {

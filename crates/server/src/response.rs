@@ -170,6 +170,8 @@ pub fn from_push(e: &pier_cache::PushError, missing: ErrorCode) -> RegistryError
         // Not a permission, but nothing the client can do here either: no retry helps.
         P::Budget { .. } => RegistryError::new(ErrorCode::Denied, e.to_string()),
         P::BlobUnknown(_) => RegistryError::new(ErrorCode::ManifestBlobUnknown, e.to_string()),
+        // 429: a slot frees when a session finishes, is cancelled or expires.
+        P::TooManyUploads { .. } => RegistryError::new(ErrorCode::TooManyRequests, e.to_string()),
         P::ManifestInvalid(_) => RegistryError::new(ErrorCode::ManifestInvalid, e.to_string()),
         P::NotFound => RegistryError::new(missing, e.to_string()),
         P::Io(io) if io.kind() == io::ErrorKind::StorageFull => {
