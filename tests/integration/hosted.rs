@@ -302,7 +302,7 @@ async fn bad_uploads_are_refused_and_nothing_is_kept() {
     let r = c.put(&at).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
-    // A chunk shorter than its Content-Range: 400, cut back off.
+    // A chunk shorter than its Content-Range: 416 with where the upload is, nothing kept.
     c.patch(&at).body(b"12345".to_vec()).send().await.unwrap();
     let r = c
         .patch(&at)
@@ -311,8 +311,9 @@ async fn bad_uploads_are_refused_and_nothing_is_kept() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
-    assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    assert_eq!(r.status(), 416);
+    assert_eq!(header(&r, "range"), "0-4");
+    assert_eq!(error_code(r).await, "RANGE_INVALID");
     let r = c.get(&at).send().await.unwrap();
     assert_eq!(header(&r, "range"), "0-4");
     // A gap: the chunk starts past the end.

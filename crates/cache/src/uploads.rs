@@ -271,13 +271,16 @@ impl Cache {
     }
 
     /// Appends a chunk to an upload session. With `range` (from `Content-Range`, inclusive),
-    /// the chunk must start where the upload ends and be exactly that long. Returns the
-    /// upload's new size.
+    /// the chunk must start where the upload ends and be exactly that long: a `content_length`
+    /// that says otherwise is refused before anything is written, and a body is cut off as soon
+    /// as more bytes than the range holds arrive ([`PushError::ChunkLength`]; the session stays
+    /// where it was). Returns the upload's new size.
     pub async fn upload_chunk(
         &self,
         repo: &RepositoryName,
         session: &str,
         range: Option<(u64, u64)>,
+        content_length: Option<u64>,
         body: BoxStream<'_, io::Result<Bytes>>,
     ) -> Result<u64, PushError> {
         let lock = self.uploads.lock_of(session);
@@ -290,20 +293,28 @@ impl Cache {
             Some((first, last)) => Some(
                 last.checked_sub(first)
                     .and_then(|d| d.checked_add(1))
-                    .ok_or(PushError::ChunkLength {
-                        expected: u64::MAX,
-                        got: 0,
-                    })?,
+                    .ok_or(PushError::UnsizedRange { first, last })?,
             ),
             None => None,
         };
-        let end = self.append(session, size, body).await?;
+        if let (Some(expected), Some(got)) = (expected, content_length) {
+            if got != expected {
+                return Err(PushError::ChunkLength {
+                    expected,
+                    got,
+                    size,
+                });
+            }
+        }
+        let end = self.append(session, size, body, expected).await?;
         if let Some(expected) = expected {
+            // Shorter than announced (a longer one was stopped in `append`).
             if end - size != expected {
                 self.cut_back(session, size, end - size).await;
                 return Err(PushError::ChunkLength {
                     expected,
                     got: end - size,
+                    size,
                 });
             }
         }
@@ -354,7 +365,7 @@ impl Cache {
         let lock = self.uploads.lock_of(session);
         let _writing = lock.lock().await;
         let size = self.live_upload(repo, session).await?;
-        let end = self.append(session, size, body).await?;
+        let end = self.append(session, size, body, None).await?;
         let known = self
             .uploads
             .take_hash(session, Some(end))
@@ -467,14 +478,17 @@ impl Cache {
     }
 
     /// Streams `body` onto the end of a session of `size` bytes, a batch at a time, each batch
-    /// first reserved against the hosted budget and hashed as it is written. On any failure what
-    /// this call wrote is cut off again (and the session's running hash is dropped: the file is
-    /// hashed when it finishes). Returns the new size.
+    /// first reserved against the hosted budget and hashed as it is written. With `limit`, the
+    /// body stops being read at the first byte past it ([`PushError::ChunkLength`]). On any
+    /// failure what this call wrote is cut off again (and the session's running hash is
+    /// dropped, unless nothing was written: the file is hashed when it finishes). Returns the
+    /// new size.
     async fn append(
         &self,
         session: &str,
         size: u64,
         mut body: BoxStream<'_, io::Result<Bytes>>,
+        limit: Option<u64>,
     ) -> Result<u64, PushError> {
         let mut end = size;
         let mut hasher = self.uploads.take_hash(session, Some(size));
@@ -488,6 +502,22 @@ impl Cache {
                     return Err(PushError::Body(e));
                 }
                 None => done = true,
+            }
+            let received = (end - size).saturating_add(batch.len() as u64);
+            if let Some(expected) = limit.filter(|&l| received > l) {
+                // What is past the range is never written; what this call wrote goes too.
+                if end == size {
+                    if let Some(h) = hasher.take() {
+                        self.uploads.put_hash(session, size, h);
+                    }
+                } else {
+                    self.cut_back(session, size, end - size).await;
+                }
+                return Err(PushError::ChunkLength {
+                    expected,
+                    got: received,
+                    size,
+                });
             }
             if batch.is_empty() || (!done && batch.len() < WRITE_BATCH) {
                 continue;

@@ -129,17 +129,21 @@ where
                         },
                     )?),
                 };
+            // Compared with the range before a byte is read (a malformed one is hyper's 400).
+            let content_length = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
             match mirror
                 .cache
-                .upload_chunk(&repo, &s, range, body_stream(body))
+                .upload_chunk(&repo, &s, range, content_length, body_stream(body))
                 .await
             {
                 Ok(size) => Ok(session_response(StatusCode::ACCEPTED, &repo, &s, size)),
-                Err(PushError::OutOfOrder { size }) => {
-                    let e = response::from_push(
-                        &PushError::OutOfOrder { size },
-                        ErrorCode::BlobUploadUnknown,
-                    );
+                // The session is where it was: the client is told where, to go on from there.
+                Err(e @ (PushError::OutOfOrder { size } | PushError::ChunkLength { size, .. })) => {
+                    let e = response::from_push(&e, ErrorCode::BlobUploadUnknown);
                     let mut resp = response::error(&e, false);
                     add_session_headers(resp.headers_mut(), &repo, &s, size);
                     Ok(resp)

@@ -160,8 +160,11 @@ pub fn from_push(e: &pier_cache::PushError, missing: ErrorCode) -> RegistryError
     use pier_cache::PushError as P;
     match e {
         P::UploadUnknown => RegistryError::new(ErrorCode::BlobUploadUnknown, e.to_string()),
-        P::OutOfOrder { .. } => RegistryError::new(ErrorCode::RangeInvalid, e.to_string()),
-        P::ChunkLength { .. } | P::Body(_) => {
+        // 416 Range Not Satisfiable: the chunk does not fit where, or as long as, it said.
+        P::OutOfOrder { .. } | P::ChunkLength { .. } => {
+            RegistryError::new(ErrorCode::RangeInvalid, e.to_string())
+        }
+        P::UnsizedRange { .. } | P::Body(_) => {
             RegistryError::new(ErrorCode::BlobUploadInvalid, e.to_string())
         }
         P::DigestMismatch(_) | P::ManifestDigest(_) => {
