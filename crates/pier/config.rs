@@ -343,6 +343,18 @@ pub struct UpstreamSection {
     /// Repository globs clients may not pull; deny wins over allow.
     #[serde(default)]
     pub deny: Vec<String>,
+    /// A search endpoint (`GET <search_url>/v1/search`; Docker Hub's is
+    /// `https://index.docker.io`) whose results `docker search` adds to pier's own. Never
+    /// contacted when unset (the default).
+    #[serde(default)]
+    pub search_url: Option<String>,
+    /// Longest wait for the search endpoint; past it, pier answers its own results.
+    #[serde(default = "default_search_timeout", deserialize_with = "duration")]
+    pub search_timeout: Duration,
+}
+
+fn default_search_timeout() -> Duration {
+    Duration::from_secs(3)
 }
 
 fn default_rate_limit_reserve() -> u64 {
@@ -424,6 +436,8 @@ impl UpstreamSection {
             rate_limit_reserve: default_rate_limit_reserve(),
             allow: Vec::new(),
             deny: Vec::new(),
+            search_url: None,
+            search_timeout: default_search_timeout(),
         }
     }
 
@@ -661,6 +675,16 @@ impl Config {
             })?;
             u.access()
                 .map_err(|e| ConfigError::field(&format!("{field}.allow/deny"), e))?;
+            if let Some(url) = &u.search_url {
+                check_search_url(url)
+                    .map_err(|e| ConfigError::field(&format!("{field}.search_url"), e))?;
+            }
+            if u.search_timeout.is_zero() {
+                return Err(ConfigError::field(
+                    &format!("{field}.search_timeout"),
+                    "must be greater than zero",
+                ));
+            }
             defaults += usize::from(u.default);
         }
         if defaults > 1 {
@@ -847,6 +871,25 @@ impl Config {
     }
 }
 
+/// A search endpoint's base URL: http(s) with a host, no credentials, no query.
+fn check_search_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(format!(
+            "{url:?} must start with http:// or https:// and name a host (like https://index.docker.io)"
+        ));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("must hold no credentials: a search needs none".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!(
+            "{url:?} must have no query: pier adds /v1/search?q=&n=&page="
+        ));
+    }
+    Ok(())
+}
+
 /// A host name with an optional port: what clients put in front of an image name.
 fn valid_registry_name(name: &str) -> bool {
     let (host, port) = match name.rsplit_once(':') {
@@ -906,6 +949,38 @@ mod tests {
         assert!(e.0.starts_with("upstreams[0].immutable_tags"), "{e}");
         let mut c = Config::parse("upstreams:\n  - name: a.io\n    url: ftp://x\n").unwrap();
         assert!(c.finish().unwrap_err().0.starts_with("upstreams[0].url"));
+        // A search endpoint: unset by default, else an http(s) URL, named when bad.
+        let mut c = Config::parse("").unwrap();
+        c.finish().unwrap();
+        assert!(c.upstreams[0].search_url.is_none());
+        for bad in [
+            "ftp://index",
+            "index.docker.io",
+            "https://u:p@index.docker.io",
+            "https://x/?q=a",
+        ] {
+            let mut c = Config::parse(&format!(
+                "upstreams:\n  - name: docker.io\n  - name: a.io\n    search_url: {bad:?}\n"
+            ))
+            .unwrap();
+            let e = c.finish().unwrap_err();
+            assert!(e.0.starts_with("upstreams[1].search_url:"), "{bad}: {e}");
+        }
+        let mut c = Config::parse(
+            "upstreams:\n  - name: docker.io\n    search_url: https://index.docker.io\n    search_timeout: 2s\n",
+        )
+        .unwrap();
+        c.finish().unwrap();
+        assert_eq!(c.upstreams[0].search_timeout, Duration::from_secs(2));
+        let mut c = Config::parse(
+            "upstreams:\n  - name: docker.io\n    search_url: https://index.docker.io\n    search_timeout: 0s\n",
+        )
+        .unwrap();
+        assert!(c
+            .finish()
+            .unwrap_err()
+            .0
+            .starts_with("upstreams[0].search_timeout"));
     }
 
     #[test]
