@@ -49,6 +49,12 @@ pub struct HostedSection {
     /// Upload sessions that take no bytes for this long are removed.
     #[serde(default = "default_upload_expiry", deserialize_with = "duration")]
     pub upload_expiry: Duration,
+    /// Upload sessions open at once on this node; a new one beyond gets 429 TOOMANYREQUESTS.
+    #[serde(default = "default_max_uploads")]
+    pub max_uploads: usize,
+    /// Upload sessions one caller (a user; an anonymous client by its address) may hold open.
+    #[serde(default = "default_max_uploads_per_client")]
+    pub max_uploads_per_client: usize,
     /// Anonymous clients (everyone, without an `auth` section) may push and delete. For labs.
     #[serde(default)]
     pub allow_anonymous_push: bool,
@@ -77,6 +83,17 @@ fn no_size() -> Size {
 fn default_upload_expiry() -> Duration {
     Duration::from_secs(3600)
 }
+
+fn default_max_uploads() -> usize {
+    1000
+}
+
+fn default_max_uploads_per_client() -> usize {
+    100
+}
+
+/// More open upload sessions than this is a typo: each is a directory and files on disk.
+const MAX_UPLOAD_SESSIONS: usize = 1_000_000;
 
 impl HostedSection {
     /// The repositories, compiled for the front.
@@ -326,6 +343,18 @@ pub struct UpstreamSection {
     /// Repository globs clients may not pull; deny wins over allow.
     #[serde(default)]
     pub deny: Vec<String>,
+    /// A search endpoint (`GET <search_url>/v1/search`; Docker Hub's is
+    /// `https://index.docker.io`) whose results `docker search` adds to pier's own. Never
+    /// contacted when unset (the default).
+    #[serde(default)]
+    pub search_url: Option<String>,
+    /// Longest wait for the search endpoint; past it, pier answers its own results.
+    #[serde(default = "default_search_timeout", deserialize_with = "duration")]
+    pub search_timeout: Duration,
+}
+
+fn default_search_timeout() -> Duration {
+    Duration::from_secs(3)
 }
 
 fn default_rate_limit_reserve() -> u64 {
@@ -407,6 +436,8 @@ impl UpstreamSection {
             rate_limit_reserve: default_rate_limit_reserve(),
             allow: Vec::new(),
             deny: Vec::new(),
+            search_url: None,
+            search_timeout: default_search_timeout(),
         }
     }
 
@@ -644,6 +675,16 @@ impl Config {
             })?;
             u.access()
                 .map_err(|e| ConfigError::field(&format!("{field}.allow/deny"), e))?;
+            if let Some(url) = &u.search_url {
+                check_search_url(url)
+                    .map_err(|e| ConfigError::field(&format!("{field}.search_url"), e))?;
+            }
+            if u.search_timeout.is_zero() {
+                return Err(ConfigError::field(
+                    &format!("{field}.search_timeout"),
+                    "must be greater than zero",
+                ));
+            }
             defaults += usize::from(u.default);
         }
         if defaults > 1 {
@@ -780,6 +821,28 @@ impl Config {
                 "must be greater than zero",
             ));
         }
+        for (field, n) in [
+            ("hosted.max_uploads", h.max_uploads),
+            ("hosted.max_uploads_per_client", h.max_uploads_per_client),
+        ] {
+            if n == 0 || n > MAX_UPLOAD_SESSIONS {
+                return Err(ConfigError::field(
+                    field,
+                    format!(
+                        "{n} must be between 1 and {MAX_UPLOAD_SESSIONS} (open upload sessions)"
+                    ),
+                ));
+            }
+        }
+        if h.max_uploads_per_client > h.max_uploads {
+            return Err(ConfigError::field(
+                "hosted.max_uploads_per_client",
+                format!(
+                    "{} is more than hosted.max_uploads ({}): one client could take every slot",
+                    h.max_uploads_per_client, h.max_uploads
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -806,6 +869,25 @@ impl Config {
     pub fn default_upstream(&self) -> usize {
         self.upstreams.iter().position(|u| u.default).unwrap_or(0)
     }
+}
+
+/// A search endpoint's base URL: http(s) with a host, no credentials, no query.
+fn check_search_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("{url:?} is not a URL ({e})"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        return Err(format!(
+            "{url:?} must start with http:// or https:// and name a host (like https://index.docker.io)"
+        ));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err("must hold no credentials: a search needs none".into());
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!(
+            "{url:?} must have no query: pier adds /v1/search?q=&n=&page="
+        ));
+    }
+    Ok(())
 }
 
 /// A host name with an optional port: what clients put in front of an image name.
@@ -867,6 +949,38 @@ mod tests {
         assert!(e.0.starts_with("upstreams[0].immutable_tags"), "{e}");
         let mut c = Config::parse("upstreams:\n  - name: a.io\n    url: ftp://x\n").unwrap();
         assert!(c.finish().unwrap_err().0.starts_with("upstreams[0].url"));
+        // A search endpoint: unset by default, else an http(s) URL, named when bad.
+        let mut c = Config::parse("").unwrap();
+        c.finish().unwrap();
+        assert!(c.upstreams[0].search_url.is_none());
+        for bad in [
+            "ftp://index",
+            "index.docker.io",
+            "https://u:p@index.docker.io",
+            "https://x/?q=a",
+        ] {
+            let mut c = Config::parse(&format!(
+                "upstreams:\n  - name: docker.io\n  - name: a.io\n    search_url: {bad:?}\n"
+            ))
+            .unwrap();
+            let e = c.finish().unwrap_err();
+            assert!(e.0.starts_with("upstreams[1].search_url:"), "{bad}: {e}");
+        }
+        let mut c = Config::parse(
+            "upstreams:\n  - name: docker.io\n    search_url: https://index.docker.io\n    search_timeout: 2s\n",
+        )
+        .unwrap();
+        c.finish().unwrap();
+        assert_eq!(c.upstreams[0].search_timeout, Duration::from_secs(2));
+        let mut c = Config::parse(
+            "upstreams:\n  - name: docker.io\n    search_url: https://index.docker.io\n    search_timeout: 0s\n",
+        )
+        .unwrap();
+        assert!(c
+            .finish()
+            .unwrap_err()
+            .0
+            .starts_with("upstreams[0].search_timeout"));
     }
 
     #[test]
@@ -901,6 +1015,26 @@ mod tests {
         let e =
             Config::parse("hosted:\n  repositories: [a/*]\n  upload_expiry: never\n").unwrap_err();
         assert!(e.0.contains("hosted.upload_expiry"), "{e}");
+        // Upload session limits: 1000 and 100 unless set; 0, absurd or inverted named.
+        let h = Config::parse(ok).unwrap().hosted.unwrap();
+        assert_eq!((h.max_uploads, h.max_uploads_per_client), (1000, 100));
+        for (keys, field) in [
+            ("max_uploads: 0", "hosted.max_uploads:"),
+            ("max_uploads: 5000000", "hosted.max_uploads:"),
+            (
+                "max_uploads_per_client: 0",
+                "hosted.max_uploads_per_client:",
+            ),
+            (
+                "max_uploads: 10\n  max_uploads_per_client: 20",
+                "hosted.max_uploads_per_client:",
+            ),
+        ] {
+            let e = check(&format!("hosted:\n  repositories: [a/*]\n  {keys}\n")).unwrap_err();
+            assert!(e.0.starts_with(field), "{keys}: {e}");
+        }
+        let e = Config::parse("hosted:\n  repositories: [a/*]\n  max_uploads: -1\n").unwrap_err();
+        assert!(e.0.contains("hosted.max_uploads"), "{e}");
         // Garbage collection: hourly, with half an hour's grace, unless set.
         let h = Config::parse(ok).unwrap().hosted.unwrap();
         assert_eq!(h.gc_interval, Duration::from_secs(3600));

@@ -176,6 +176,8 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
         for (i, u) in config.upstreams.iter().enumerate() {
             wiring::upstream_client(u, i, Arc::new(Metrics::new()))
                 .map_err(|e| ConfigError::field(&format!("upstreams[{i}]"), e))?;
+            wiring::search_endpoint(u, Arc::new(Metrics::new()))
+                .map_err(|e| ConfigError::field(&format!("upstreams[{i}].search_url"), e))?;
         }
         config.region()?;
         Ok((config, path))
@@ -193,6 +195,9 @@ fn check_config(file: Option<PathBuf>) -> ExitCode {
                     ""
                 };
                 println!("upstream {}: {}{default}", u.name, u.url());
+                if let Some(search) = &u.search_url {
+                    println!("  search: {search}");
+                }
             }
             if let Some(c) = &config.cluster {
                 println!("cluster: advertised as {}", c.advertise);

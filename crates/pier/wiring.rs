@@ -9,7 +9,7 @@ use pier_server::auth::{Auth, AuthConfig};
 use pier_server::limits::RateLimit;
 use pier_server::tls::{Tls, TlsFiles};
 use pier_server::{HostedRepositories, Mirror, ServerOptions, UpstreamEntry};
-use pier_upstream::{Credentials, Upstream, UpstreamConfig};
+use pier_upstream::{Credentials, SearchEndpoint, Upstream, UpstreamConfig};
 
 use crate::config::{Config, UpstreamSection};
 
@@ -37,6 +37,26 @@ pub fn upstream_client(
     Upstream::new(config, metrics).map_err(|e| e.to_string())
 }
 
+/// The search endpoint of one configured upstream, if it has one. Errors say what is wrong,
+/// without the field prefix.
+pub fn search_endpoint(
+    u: &UpstreamSection,
+    metrics: Arc<Metrics>,
+) -> Result<Option<Arc<SearchEndpoint>>, String> {
+    let Some(url) = &u.search_url else {
+        return Ok(None);
+    };
+    SearchEndpoint::new(
+        &u.name,
+        url,
+        u.ca_file.as_deref(),
+        u.search_timeout,
+        metrics,
+    )
+    .map(|s| Some(Arc::new(s)))
+    .map_err(|e| e.to_string())
+}
+
 /// Builds the mirror: opens (and locks) the cache directory and builds every upstream client.
 /// No request leaves pier here.
 pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
@@ -51,6 +71,8 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
         entry.freshness.immutable_tags = u.immutable_tags_regex().map_err(|e| e.to_string())?;
         entry.freshness.rate_limit_reserve = u.rate_limit_reserve;
         entry.access = u.access().map_err(|e| e.to_string())?;
+        entry.search = search_endpoint(u, metrics.clone())
+            .map_err(|e| format!("upstreams[{i}].search_url: {e}"))?;
         upstreams.push(entry);
     }
     let c = &config.cache;
@@ -76,6 +98,8 @@ pub fn mirror(config: &Config) -> Result<Arc<Mirror>, String> {
             .map(|h| pier_cache::HostedConfig {
                 max_size: h.max_size.0,
                 upload_expiry: h.upload_expiry,
+                max_uploads: h.max_uploads,
+                max_uploads_per_client: h.max_uploads_per_client,
                 gc_grace: h.gc_grace,
             })
             .unwrap_or_default(),

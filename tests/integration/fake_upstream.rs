@@ -79,6 +79,8 @@ pub struct State {
     pub token_generation: AtomicUsize,
     /// Blob bodies being sent, and the most at once.
     pub blob_bodies: InFlight,
+    /// What `GET /v1/search` (Docker Hub's index) finds: repository names, in this order.
+    pub search_index: Mutex<Vec<String>>,
 }
 
 pub struct FakeUpstream {
@@ -209,9 +211,55 @@ impl FakeUpstream {
             .count()
     }
 
+    /// Makes `GET /v1/search` find these repositories (those containing its `q`), in order.
+    pub fn index_for_search(&self, names: &[&str]) {
+        *self.state.search_index.lock().unwrap() = names.iter().map(|n| n.to_string()).collect();
+    }
+
     pub fn requests(&self) -> Vec<String> {
         self.state.log.lock().unwrap().clone()
     }
+}
+
+/// Docker Hub's `/v1/search`: the indexed names containing `q`, `n` a page (25 unless given),
+/// page `page` (from 1), with Docker Hub's fields.
+fn search(state: &State, query: Option<&str>) -> Response<Body> {
+    let url = reqwest::Url::parse(&format!("http://index/?{}", query.unwrap_or(""))).unwrap();
+    let params: HashMap<String, String> = url.query_pairs().into_owned().collect();
+    let q = params.get("q").cloned().unwrap_or_default();
+    let n: usize = params.get("n").and_then(|n| n.parse().ok()).unwrap_or(25);
+    let page: usize = params.get("page").and_then(|p| p.parse().ok()).unwrap_or(1);
+    let found: Vec<String> = state
+        .search_index
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|name| name.contains(&q))
+        .cloned()
+        .collect();
+    let results: Vec<serde_json::Value> = found
+        .iter()
+        .skip((page - 1) * n)
+        .take(n)
+        .map(|name| {
+            serde_json::json!({
+                "name": name,
+                "description": format!("{name} upstream"),
+                "star_count": 7,
+                "is_official": !name.contains('/'),
+                "is_automated": false,
+            })
+        })
+        .collect();
+    let body = serde_json::json!({
+        "num_pages": found.len().div_ceil(n),
+        "num_results": found.len(),
+        "page_size": n,
+        "page": page,
+        "query": q,
+        "results": results,
+    });
+    full(StatusCode::OK, body.to_string())
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -320,6 +368,9 @@ async fn handle(state: Arc<State>, addr: SocketAddr, req: Request<Incoming>) -> 
         r.headers_mut()
             .insert("www-authenticate", challenge.parse().unwrap());
         return r;
+    }
+    if path == "/v1/search" {
+        return search(&state, req.uri().query());
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return full(StatusCode::NOT_FOUND, "");

@@ -19,6 +19,9 @@ pub struct UpstreamSpec {
     pub rate_limit_reserve: u64,
     pub allow: Vec<String>,
     pub deny: Vec<String>,
+    /// Its search endpoint (`upstreams[].search_url`) and how long to wait for it.
+    pub search_url: Option<String>,
+    pub search_timeout: Duration,
 }
 
 impl UpstreamSpec {
@@ -33,6 +36,8 @@ impl UpstreamSpec {
             rate_limit_reserve: 10,
             allow: Vec::new(),
             deny: Vec::new(),
+            search_url: None,
+            search_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -191,6 +196,18 @@ pub async fn launch(setup: Setup) -> Pier {
             entry.freshness.rate_limit_reserve = u.rate_limit_reserve;
             entry.access =
                 pier_server::RepositoryFilter::new(&u.allow, &u.deny).expect("valid globs");
+            entry.search = u.search_url.map(|url| {
+                Arc::new(
+                    pier_upstream::SearchEndpoint::new(
+                        u.name,
+                        &url,
+                        None,
+                        u.search_timeout,
+                        metrics.clone(),
+                    )
+                    .expect("search endpoint"),
+                )
+            });
             entry
         })
         .collect();

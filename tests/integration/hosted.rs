@@ -302,7 +302,7 @@ async fn bad_uploads_are_refused_and_nothing_is_kept() {
     let r = c.put(&at).send().await.unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
-    // A chunk shorter than its Content-Range: 400, cut back off.
+    // A chunk shorter than its Content-Range: 416 with where the upload is, nothing kept.
     c.patch(&at).body(b"12345".to_vec()).send().await.unwrap();
     let r = c
         .patch(&at)
@@ -311,8 +311,9 @@ async fn bad_uploads_are_refused_and_nothing_is_kept() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 400);
-    assert_eq!(error_code(r).await, "BLOB_UPLOAD_INVALID");
+    assert_eq!(r.status(), 416);
+    assert_eq!(header(&r, "range"), "0-4");
+    assert_eq!(error_code(r).await, "RANGE_INVALID");
     let r = c.get(&at).send().await.unwrap();
     assert_eq!(header(&r, "range"), "0-4");
     // A gap: the chunk starts past the end.
@@ -925,6 +926,111 @@ async fn upload_sessions_survive_a_restart_and_expire_when_idle() {
     assert_eq!(pier.mirror.cache.hosted_usage().uploading_bytes, 0);
 }
 
+/// An upload session holds a slot of `hosted.max_uploads_per_client` until it is cancelled,
+/// finishes or expires; sessions kept across a restart hold theirs.
+#[tokio::test]
+async fn a_closed_upload_session_frees_its_slot() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let limits = |expiry: Duration| pier_cache::HostedConfig {
+        max_uploads_per_client: 2,
+        upload_expiry: expiry,
+        ..pier_cache::HostedConfig::default()
+    };
+    let pier = start(
+        &up,
+        Options {
+            hosted: limits(Duration::from_secs(3600)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let c = client();
+    let uploads = format!("{}/v2/team/app/blobs/uploads/", pier.url);
+    let post = || c.post(&uploads).send();
+    let first = header(&post().await.unwrap(), "location");
+    let second = header(&post().await.unwrap(), "location");
+    let r = post().await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+    // Cancelled: its slot is free.
+    let r = c
+        .delete(format!("{}{first}", pier.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = post().await.unwrap();
+    assert_eq!(r.status(), 202);
+    let third = header(&r, "location");
+    assert_eq!(post().await.unwrap().status(), 429);
+    // Finished: its slot is free.
+    let r = c
+        .put(format!(
+            "{}{second}?digest={}",
+            pier.url,
+            digest_of(b"done")
+        ))
+        .body(b"done".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let fourth = header(&post().await.unwrap(), "location");
+    assert_eq!(post().await.unwrap().status(), 429);
+
+    // Across a restart the two open sessions still count.
+    let dir = pier.stop().await;
+    let pier = start(
+        &up,
+        Options {
+            dir: Some(dir),
+            hosted: limits(Duration::from_secs(3600)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let uploads = format!("{}/v2/team/app/blobs/uploads/", pier.url);
+    let r = c.post(&uploads).send().await.unwrap();
+    assert_eq!(r.status(), 429);
+    let metrics = c
+        .get(format!("{}/metrics", pier.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("pier_hosted_uploads_in_progress 2"),
+        "{metrics}"
+    );
+    // Expired (no maintenance run needed): their slots are free, and they are gone.
+    let dir = pier.stop().await;
+    let pier = start(
+        &up,
+        Options {
+            dir: Some(dir),
+            hosted: limits(Duration::from_millis(300)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let uploads = format!("{}/v2/team/app/blobs/uploads/", pier.url);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = c.post(&uploads).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    for gone in [third, fourth] {
+        let r = c.get(format!("{}{gone}", pier.url)).send().await.unwrap();
+        assert_eq!(r.status(), 404, "{gone}");
+    }
+    assert_eq!(
+        std::fs::read_dir(pier.dir.path().join("uploads"))
+            .unwrap()
+            .count(),
+        1
+    );
+}
+
 #[tokio::test]
 async fn without_client_authentication_hosted_repositories_are_read_only_unless_allowed() {
     let up = FakeUpstream::start(Behaviour::default()).await;
@@ -1504,4 +1610,225 @@ async fn docker_search_lists_what_the_caller_may_pull_a_page_at_a_time() {
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+}
+
+/// pier hosting `team/**` and `local/*` (anonymous pushes on), mirroring `up` as docker.io with
+/// `denied/**` denied, and searching `search_url` (with `search_timeout`) when given.
+async fn start_searching(
+    up: &FakeUpstream,
+    search_url: Option<String>,
+    search_timeout: Duration,
+) -> Pier {
+    let mut s = Setup::new(tempfile::tempdir().unwrap());
+    let mut spec = UpstreamSpec::new("docker.io", up.url());
+    spec.deny = vec!["denied/**".into()];
+    spec.search_url = search_url;
+    spec.search_timeout = search_timeout;
+    s.upstreams = vec![spec];
+    s.hosted_repositories = vec!["team/**".into(), "local/*".into()];
+    s.allow_anonymous_push = true;
+    launch(s).await
+}
+
+/// Pushes `team/app`, `team/apple` and `local/app`, and answers `/v1/search?<query>` as JSON.
+async fn push_three_and_search(pier: &Pier) -> impl Fn(&str) -> BoxedSearch + '_ {
+    for repo in ["team/app", "team/apple", "local/app"] {
+        let config = push_blob(pier, repo, b"{}").await;
+        let r = put_manifest(pier, repo, "1.0", &image_manifest(&config, &[])).await;
+        assert_eq!(r.status(), 201, "{repo}");
+    }
+    move |query: &str| {
+        let url = format!("{}/v1/search?{query}", pier.url);
+        Box::pin(async move {
+            let r = client().get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            r.json::<serde_json::Value>().await.unwrap()
+        })
+    }
+}
+
+type BoxedSearch = std::pin::Pin<Box<dyn std::future::Future<Output = serde_json::Value>>>;
+
+fn result_names(v: &serde_json::Value) -> Vec<String> {
+    v["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The names Docker Hub's index finds for `app` in these tests: a hosted name (`team/app`) and
+/// a denied one among them.
+const INDEXED: [&str; 6] = [
+    "app-tools",
+    "bitnami/app",
+    "team/app",
+    "someone/apple",
+    "denied/app",
+    "other/thing",
+];
+
+/// With an upstream search configured, `docker search` answers pier's matches first, then the
+/// upstream's for the same term (with their descriptions and stars), named as clients pull
+/// them, without what pier lists already, hosted names, or what the upstream's lists deny.
+#[tokio::test]
+async fn docker_search_adds_a_configured_upstream_search() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let index = FakeUpstream::start(Behaviour::default()).await;
+    index.index_for_search(&INDEXED);
+    let pier = start_searching(&up, Some(index.url()), Duration::from_secs(3)).await;
+    let search = push_three_and_search(&pier).await;
+    let v = search("q=app").await;
+    assert_eq!(
+        result_names(&v),
+        [
+            "local/app",
+            "team/app",
+            "team/apple",
+            "app-tools",
+            "bitnami/app",
+            "someone/apple"
+        ]
+    );
+    assert_eq!(v["results"][3]["description"], "app-tools upstream");
+    assert_eq!(v["results"][3]["star_count"], 7);
+    assert_eq!(v["results"][3]["is_official"], true);
+    assert_eq!(v["results"][0]["star_count"], 0);
+    // Pier's three and the five the index counts.
+    assert_eq!(v["num_results"], 8);
+    assert_eq!(v["num_pages"], 1);
+    assert_eq!(index.requests(), ["GET /v1/search?q=app&n=25&page=1"]);
+    // The registry itself is never asked to search.
+    assert_eq!(up.count("/v1/search"), 0);
+    // Counted as upstream requests of kind search.
+    let metrics = client()
+        .get(format!("{}/metrics", pier.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"pier_upstream_requests_total{kind="search",outcome="ok",upstream="docker.io"} 1"#
+        ),
+        "{metrics}"
+    );
+}
+
+/// Pages are windows of pier's matches followed by the upstream's: the upstream is asked for
+/// the page (of the client's size) the window starts in, and the next when it spans two.
+#[tokio::test]
+async fn docker_search_pages_through_local_then_upstream_results() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let index = FakeUpstream::start(Behaviour::default()).await;
+    index.index_for_search(&INDEXED);
+    let pier = start_searching(&up, Some(index.url()), Duration::from_secs(3)).await;
+    let search = push_three_and_search(&pier).await;
+    let v = search("q=app&n=2&page=1").await;
+    assert_eq!(result_names(&v), ["local/app", "team/app"]);
+    assert_eq!(
+        (v["num_results"].clone(), v["num_pages"].clone()),
+        (8.into(), 4.into())
+    );
+    let v = search("q=app&n=2&page=2").await;
+    assert_eq!(result_names(&v), ["team/apple", "app-tools"]);
+    // Upstream results 1 and 2 (bitnami/app, team/app): across its pages 1 and 2; team/app is
+    // hosted here, so one is left.
+    let v = search("q=app&n=2&page=3").await;
+    assert_eq!(result_names(&v), ["bitnami/app"]);
+    let v = search("q=app&n=2&page=4").await;
+    assert_eq!(result_names(&v), ["someone/apple"]);
+    assert_eq!(
+        index.requests(),
+        [
+            "GET /v1/search?q=app&n=2&page=1",
+            "GET /v1/search?q=app&n=2&page=1",
+            "GET /v1/search?q=app&n=2&page=1",
+            "GET /v1/search?q=app&n=2&page=2",
+            "GET /v1/search?q=app&n=2&page=2",
+            "GET /v1/search?q=app&n=2&page=3",
+        ]
+    );
+}
+
+/// An upstream search that is down, fails or hangs costs its results, never the search: pier's
+/// own matches are answered (a hanging one within `search_timeout`).
+#[tokio::test]
+async fn docker_search_answers_local_results_when_the_upstream_search_fails() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    // Nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let failing = FakeUpstream::start(Behaviour {
+        fail_status: Some(500),
+        ..Behaviour::default()
+    })
+    .await;
+    let hanging = FakeUpstream::start(Behaviour {
+        hang: true,
+        ..Behaviour::default()
+    })
+    .await;
+    for url in [format!("http://{closed}"), failing.url(), hanging.url()] {
+        let pier = start_searching(&up, Some(url.clone()), Duration::from_millis(300)).await;
+        let search = push_three_and_search(&pier).await;
+        let started = std::time::Instant::now();
+        let v = search("q=app").await;
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{url}: {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            result_names(&v),
+            ["local/app", "team/app", "team/apple"],
+            "{url}"
+        );
+        assert_eq!(v["num_results"], 3, "{url}");
+    }
+    assert_eq!(failing.count("/v1/search"), 1);
+    assert_eq!(hanging.count("/v1/search"), 1);
+}
+
+/// Without `search_url`, no upstream is asked anything by a search: not even the registry
+/// pier mirrors, though it would answer one.
+#[tokio::test]
+async fn docker_search_asks_no_upstream_unless_configured() {
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    up.index_for_search(&INDEXED);
+    let pier = start_searching(&up, None, Duration::from_secs(3)).await;
+    let search = push_three_and_search(&pier).await;
+    let v = search("q=app").await;
+    assert_eq!(result_names(&v), ["local/app", "team/app", "team/apple"]);
+    assert_eq!(v["num_results"], 3);
+    assert_eq!(up.count("/v1/search"), 0);
+    assert!(up.requests().is_empty(), "{:?}", up.requests());
+}
+
+/// Results of a search configured on an upstream other than the default are named with its
+/// registry, as clients pull them through pier.
+#[tokio::test]
+async fn docker_search_names_another_upstreams_results_with_its_registry() {
+    let hub = FakeUpstream::start(Behaviour::default()).await;
+    let ghcr = FakeUpstream::start(Behaviour::default()).await;
+    let index = FakeUpstream::start(Behaviour::default()).await;
+    index.index_for_search(&["org/app", "org/tool"]);
+    let mut s = Setup::new(tempfile::tempdir().unwrap());
+    let mut spec = UpstreamSpec::new("ghcr.io", ghcr.url());
+    spec.search_url = Some(index.url());
+    s.upstreams = vec![UpstreamSpec::new("docker.io", hub.url()), spec];
+    let pier = launch(s).await;
+    let r = client()
+        .get(format!("{}/v1/search?q=app", pier.url))
+        .send()
+        .await
+        .unwrap();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(result_names(&v), ["ghcr.io/org/app"]);
+    assert_eq!(hub.count("/v1/search") + ghcr.count("/v1/search"), 0);
 }

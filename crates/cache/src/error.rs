@@ -100,9 +100,13 @@ pub enum PushError {
     /// A chunk that does not start where the upload is: the upload holds `size` bytes.
     #[error("chunk does not start at the end of the upload ({size} bytes)")]
     OutOfOrder { size: u64 },
-    /// A chunk whose length is not the one its `Content-Range` gave.
-    #[error("chunk length {got} does not match its Content-Range ({expected} bytes)")]
-    ChunkLength { expected: u64, got: u64 },
+    /// A chunk whose length (its `Content-Length`, or the bytes that arrived) is not the one
+    /// its `Content-Range` gave: nothing of it is kept, the upload still holds `size` bytes.
+    #[error("chunk does not match its Content-Range: {expected} bytes announced, {got} sent")]
+    ChunkLength { expected: u64, got: u64, size: u64 },
+    /// A `Content-Range` whose length no chunk can have (`<first>-<last>` up to the top of u64).
+    #[error("Content-Range {first}-{last} spans more bytes than a chunk can hold")]
+    UnsizedRange { first: u64, last: u64 },
     /// The uploaded bytes are not the digest the client named.
     #[error("uploaded content does not match digest {0}")]
     DigestMismatch(pier_oci::Digest),
@@ -111,6 +115,11 @@ pub enum PushError {
         "hosted storage budget hosted.max_size ({max} bytes) would be exceeded ({used} bytes used)"
     )]
     Budget { max: u64, used: u64 },
+    /// Too many upload sessions open: the caller's own (`hosted.max_uploads_per_client`) or the
+    /// node's (`hosted.max_uploads`). Nothing was created; a session that finishes, is
+    /// cancelled or expires frees a slot.
+    #[error("too many upload sessions open: {field} is {limit}; finish or cancel (DELETE) one, or wait until idle ones expire (hosted.upload_expiry)")]
+    TooManyUploads { field: &'static str, limit: usize },
     /// A manifest that names a blob or manifest its repository does not hold.
     #[error("manifest refers to {0}, which this repository does not hold")]
     BlobUnknown(pier_oci::Digest),

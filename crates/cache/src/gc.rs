@@ -1,6 +1,6 @@
 //! Garbage collection of hosted content: mark and sweep.
 //!
-//! **Mark** walks, on a blocking thread, what hosted repositories hold: every manifest linked
+//! **Mark** walks, on a blocking thread, what hosted repositories hold: every manifest pushed
 //! to a hosted repository and every hosted tag's manifest are roots, and whatever they name
 //! (layers, configs, an index's children, recursively; foreign layers aside) is live. Beside
 //! them, whatever a mirrored repository links is the mirror's.
@@ -26,7 +26,7 @@ use pier_oci::{Digest, References, RepositoryName};
 
 use crate::hosted::HOSTED;
 use crate::index::now_millis;
-use crate::store::DiskStore;
+use crate::store::{DiskStore, LinkFile};
 use crate::Cache;
 
 /// What a garbage collection did.
@@ -66,11 +66,12 @@ fn mark(store: &DiskStore) -> io::Result<Marks> {
         let Ok(repo) = RepositoryName::parse(&name) else {
             continue;
         };
+        // Its manifests: bytes it holds as a blob name nothing, even when they are a
+        // manifest elsewhere.
         roots.extend(
-            links
-                .iter()
-                .filter(|d| store.manifest_type(d).is_some())
-                .cloned(),
+            store
+                .links(HOSTED, &repo, LinkFile::Manifests)?
+                .unwrap_or_default(),
         );
         for (_, record) in store.tags_of(HOSTED, &repo)? {
             roots.extend(record.answers.iter().filter_map(|a| a.digest.parse().ok()));
@@ -178,6 +179,7 @@ impl Cache {
                 .into_iter()
                 .filter(|d| swept.contains(d) && !self.index.is_pinned(d))
                 .collect();
+            // (A repository's manifests are roots, never swept: its manifests file stays.)
             if !stale.is_empty() {
                 self.links.remove(&self.disk, HOSTED, &repo, &stale).await?;
             }

@@ -33,6 +33,12 @@ pub struct HostedConfig {
     pub max_size: u64,
     /// Upload sessions idle for this long are removed.
     pub upload_expiry: Duration,
+    /// Upload sessions open at once on this node (`hosted.max_uploads`): each is a directory
+    /// and files under `uploads/` until it finishes, is cancelled or expires.
+    pub max_uploads: usize,
+    /// Upload sessions one caller (a user, or an anonymous client's address) may hold open
+    /// (`hosted.max_uploads_per_client`), so that one client cannot take every slot.
+    pub max_uploads_per_client: usize,
     /// Garbage collection leaves hosted content used (uploaded, mounted, asked for) this
     /// recently, so that a push under way, whose manifest is not there yet, keeps its blobs.
     pub gc_grace: Duration,
@@ -43,6 +49,8 @@ impl Default for HostedConfig {
         HostedConfig {
             max_size: 0,
             upload_expiry: Duration::from_secs(3600),
+            max_uploads: 1000,
+            max_uploads_per_client: 100,
             gc_grace: Duration::from_secs(30 * 60),
         }
     }
@@ -131,6 +139,20 @@ impl Cache {
                 .await?)
     }
 
+    /// Whether hosted `repo` holds `digest` as a manifest: pushed to it as one (a blob of the
+    /// same bytes is not), and on disk. A use, as [`Cache::holds_hosted`].
+    async fn holds_hosted_manifest(
+        &self,
+        repo: &RepositoryName,
+        digest: &Digest,
+    ) -> Result<bool, Error> {
+        Ok(self.index.touch_present(digest)
+            && self
+                .hosted_manifests
+                .contains(&self.disk, HOSTED, repo, digest)
+                .await?)
+    }
+
     /// A blob of a hosted repository.
     pub async fn hosted_blob(&self, repo: &RepositoryName, digest: &Digest) -> Result<Blob, Error> {
         if !self.holds_hosted(repo, digest).await? {
@@ -173,8 +195,10 @@ impl Cache {
 
     /// Stores a manifest pushed to hosted `repo` under `reference` (a tag, or its digest), after
     /// checking it: a manifest's JSON, a media type (`content_type`, else its `mediaType`; the
-    /// two must agree), the digest when pushed by digest, and every blob and child manifest it
-    /// names (foreign layers aside) held by `repo`. The tag, if any, then points at it.
+    /// two must agree), the digest when pushed by digest, every blob it names (foreign layers
+    /// aside) held by `repo`, and every child manifest (of an index) a manifest of `repo`: pushed
+    /// to it as a manifest, as the Distribution registry has it (bytes uploaded as a blob are
+    /// none). The tag, if any, then points at it.
     pub async fn put_hosted_manifest(
         &self,
         repo: &RepositoryName,
@@ -243,7 +267,7 @@ impl Cache {
             Reference::Tag(_) => Digest::sha256_of(&bytes),
         };
         for child in refs.manifests.iter().filter(|d| !d.foreign) {
-            if !self.holds_hosted(repo, &child.digest).await?
+            if !self.holds_hosted_manifest(repo, &child.digest).await?
                 || self.manifest(&child.digest).await?.is_none()
             {
                 return Err(PushError::BlobUnknown(child.digest.clone()));
@@ -261,7 +285,12 @@ impl Cache {
             .and_then(|d| d.parse::<Digest>().ok());
         self.store_hosted_manifest(&digest, &media_type, bytes)
             .await?;
+        // Held first, then a manifest: a crash between leaves a blob, never a manifest that is
+        // not hosted content.
         self.link_hosted(repo, [digest.clone()]).await?;
+        self.hosted_manifests
+            .add(&self.disk, HOSTED, repo, [digest.clone()])
+            .await?;
         if let Reference::Tag(tag) = reference {
             self.tag_hosted(repo, tag, &digest, &media_type).await?;
         }
@@ -344,7 +373,7 @@ impl Cache {
             Reference::Digest(d) => d.clone(),
             Reference::Tag(t) => self.hosted_tag(repo, t).await?.ok_or(Error::NotFound)?,
         };
-        if !self.holds_hosted(repo, &digest).await? {
+        if !self.holds_hosted_manifest(repo, &digest).await? {
             return Err(Error::NotFound);
         }
         let (manifest, source) = self.manifest(&digest).await?.ok_or(Error::NotFound)?;
@@ -394,7 +423,7 @@ impl Cache {
         repo: &RepositoryName,
         subject: &Digest,
     ) -> Result<Bytes, Error> {
-        let linked = self.links.all(&self.disk, HOSTED, repo).await?;
+        let linked = self.hosted_manifests.all(&self.disk, HOSTED, repo).await?;
         let wanted = subject.to_string();
         let found = self
             .disk
@@ -454,7 +483,7 @@ impl Cache {
         digest: &Digest,
     ) -> Result<(), PushError> {
         if !self
-            .links
+            .hosted_manifests
             .contains(&self.disk, HOSTED, repo, digest)
             .await?
             || self.manifest(digest).await?.is_none()
@@ -477,6 +506,10 @@ impl Cache {
                     .await?;
             }
         }
+        // No longer a manifest first, then no longer held (the reverse of a push).
+        self.hosted_manifests
+            .remove(&self.disk, HOSTED, repo, std::slice::from_ref(digest))
+            .await?;
         self.links
             .remove(&self.disk, HOSTED, repo, std::slice::from_ref(digest))
             .await?;

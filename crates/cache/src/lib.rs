@@ -56,7 +56,7 @@ pub use memory::MemoryObject;
 pub use referrers::{fallback_tag, EMPTY_INDEX};
 pub use remote::{is_attachment_tag, Freshness, RepoRef};
 pub use resolve::{ResolvedManifest, TagList};
-pub use store::{DiskStore, RecordName, TagAnswer, TagRecord};
+pub use store::{DiskStore, LinkFile, RecordName, TagAnswer, TagRecord};
 
 use fill::{Fill, Phase, Progress};
 use index::Index;
@@ -180,6 +180,8 @@ pub struct Cache {
     fill_slots: Option<(Arc<tokio::sync::Semaphore>, usize)>,
     tags: TagRecords,
     links: Links,
+    /// Of hosted repositories' links, the manifests pushed to them.
+    hosted_manifests: Links,
     /// Manifest GETs under way, by upstream, repository, reference and accept set.
     manifest_fetches: SingleFlight<String, Result<ResolvedManifest, Error>>,
     /// Tag resolutions with the upstream under way, by upstream, repository, tag and accept set.
@@ -207,6 +209,7 @@ impl Cache {
     /// Blocking: call it before serving.
     pub fn open(config: CacheConfig, metrics: Arc<Metrics>) -> io::Result<Cache> {
         let store = DiskStore::open(&config.dir)?;
+        store.record_hosted_manifests(HOSTED)?;
         // Whatever a hosted repository links is hosted content: pinned, never evicted.
         // And what a hosted manifest's deletion left, until garbage collection has seen it.
         let mut hosted = store.all_links(HOSTED)?;
@@ -228,7 +231,8 @@ impl Cache {
                 (slots, config.max_concurrent_fills + config.max_queued_fills)
             }),
             tags: TagRecords::new(),
-            links: Links::new(),
+            links: Links::new(LinkFile::All),
+            hosted_manifests: Links::new(LinkFile::Manifests),
             manifest_fetches: SingleFlight::default(),
             resolutions: SingleFlight::default(),
             confirmations: SingleFlight::default(),
@@ -236,7 +240,7 @@ impl Cache {
             tag_list_fetches: SingleFlight::default(),
             region: None,
             hosted: config.hosted,
-            uploads: uploads::Uploads::default(),
+            uploads: uploads::Uploads::from_disk(&sessions),
             uploading: Mutex::new(uploading),
             gc_running: tokio::sync::Mutex::new(()),
         };

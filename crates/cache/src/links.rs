@@ -13,6 +13,11 @@
 //! Links live in memory per repository, loaded on first use from one append-only file per
 //! repository. A cache directory of an earlier pier has no links files: a repository's links are
 //! then derived once from its tag records and the manifests they name.
+//!
+//! Hosted repositories keep a second set beside it ([`LinkFile::Manifests`]): which of their
+//! digests were pushed to them as manifests, as the Distribution registry keeps manifest
+//! revisions apart from layer links. Bytes uploaded as a blob are no manifest of the repository,
+//! whatever another repository holds them as.
 
 use std::collections::HashSet;
 use std::io;
@@ -21,29 +26,38 @@ use std::sync::{Arc, RwLock};
 use pier_oci::{Digest, References, RepositoryName};
 
 use crate::disk::Disk;
-use crate::store::DiskStore;
+use crate::store::{DiskStore, LinkFile};
 
 type Set = Arc<RwLock<HashSet<Digest>>>;
 
-/// The link sets of recently used repositories.
+/// The link sets of recently used repositories, of one kind of links file.
 pub(crate) struct Links {
     repos: moka::future::Cache<String, Set>,
+    file: LinkFile,
 }
 
 impl Links {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(file: LinkFile) -> Self {
         Links {
             repos: moka::future::Cache::new(10_000),
+            file,
         }
     }
 
     /// The set of `upstream`'s `repo`, loaded from disk (or derived) on first use.
     async fn set(&self, disk: &Disk, upstream: &str, repo: &RepositoryName) -> io::Result<Set> {
         let key = format!("{upstream}/{repo}");
-        let (u, r, d) = (upstream.to_string(), repo.clone(), disk.clone());
+        let (u, r, d, file) = (upstream.to_string(), repo.clone(), disk.clone(), self.file);
         self.repos
             .try_get_with(key, async move {
-                let digests = d.run(move |store| load_or_derive(store, &u, &r)).await?;
+                let digests = d
+                    .run(move |store| match file {
+                        LinkFile::All => load_or_derive(store, &u, &r),
+                        // Recorded for every hosted repository when the cache opened
+                        // (`DiskStore::record_hosted_manifests`): none, no manifest.
+                        LinkFile::Manifests => Ok(store.links(&u, &r, file)?.unwrap_or_default()),
+                    })
+                    .await?;
                 Ok::<_, io::Error>(Arc::new(RwLock::new(digests.into_iter().collect())))
             })
             .await
@@ -101,7 +115,7 @@ impl Links {
         if known {
             return Ok(Vec::new());
         }
-        let (u, r) = (upstream.to_string(), repo.clone());
+        let (u, r, file) = (upstream.to_string(), repo.clone(), self.file);
         // The set and the file change together, under the set's lock on a blocking thread, so
         // that an unlink's rewrite never loses a concurrent append.
         disk.run(move |store| {
@@ -113,7 +127,7 @@ impl Links {
             if new.is_empty() {
                 return Ok(new);
             }
-            match store.add_links(&u, &r, &new) {
+            match store.add_links(&u, &r, file, &new) {
                 Ok(()) => Ok(new),
                 Err(e) => {
                     for d in &new {
@@ -136,14 +150,19 @@ impl Links {
         digests: &[Digest],
     ) -> io::Result<()> {
         let set = self.set(disk, upstream, repo).await?;
-        let (u, r, gone) = (upstream.to_string(), repo.clone(), digests.to_vec());
+        let (u, r, gone, file) = (
+            upstream.to_string(),
+            repo.clone(),
+            digests.to_vec(),
+            self.file,
+        );
         disk.run(move |store| {
             let mut set = set.write().unwrap_or_else(|p| p.into_inner());
             for d in &gone {
                 set.remove(d);
             }
             let left: Vec<Digest> = set.iter().cloned().collect();
-            store.set_links(&u, &r, &left)
+            store.set_links(&u, &r, file, &left)
         })
         .await
     }
@@ -161,7 +180,7 @@ fn load_or_derive(
     upstream: &str,
     repo: &RepositoryName,
 ) -> io::Result<Vec<Digest>> {
-    if let Some(digests) = store.links(upstream, repo)? {
+    if let Some(digests) = store.links(upstream, repo, LinkFile::All)? {
         return Ok(digests);
     }
     let mut found = Vec::new();
@@ -194,7 +213,7 @@ fn load_or_derive(
         }
     }
     if !found.is_empty() {
-        store.add_links(upstream, repo, &found)?;
+        store.add_links(upstream, repo, LinkFile::All, &found)?;
         tracing::info!(%upstream, %repo, links = found.len(), "derived repository links from its tags");
     }
     Ok(found)

@@ -5,9 +5,11 @@
 //! <root>/manifests/<alg>/<hex>         a manifest's media type, next to its bytes in blobs/
 //! <root>/tags/<upstream>/<repo>/_tags/<tag>   which digest a tag pointed at, per accept set
 //! <root>/tags/<upstream>/<repo>/_links        digests known to be in that repository, a line each
+//! <root>/tags/_hosted/<repo>/_manifests       of those, the manifests pushed to a hosted repository
 //! <root>/tmp/                          fills in progress; anything here at start-up is a leftover
 //! <root>/uploads/<session>/data        a push's blob upload so far (kept across restarts)
 //! <root>/uploads/<session>/repository  the hosted repository it is for
+//! <root>/uploads/<session>/owner       the caller who opened it (for the per-client limit)
 //! ```
 //!
 //! Hosted repositories keep their tags and links under `tags/_hosted/<repo>/` (and
@@ -34,6 +36,31 @@ use pier_oci::{AcceptSet, Digest, RepositoryName, Tag};
 pub struct TagRecord {
     pub answers: Vec<TagAnswer>,
 }
+
+/// Which of a repository's link files: what it holds at all, or (hosted repositories) which of
+/// that it holds as manifests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkFile {
+    /// Every digest the repository holds, blobs and manifests alike (`_links`).
+    All,
+    /// The manifests pushed to a hosted repository (`_manifests`). A digest linked only in
+    /// [`LinkFile::All`] is a blob there, even when another repository holds the same bytes as a
+    /// manifest: an index may name only manifests of its own repository.
+    Manifests,
+}
+
+impl LinkFile {
+    fn file_name(self) -> &'static str {
+        match self {
+            LinkFile::All => "_links",
+            LinkFile::Manifests => "_manifests",
+        }
+    }
+}
+
+/// Written under `tags/_hosted/` once every hosted repository has its `_manifests` file: from
+/// then on a repository without one holds no manifest.
+const MANIFESTS_RECORDED: &str = "_manifests_recorded";
 
 /// What a [`TagRecord`] is kept for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,6 +209,9 @@ pub struct UploadInfo {
     pub size: u64,
     /// When it last took bytes (or was created).
     pub touched: SystemTime,
+    /// Whose it is, as the upload limits count callers (`None`: a session of an earlier
+    /// version, which recorded no owner).
+    pub owner: Option<String>,
 }
 
 /// One verified blob found on disk.
@@ -454,33 +484,39 @@ impl DiskStore {
         self.read_record(&self.record_path(upstream, repo, RecordName::Tag(tag)))
     }
 
-    fn links_path(&self, upstream: &str, repo: &RepositoryName) -> PathBuf {
+    fn links_path(&self, upstream: &str, repo: &RepositoryName, file: LinkFile) -> PathBuf {
         self.root
             .join("tags")
             .join(upstream)
             .join(repo.as_str())
-            .join("_links")
+            .join(file.file_name())
     }
 
-    /// The digests recorded as present in `upstream`'s `repo`, or `None` when the repository has
-    /// no links file yet. A torn last line (a crash mid-append) is skipped.
-    pub fn links(&self, upstream: &str, repo: &RepositoryName) -> io::Result<Option<Vec<Digest>>> {
-        match fs::read_to_string(self.links_path(upstream, repo)) {
+    /// The digests recorded in `file` of `upstream`'s `repo`, or `None` when the repository has
+    /// no such file yet. A torn last line (a crash mid-append) is skipped.
+    pub fn links(
+        &self,
+        upstream: &str,
+        repo: &RepositoryName,
+        file: LinkFile,
+    ) -> io::Result<Option<Vec<Digest>>> {
+        match fs::read_to_string(self.links_path(upstream, repo, file)) {
             Ok(text) => Ok(Some(text.lines().filter_map(|l| l.parse().ok()).collect())),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Appends digests to the repository's links file (creating it). One `write` of whole lines
-    /// with `O_APPEND`, so concurrent appends never interleave within a line.
+    /// Appends digests to the repository's links `file` (creating it). One `write` of whole
+    /// lines with `O_APPEND`, so concurrent appends never interleave within a line.
     pub fn add_links(
         &self,
         upstream: &str,
         repo: &RepositoryName,
+        file: LinkFile,
         digests: &[Digest],
     ) -> io::Result<()> {
-        let path = self.links_path(upstream, repo);
+        let path = self.links_path(upstream, repo, file);
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir)?;
         }
@@ -496,12 +532,52 @@ impl DiskStore {
             .write_all(lines.as_bytes())
     }
 
+    /// Gives every hosted repository (`upstream`'s) of a cache directory written before
+    /// manifests were recorded apart its `_manifests` file, once: what it links that the store
+    /// holds as a manifest, which is what it was taken to hold as manifests until then. Blocking.
+    pub fn record_hosted_manifests(&self, upstream: &str) -> io::Result<()> {
+        let marker = self
+            .root
+            .join("tags")
+            .join(upstream)
+            .join(MANIFESTS_RECORDED);
+        if marker.exists() {
+            return Ok(());
+        }
+        let mut recorded = 0usize;
+        for (name, links) in self.linked_repositories(upstream)? {
+            let Ok(repo) = RepositoryName::parse(&name) else {
+                continue;
+            };
+            // One done before a crash is not redone (a repository may have changed since).
+            if self.links(upstream, &repo, LinkFile::Manifests)?.is_some() {
+                continue;
+            }
+            let manifests: Vec<Digest> = links
+                .into_iter()
+                .filter(|d| self.manifest_type(d).is_some())
+                .collect();
+            self.set_links(upstream, &repo, LinkFile::Manifests, &manifests)?;
+            recorded += 1;
+        }
+        if recorded > 0 {
+            tracing::info!(
+                repositories = recorded,
+                "recorded which digests hosted repositories hold as manifests"
+            );
+        }
+        self.write_atomic(&marker, b"")
+    }
+
     /// Forgets which digests `upstream`'s `repo` holds.
     pub fn remove_links(&self, upstream: &str, repo: &RepositoryName) -> io::Result<()> {
-        match fs::remove_file(self.links_path(upstream, repo)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+        for file in [LinkFile::All, LinkFile::Manifests] {
+            match fs::remove_file(self.links_path(upstream, repo, file)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
         }
+        Ok(())
     }
 
     /// Every tag recorded for `upstream`'s `repo`, with its record. Blocking.
@@ -570,11 +646,12 @@ impl DiskStore {
         Ok(out)
     }
 
-    /// Replaces the repository's links file with exactly `digests` (write-then-rename).
+    /// Replaces the repository's links `file` with exactly `digests` (write-then-rename).
     pub fn set_links(
         &self,
         upstream: &str,
         repo: &RepositoryName,
+        file: LinkFile,
         digests: &[Digest],
     ) -> io::Result<()> {
         let mut lines = String::new();
@@ -582,7 +659,7 @@ impl DiskStore {
             lines.push_str(&d.to_string());
             lines.push('\n');
         }
-        self.write_atomic(&self.links_path(upstream, repo), lines.as_bytes())
+        self.write_atomic(&self.links_path(upstream, repo, file), lines.as_bytes())
     }
 
     /// Removes one record (a tag), if it is there.
@@ -717,13 +794,24 @@ impl DiskStore {
         self.root.join("uploads").join(session)
     }
 
-    /// Creates an empty upload session for `repo`.
-    pub fn create_upload(&self, session: &str, repo: &RepositoryName) -> io::Result<()> {
+    /// Creates an empty upload session for `repo`, opened by `owner`. Its `data` comes last:
+    /// a session is one once that is there, with everything else.
+    pub fn create_upload(
+        &self,
+        session: &str,
+        repo: &RepositoryName,
+        owner: &str,
+    ) -> io::Result<()> {
         let dir = self.upload_dir(session);
         fs::create_dir(&dir)?;
-        fs::write(dir.join("repository"), repo.as_str())?;
-        File::create(dir.join("data"))?;
-        Ok(())
+        let created = fs::write(dir.join("repository"), repo.as_str())
+            .and_then(|()| fs::write(dir.join("owner"), owner))
+            .and_then(|()| File::create(dir.join("data")).map(drop));
+        if created.is_err() {
+            // Half a session would hold no slot and never expire: none at all.
+            let _ = fs::remove_dir_all(&dir);
+        }
+        created
     }
 
     /// An upload session's repository, its size so far and when it last took bytes; `None`
@@ -740,10 +828,12 @@ impl DiskStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        let owner = fs::read_to_string(dir.join("owner")).ok();
         Ok(Some(UploadInfo {
             repository: repo,
             size: meta.len(),
             touched: meta.modified().unwrap_or(UNIX_EPOCH),
+            owner,
         }))
     }
 
@@ -904,7 +994,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path()).unwrap();
         let repo = RepositoryName::parse("team/app").unwrap();
-        store.create_upload("s1", &repo).unwrap();
+        store.create_upload("s1", &repo, "ip:127.0.0.1").unwrap();
         assert_eq!(store.append_upload("s1", 0, b"hello ").unwrap(), 6);
         // Not at the end: refused, nothing written.
         assert!(store.append_upload("s1", 2, b"x").is_err());
@@ -912,6 +1002,7 @@ mod tests {
         store.truncate_upload("s1", 11).unwrap();
         let info = store.upload_info("s1").unwrap().unwrap();
         assert_eq!((info.repository.as_str(), info.size), ("team/app", 11));
+        assert_eq!(info.owner.as_deref(), Some("ip:127.0.0.1"));
         assert_eq!(store.uploads().unwrap().len(), 1);
         // A wrong digest keeps nothing.
         let wrong = Digest::sha256_of(b"other");
@@ -921,7 +1012,7 @@ mod tests {
         // The right one becomes the blob; a second upload of it is not written again.
         let d = Digest::sha256_of(b"hello world");
         for session in ["s2", "s3"] {
-            store.create_upload(session, &repo).unwrap();
+            store.create_upload(session, &repo, "user:alice").unwrap();
             store.append_upload(session, 0, b"hello world").unwrap();
         }
         assert_eq!(store.commit_upload("s2", &d, None).unwrap(), Some(11));
@@ -932,17 +1023,56 @@ mod tests {
         assert!(store.uploads().unwrap().is_empty());
         // Hosted links are found wherever the repository is.
         store
-            .add_links("_hosted", &repo, std::slice::from_ref(&d))
+            .add_links("_hosted", &repo, LinkFile::All, std::slice::from_ref(&d))
             .unwrap();
         store
             .set_links(
                 "_hosted",
                 &RepositoryName::parse("x/y/z").unwrap(),
+                LinkFile::All,
                 std::slice::from_ref(&wrong),
             )
             .unwrap();
         let all = store.all_links("_hosted").unwrap();
         assert!(all.contains(&d) && all.contains(&wrong) && all.len() == 2);
+    }
+
+    /// A cache directory of a pier that recorded no manifests apart: each hosted repository's
+    /// manifests are what it links that the store holds as manifests, recorded once.
+    #[test]
+    fn hosted_manifests_of_an_earlier_cache_are_recorded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let repo = RepositoryName::parse("team/a").unwrap();
+        let (manifest, blob) = (Digest::sha256_of(b"{}"), Digest::sha256_of(b"layer"));
+        store.write_blob(&manifest, b"{}").unwrap();
+        store
+            .set_manifest_type(&manifest, "application/json")
+            .unwrap();
+        store.write_blob(&blob, b"layer").unwrap();
+        store
+            .add_links("_hosted", &repo, LinkFile::All, &[manifest.clone(), blob])
+            .unwrap();
+        store.record_hosted_manifests("_hosted").unwrap();
+        assert_eq!(
+            store.links("_hosted", &repo, LinkFile::Manifests).unwrap(),
+            Some(vec![manifest])
+        );
+        // Recorded: a repository without a manifests file is not looked at again.
+        let other = RepositoryName::parse("team/b").unwrap();
+        store
+            .add_links(
+                "_hosted",
+                &other,
+                LinkFile::All,
+                &[Digest::sha256_of(b"{}")],
+            )
+            .unwrap();
+        store.record_hosted_manifests("_hosted").unwrap();
+        assert_eq!(
+            store.links("_hosted", &other, LinkFile::Manifests).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -991,16 +1121,34 @@ mod tests {
             ]
         );
         // Links: none yet, then appended, then gone with the tags.
-        assert_eq!(store.links("docker.io", &repo).unwrap(), None);
+        assert_eq!(
+            store.links("docker.io", &repo, LinkFile::All).unwrap(),
+            None
+        );
         store
-            .add_links("docker.io", &repo, std::slice::from_ref(&d))
+            .add_links("docker.io", &repo, LinkFile::All, std::slice::from_ref(&d))
             .unwrap();
         store
-            .add_links("docker.io", &repo, &[d.clone(), Digest::sha256_of(b"x")])
+            .add_links(
+                "docker.io",
+                &repo,
+                LinkFile::All,
+                &[d.clone(), Digest::sha256_of(b"x")],
+            )
             .unwrap();
-        assert_eq!(store.links("docker.io", &repo).unwrap().unwrap().len(), 3);
+        assert_eq!(
+            store
+                .links("docker.io", &repo, LinkFile::All)
+                .unwrap()
+                .unwrap()
+                .len(),
+            3
+        );
         assert_eq!(store.remove_tags("docker.io", &repo).unwrap(), 1);
-        assert_eq!(store.links("docker.io", &repo).unwrap(), None);
+        assert_eq!(
+            store.links("docker.io", &repo, LinkFile::All).unwrap(),
+            None
+        );
         assert_eq!(store.tag("docker.io", &repo, &tag), None);
         // nothing left behind in tmp/
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);

@@ -7,6 +7,11 @@
 //! exceed the hosted budget is cut back off the session, which stays where it was. Sessions that
 //! take no bytes for `upload_expiry` are removed (on access and by the maintenance task).
 //!
+//! Open sessions are limited, on the node (`hosted.max_uploads`) and per caller
+//! (`hosted.max_uploads_per_client`): each holds a directory and files until it finishes, is
+//! cancelled or expires, and a client could otherwise open them without end. Sessions found on
+//! disk at start count; one that finishes, is cancelled or expires frees its slot.
+//!
 //! Chunks are hashed (sha256) as they are written, so that finishing an upload reads nothing
 //! back; a session whose running hash was lost (a restart, a chunk cut back) or that finishes
 //! with another algorithm is hashed from its file instead.
@@ -21,22 +26,143 @@ use futures_util::stream::{BoxStream, StreamExt};
 use pier_oci::{Algorithm, Digest, Hasher, RepositoryName};
 
 use crate::error::PushError;
-use crate::hosted::HOSTED;
+use crate::hosted::{HostedConfig, HOSTED};
+use crate::store::UploadInfo;
 use crate::Cache;
 
 /// Bytes gathered from a request body before one write to the session's file.
 const WRITE_BATCH: usize = 1 << 20;
 
-/// Upload sessions' locks and running hashes.
+/// Upload sessions' locks, running hashes and slots.
 #[derive(Default)]
 pub(crate) struct Uploads {
     /// One lock per session, so that its chunks are written one at a time.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// The sha256 of each session's first `u64` bytes.
     hashes: Mutex<HashMap<String, (u64, Hasher)>>,
+    /// The sessions open, as the limits count them.
+    slots: Mutex<Slots>,
 }
 
+/// Which sessions are open, whose they are, and when each last took bytes.
+#[derive(Default)]
+struct Slots {
+    open: HashMap<String, Slot>,
+    /// Sessions open per owner (kept with `open`, so that a check costs no walk).
+    per_owner: HashMap<String, usize>,
+}
+
+struct Slot {
+    owner: String,
+    /// When it last took bytes, as far as this process saw (its file's time, give or take a
+    /// write): it picks the sessions that may have expired; the file decides.
+    touched: SystemTime,
+}
+
+impl Slots {
+    fn insert(&mut self, session: &str, owner: &str, touched: SystemTime) {
+        let slot = Slot {
+            owner: owner.to_string(),
+            touched,
+        };
+        if self.open.insert(session.to_string(), slot).is_none() {
+            *self.per_owner.entry(owner.to_string()).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, session: &str) -> bool {
+        let Some(slot) = self.open.remove(session) else {
+            return false;
+        };
+        if let Some(n) = self.per_owner.get_mut(&slot.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(&slot.owner);
+            }
+        }
+        true
+    }
+}
+
+/// The owner recorded for sessions of an earlier version, which kept none: they count against
+/// the node's limit only (no caller's key looks like this).
+const UNKNOWN_OWNER: &str = "-";
+
 impl Uploads {
+    /// The slots of the sessions on disk at start.
+    pub(crate) fn from_disk(sessions: &[(String, UploadInfo)]) -> Self {
+        let uploads = Uploads::default();
+        {
+            let mut slots = uploads.slots.lock().unwrap_or_else(|p| p.into_inner());
+            for (session, info) in sessions {
+                let owner = info.owner.as_deref().unwrap_or(UNKNOWN_OWNER);
+                slots.insert(session, owner, info.touched);
+            }
+        }
+        uploads
+    }
+
+    /// Takes a slot for a new session of `owner`, if the limits leave one.
+    fn admit(&self, session: &str, owner: &str, limits: &HostedConfig) -> Result<(), PushError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if slots.per_owner.get(owner).copied().unwrap_or(0) >= limits.max_uploads_per_client {
+            return Err(PushError::TooManyUploads {
+                field: "hosted.max_uploads_per_client",
+                limit: limits.max_uploads_per_client,
+            });
+        }
+        if slots.open.len() >= limits.max_uploads {
+            return Err(PushError::TooManyUploads {
+                field: "hosted.max_uploads",
+                limit: limits.max_uploads,
+            });
+        }
+        slots.insert(session, owner, SystemTime::now());
+        Ok(())
+    }
+
+    /// Gives a session's slot back; `false` when it held none (closed already).
+    fn close(&self, session: &str) -> bool {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(session)
+    }
+
+    /// Notes that a session took bytes.
+    fn touch(&self, session: &str) {
+        if let Some(slot) = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open
+            .get_mut(session)
+        {
+            slot.touched = SystemTime::now();
+        }
+    }
+
+    /// Sessions that may have been idle for longer than `expiry`.
+    fn maybe_expired(&self, expiry: std::time::Duration) -> Vec<String> {
+        let now = SystemTime::now();
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open
+            .iter()
+            .filter(|(_, slot)| now.duration_since(slot.touched).is_ok_and(|d| d > expiry))
+            .map(|(session, _)| session.clone())
+            .collect()
+    }
+
+    fn open(&self) -> usize {
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .open
+            .len()
+    }
+
     fn lock_of(&self, session: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.locks
             .lock()
@@ -86,15 +212,53 @@ fn new_session_id() -> io::Result<String> {
 }
 
 impl Cache {
-    /// Starts an upload session for a hosted repository; returns its id.
-    pub async fn start_upload(&self, repo: &RepositoryName) -> Result<String, PushError> {
+    /// Starts an upload session for a hosted repository, opened by `owner` (the caller as the
+    /// per-client limit counts them: a user, or an anonymous client's address); returns its id.
+    /// [`PushError::TooManyUploads`] when the limits leave no slot, even after sessions that
+    /// expired meanwhile were removed.
+    pub async fn start_upload(
+        &self,
+        repo: &RepositoryName,
+        owner: &str,
+    ) -> Result<String, PushError> {
         let session = new_session_id()?;
-        let (s, r) = (session.clone(), repo.clone());
-        self.disk
-            .run(move |store| store.create_upload(&s, &r))
-            .await?;
-        self.metrics.hosted_uploads_in_progress.inc();
+        if let Err(full) = self.uploads.admit(&session, owner, &self.hosted) {
+            // Sessions past their expiry that maintenance has not removed yet hold slots that
+            // are free by rights. Only when some may be: a refused client costs no disk walk.
+            let stale = self.uploads.maybe_expired(self.hosted.upload_expiry);
+            if stale.is_empty() {
+                return Err(full);
+            }
+            for s in stale {
+                self.expire_upload(&s).await;
+            }
+            self.uploads.admit(&session, owner, &self.hosted)?;
+        }
+        let (s, r, o) = (session.clone(), repo.clone(), owner.to_string());
+        let created = self
+            .disk
+            .run(move |store| store.create_upload(&s, &r, &o))
+            .await;
+        if let Err(e) = created {
+            self.close_upload(&session);
+            return Err(e.into());
+        }
+        self.count_open_uploads();
         Ok(session)
+    }
+
+    /// Gives back a session's slot (it finished, was cancelled or expired). `false` when it
+    /// held none: another request closed it first, and counted it.
+    fn close_upload(&self, session: &str) -> bool {
+        let closed = self.uploads.close(session);
+        self.count_open_uploads();
+        closed
+    }
+
+    fn count_open_uploads(&self) {
+        self.metrics
+            .hosted_uploads_in_progress
+            .set(i64::try_from(self.uploads.open()).unwrap_or(i64::MAX));
     }
 
     /// The bytes an upload session of `repo` holds so far.
@@ -107,13 +271,16 @@ impl Cache {
     }
 
     /// Appends a chunk to an upload session. With `range` (from `Content-Range`, inclusive),
-    /// the chunk must start where the upload ends and be exactly that long. Returns the
-    /// upload's new size.
+    /// the chunk must start where the upload ends and be exactly that long: a `content_length`
+    /// that says otherwise is refused before anything is written, and a body is cut off as soon
+    /// as more bytes than the range holds arrive ([`PushError::ChunkLength`]; the session stays
+    /// where it was). Returns the upload's new size.
     pub async fn upload_chunk(
         &self,
         repo: &RepositoryName,
         session: &str,
         range: Option<(u64, u64)>,
+        content_length: Option<u64>,
         body: BoxStream<'_, io::Result<Bytes>>,
     ) -> Result<u64, PushError> {
         let lock = self.uploads.lock_of(session);
@@ -126,20 +293,28 @@ impl Cache {
             Some((first, last)) => Some(
                 last.checked_sub(first)
                     .and_then(|d| d.checked_add(1))
-                    .ok_or(PushError::ChunkLength {
-                        expected: u64::MAX,
-                        got: 0,
-                    })?,
+                    .ok_or(PushError::UnsizedRange { first, last })?,
             ),
             None => None,
         };
-        let end = self.append(session, size, body).await?;
+        if let (Some(expected), Some(got)) = (expected, content_length) {
+            if got != expected {
+                return Err(PushError::ChunkLength {
+                    expected,
+                    got,
+                    size,
+                });
+            }
+        }
+        let end = self.append(session, size, body, expected).await?;
         if let Some(expected) = expected {
+            // Shorter than announced (a longer one was stopped in `append`).
             if end - size != expected {
                 self.cut_back(session, size, end - size).await;
                 return Err(PushError::ChunkLength {
                     expected,
                     got: end - size,
+                    size,
                 });
             }
         }
@@ -190,7 +365,7 @@ impl Cache {
         let lock = self.uploads.lock_of(session);
         let _writing = lock.lock().await;
         let size = self.live_upload(repo, session).await?;
-        let end = self.append(session, size, body).await?;
+        let end = self.append(session, size, body, None).await?;
         let known = self
             .uploads
             .take_hash(session, Some(end))
@@ -202,7 +377,7 @@ impl Cache {
             .run(move |store| store.commit_upload(&s, &d, known.as_ref()))
             .await;
         self.uploads.forget(session);
-        self.metrics.hosted_uploads_in_progress.dec();
+        self.close_upload(session);
         self.release(end);
         match committed? {
             None => {
@@ -238,16 +413,29 @@ impl Cache {
             return;
         };
         for (session, info) in all {
-            if !self.expired(info.touched) {
-                continue;
+            if self.expired(info.touched) {
+                self.expire_upload(&session).await;
             }
-            let lock = self.uploads.lock_of(&session);
-            let Ok(_writing) = lock.try_lock() else {
-                continue;
-            };
-            tracing::info!(%session, repository = %info.repository, bytes = info.size, "upload expired");
-            self.drop_upload(&session, info.size).await;
         }
+    }
+
+    /// Removes one upload session if it is idle for longer than `upload_expiry` (as its file
+    /// says, read under its lock) and no chunk is being written to it.
+    async fn expire_upload(&self, session: &str) {
+        let lock = self.uploads.lock_of(session);
+        let Ok(_writing) = lock.try_lock() else {
+            return;
+        };
+        let s = session.to_string();
+        let Ok(Some(info)) = self.disk.run(move |store| store.upload_info(&s)).await else {
+            // Gone already (finished or cancelled meanwhile): its slot went with it.
+            return;
+        };
+        if !self.expired(info.touched) {
+            return;
+        }
+        tracing::info!(%session, repository = %info.repository, bytes = info.size, "upload expired");
+        self.drop_upload(session, info.size).await;
     }
 
     /// The size of a session that exists, belongs to `repo` and has not expired (an expired one
@@ -281,20 +469,26 @@ impl Cache {
             tracing::warn!(%session, error = %e, "could not remove upload");
         }
         self.uploads.forget(session);
-        self.metrics.hosted_uploads_in_progress.dec();
-        self.count_received("discarded", size);
-        self.release(size);
+        // Two removals racing (a request finding it expired, and maintenance) give its bytes
+        // back once.
+        if self.close_upload(session) {
+            self.count_received("discarded", size);
+            self.release(size);
+        }
     }
 
     /// Streams `body` onto the end of a session of `size` bytes, a batch at a time, each batch
-    /// first reserved against the hosted budget and hashed as it is written. On any failure what
-    /// this call wrote is cut off again (and the session's running hash is dropped: the file is
-    /// hashed when it finishes). Returns the new size.
+    /// first reserved against the hosted budget and hashed as it is written. With `limit`, the
+    /// body stops being read at the first byte past it ([`PushError::ChunkLength`]). On any
+    /// failure what this call wrote is cut off again (and the session's running hash is
+    /// dropped, unless nothing was written: the file is hashed when it finishes). Returns the
+    /// new size.
     async fn append(
         &self,
         session: &str,
         size: u64,
         mut body: BoxStream<'_, io::Result<Bytes>>,
+        limit: Option<u64>,
     ) -> Result<u64, PushError> {
         let mut end = size;
         let mut hasher = self.uploads.take_hash(session, Some(size));
@@ -308,6 +502,22 @@ impl Cache {
                     return Err(PushError::Body(e));
                 }
                 None => done = true,
+            }
+            let received = (end - size).saturating_add(batch.len() as u64);
+            if let Some(expected) = limit.filter(|&l| received > l) {
+                // What is past the range is never written; what this call wrote goes too.
+                if end == size {
+                    if let Some(h) = hasher.take() {
+                        self.uploads.put_hash(session, size, h);
+                    }
+                } else {
+                    self.cut_back(session, size, end - size).await;
+                }
+                return Err(PushError::ChunkLength {
+                    expected,
+                    got: received,
+                    size,
+                });
             }
             if batch.is_empty() || (!done && batch.len() < WRITE_BATCH) {
                 continue;
@@ -335,6 +545,7 @@ impl Cache {
                 Ok((new_end, h)) => {
                     end = new_end;
                     hasher = h;
+                    self.uploads.touch(session);
                 }
                 Err(e) => {
                     self.release(n);

@@ -24,7 +24,7 @@ pub struct Metrics {
     /// Body bytes received from each `upstream`.
     pub upstream_bytes: IntCounterVec,
     /// Upstream requests by `upstream`, `kind` (manifest, manifest_head, blob, blob_head, tags,
-    /// token) and `outcome` (ok, not_found, unauthorized, rate_limited, server_error, error).
+    /// token, search) and `outcome` (ok, not_found, unauthorized, rate_limited, server_error, error).
     pub upstream_requests: IntCounterVec,
     /// Time until the upstream's response headers, by `upstream` and `kind`.
     pub upstream_duration: HistogramVec,

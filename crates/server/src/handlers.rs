@@ -1,6 +1,6 @@
-//! The pull API: `/v2/`, manifests, blobs, tag lists, the catalog and Docker's search
-//! (`/v1/search`). Each handler routes the
-//! request, asks the cache (which resolves, looks up tiers and fills), and answers.
+//! The pull API: `/v2/`, manifests, blobs, tag lists, the catalog, and Docker's `/v1/_ping`
+//! (its search, `/v1/search`, is the `search` module's). Each handler routes the request, asks
+//! the cache (which resolves, looks up tiers and fills), and answers.
 
 use std::sync::Arc;
 
@@ -18,6 +18,11 @@ use crate::response::{self, Body};
 use crate::routing::{Route, Target};
 use crate::sendfile::FileRegion;
 use crate::{hosted, Mirror};
+
+/// The address a request came from (a request extension the listener adds): who an anonymous
+/// client is, where pier counts per client.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub std::net::IpAddr);
 
 /// Who is asking, for what pier lists: per-user rules apply to listings as they do to pulls
 /// (the gate in front of the handlers already applied them to the repository of a request).
@@ -107,7 +112,7 @@ where
         }
         return match v1 {
             "_ping" => Ok(v1_ping(head)),
-            "search" => search(mirror, caller, req.uri().query(), head).await,
+            "search" => crate::search::search(mirror, caller, req.uri().query(), head).await,
             _ => Err(path_error(PathError::NotFound)),
         };
     }
@@ -582,69 +587,6 @@ async fn catalog(mirror: &Mirror, caller: &Caller<'_>, query: Option<&str>, head
     Ok(list_response(body, next, None, head))
 }
 
-/// Page size of `docker search` when the client gives none, and the largest it may ask for.
-const SEARCH_PAGE_SIZE: usize = 25;
-const SEARCH_MAX_PAGE_SIZE: usize = 100;
-
-/// `GET /v1/search?q=&n=&page=`: the Docker CLI's `docker search`, over the repositories the
-/// caller may pull (as the catalog lists them) whose name contains `q` (ignoring case), sorted
-/// by name, `n` (1-100, default 25) a page.
-pub(crate) async fn search(
-    mirror: &Mirror,
-    caller: &Caller<'_>,
-    query: Option<&str>,
-    head: bool,
-) -> Answer {
-    let params = Query::parse_opt(query);
-    let bad = |m: &str| RegistryError::new(ErrorCode::Unsupported, m).with_status(400);
-    let number = |key: &str, default: usize| {
-        params
-            .get(key)
-            .filter(|v| !v.is_empty())
-            .map_or(Ok(default), |v| v.parse::<usize>())
-    };
-    let page_size = number("n", SEARCH_PAGE_SIZE)
-        .map_err(|_| bad("n must be a number"))?
-        .clamp(1, SEARCH_MAX_PAGE_SIZE);
-    let page_number = number("page", 1)
-        .map_err(|_| bad("page must be a number"))?
-        .max(1);
-    let term = params.get("q").unwrap_or("").trim().to_string();
-    if term.len() > 512 {
-        return Err(bad("q is too long"));
-    }
-    let wanted = term.to_ascii_lowercase();
-    let found: Vec<String> = pullable_repositories(mirror, caller)
-        .await?
-        .into_iter()
-        .filter(|name| name.to_ascii_lowercase().contains(&wanted))
-        .collect();
-    let results: Vec<serde_json::Value> = found
-        .iter()
-        .skip((page_number - 1).saturating_mul(page_size))
-        .take(page_size)
-        .map(|name| {
-            serde_json::json!({
-                "name": name,
-                "description": "",
-                "star_count": 0,
-                "is_official": false,
-                "is_automated": false,
-            })
-        })
-        .collect();
-    let body = serde_json::json!({
-        "num_pages": found.len().div_ceil(page_size),
-        "num_results": found.len(),
-        "results": results,
-        "page": page_number,
-        "page_size": page_size,
-        "query": term,
-    })
-    .to_string();
-    Ok(list_response(body, None, None, head))
-}
-
 /// `GET /v1/_ping`: what the Docker daemon asks before `docker search`. A standalone registry:
 /// the daemon sends its credentials for the registry along.
 pub(crate) fn v1_ping(head: bool) -> Response<Body> {
@@ -666,7 +608,7 @@ pub(crate) fn v1_ping(head: bool) -> Response<Body> {
 /// The repositories pier holds that the caller may pull, sorted, named as clients name them:
 /// plain for hosted repositories and the default upstream, `<registry>/<repository>` for the
 /// others.
-async fn pullable_repositories(
+pub(crate) async fn pullable_repositories(
     mirror: &Mirror,
     caller: &Caller<'_>,
 ) -> Result<Vec<String>, RegistryError> {

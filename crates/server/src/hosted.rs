@@ -14,8 +14,8 @@ use pier_cache::{MountFrom, PushError, HOSTED, MAX_MANIFEST_SIZE};
 use pier_oci::{upload_chunk_range, Digest, Endpoint, ErrorCode, Query, Reference, RegistryError};
 use pier_oci::{RepositoryName, Tag};
 
-use crate::auth::Action;
-use crate::handlers::{self, Answer, Caller};
+use crate::auth::{Action, Identity};
+use crate::handlers::{self, Answer, Caller, ClientAddr};
 use crate::response::{self, Body};
 use crate::routing::Target;
 use crate::Mirror;
@@ -108,7 +108,8 @@ where
             handlers::referrers_response(index, query, head)
         }
         (Method::POST, Endpoint::Upload { session: None, .. }) => {
-            start_upload(mirror, caller, &repo, query, body).await
+            let owner = upload_owner(caller, parts.extensions.get::<ClientAddr>());
+            start_upload(mirror, caller, &owner, &repo, query, body).await
         }
         (
             Method::PATCH,
@@ -128,17 +129,21 @@ where
                         },
                     )?),
                 };
+            // Compared with the range before a byte is read (a malformed one is hyper's 400).
+            let content_length = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
             match mirror
                 .cache
-                .upload_chunk(&repo, &s, range, body_stream(body))
+                .upload_chunk(&repo, &s, range, content_length, body_stream(body))
                 .await
             {
                 Ok(size) => Ok(session_response(StatusCode::ACCEPTED, &repo, &s, size)),
-                Err(PushError::OutOfOrder { size }) => {
-                    let e = response::from_push(
-                        &PushError::OutOfOrder { size },
-                        ErrorCode::BlobUploadUnknown,
-                    );
+                // The session is where it was: the client is told where, to go on from there.
+                Err(e @ (PushError::OutOfOrder { size } | PushError::ChunkLength { size, .. })) => {
+                    let e = response::from_push(&e, ErrorCode::BlobUploadUnknown);
                     let mut resp = response::error(&e, false);
                     add_session_headers(resp.headers_mut(), &repo, &s, size);
                     Ok(resp)
@@ -201,6 +206,7 @@ where
 async fn start_upload<B>(
     mirror: &Mirror,
     caller: &Caller<'_>,
+    owner: &str,
     repo: &RepositoryName,
     query: Option<&str>,
     body: B,
@@ -221,7 +227,7 @@ where
         let digest = digest_param(query)?;
         let session = mirror
             .cache
-            .start_upload(repo)
+            .start_upload(repo, owner)
             .await
             .map_err(|e| response::from_push(&e, ErrorCode::BlobUploadUnknown))?;
         let finished = mirror
@@ -237,10 +243,28 @@ where
     }
     let session = mirror
         .cache
-        .start_upload(repo)
+        .start_upload(repo, owner)
         .await
         .map_err(|e| response::from_push(&e, ErrorCode::BlobUploadUnknown))?;
     Ok(session_response(StatusCode::ACCEPTED, repo, &session, 0))
+}
+
+/// Who opens an upload session, as `hosted.max_uploads_per_client` counts callers: a user by
+/// name; an anonymous client (or anyone, without client authentication) by its address, the
+/// one identity it has.
+fn upload_owner(caller: &Caller<'_>, addr: Option<&ClientAddr>) -> String {
+    match (caller, addr) {
+        (
+            Caller::Identified {
+                who: Identity::User(user),
+                ..
+            },
+            _,
+        ) => format!("user:{user}"),
+        (_, Some(ClientAddr(ip))) => format!("ip:{ip}"),
+        // Not through a listener (no address): one shared key.
+        (_, None) => "ip:unknown".to_string(),
+    }
 }
 
 /// Mounts `digest` from `from` when the caller may pull `from` and it holds the digest (by its

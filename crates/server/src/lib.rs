@@ -14,6 +14,7 @@ mod ops;
 mod region;
 pub mod response;
 pub mod routing;
+mod search;
 mod sendfile;
 mod serve;
 pub mod tls;
@@ -23,7 +24,7 @@ use std::sync::Arc;
 
 use pier_cache::{Cache, Freshness};
 use pier_metrics::Metrics;
-use pier_upstream::Upstream;
+use pier_upstream::{SearchEndpoint, Upstream};
 
 pub use admin::serve_admin;
 pub use handlers::Caller;
@@ -43,11 +44,14 @@ pub struct UpstreamEntry {
     pub freshness: Freshness,
     /// Which repositories of this upstream clients may pull.
     pub access: RepositoryFilter,
+    /// Its search endpoint (`upstreams[].search_url`), whose results `docker search` adds to
+    /// pier's own; never asked when `None`.
+    pub search: Option<Arc<SearchEndpoint>>,
 }
 
 impl UpstreamEntry {
-    /// An entry with the defaults: [`Freshness::default`], every repository allowed, and the
-    /// `library/` prefix for docker.io only.
+    /// An entry with the defaults: [`Freshness::default`], every repository allowed, the
+    /// `library/` prefix for docker.io only, no search endpoint.
     pub fn new(name: &str, client: Arc<Upstream>) -> Self {
         UpstreamEntry {
             name: name.into(),
@@ -55,6 +59,7 @@ impl UpstreamEntry {
             library_prefix: name == "docker.io",
             freshness: Freshness::default(),
             access: RepositoryFilter::default(),
+            search: None,
         }
     }
 }

@@ -160,8 +160,11 @@ pub fn from_push(e: &pier_cache::PushError, missing: ErrorCode) -> RegistryError
     use pier_cache::PushError as P;
     match e {
         P::UploadUnknown => RegistryError::new(ErrorCode::BlobUploadUnknown, e.to_string()),
-        P::OutOfOrder { .. } => RegistryError::new(ErrorCode::RangeInvalid, e.to_string()),
-        P::ChunkLength { .. } | P::Body(_) => {
+        // 416 Range Not Satisfiable: the chunk does not fit where, or as long as, it said.
+        P::OutOfOrder { .. } | P::ChunkLength { .. } => {
+            RegistryError::new(ErrorCode::RangeInvalid, e.to_string())
+        }
+        P::UnsizedRange { .. } | P::Body(_) => {
             RegistryError::new(ErrorCode::BlobUploadInvalid, e.to_string())
         }
         P::DigestMismatch(_) | P::ManifestDigest(_) => {
@@ -170,6 +173,8 @@ pub fn from_push(e: &pier_cache::PushError, missing: ErrorCode) -> RegistryError
         // Not a permission, but nothing the client can do here either: no retry helps.
         P::Budget { .. } => RegistryError::new(ErrorCode::Denied, e.to_string()),
         P::BlobUnknown(_) => RegistryError::new(ErrorCode::ManifestBlobUnknown, e.to_string()),
+        // 429: a slot frees when a session finishes, is cancelled or expires.
+        P::TooManyUploads { .. } => RegistryError::new(ErrorCode::TooManyRequests, e.to_string()),
         P::ManifestInvalid(_) => RegistryError::new(ErrorCode::ManifestInvalid, e.to_string()),
         P::NotFound => RegistryError::new(missing, e.to_string()),
         P::Io(io) if io.kind() == io::ErrorKind::StorageFull => {

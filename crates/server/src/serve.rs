@@ -254,12 +254,13 @@ where
 /// Answers one request of the registry listener, then counts it and writes its access log line.
 async fn answer(
     mirror: &Mirror,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     caller: &Caller<'_>,
     peer: SocketAddr,
     metrics_on_main: bool,
 ) -> Response<Body> {
     let started = Instant::now();
+    req.extensions_mut().insert(handlers::ClientAddr(peer.ip()));
     if metrics_on_main && req.uri().path() == "/metrics" {
         return ops::metrics(mirror).await;
     }

@@ -115,27 +115,11 @@ impl Upstream {
         if !url.username().is_empty() || url.password().is_some() {
             return Err(SetupError::CredentialsInUrl);
         }
-        let mut builder = reqwest::Client::builder()
-            .user_agent(concat!("pier/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.connect_timeout)
-            .read_timeout(config.read_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tls_built_in_root_certs(true);
-        if let Some(ca) = &config.ca_file {
-            let ca_error = |message: String| SetupError::CaFile {
-                path: ca.clone(),
-                message,
-            };
-            let pem = std::fs::read(ca).map_err(|e| ca_error(e.to_string()))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| ca_error(format!("not PEM certificates: {e}")))?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
-        }
-        let http = builder
-            .build()
-            .map_err(|e| SetupError::Client(e.to_string()))?;
+        let http = http_client(
+            config.connect_timeout,
+            config.read_timeout,
+            config.ca_file.as_deref(),
+        )?;
         Ok(Upstream {
             auth: AuthSession::new(
                 config.name.clone(),
@@ -450,8 +434,38 @@ impl Upstream {
     }
 }
 
+/// An HTTP client as pier talks to upstreams: its user agent, these timeouts, the platform's
+/// roots and the certificates of `ca_file`, if any.
+pub(crate) fn http_client(
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    ca_file: Option<&std::path::Path>,
+) -> Result<reqwest::Client, SetupError> {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("pier/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(connect_timeout)
+        .read_timeout(read_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tls_built_in_root_certs(true);
+    if let Some(ca) = ca_file {
+        let ca_error = |message: String| SetupError::CaFile {
+            path: ca.to_path_buf(),
+            message,
+        };
+        let pem = std::fs::read(ca).map_err(|e| ca_error(e.to_string()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| ca_error(format!("not PEM certificates: {e}")))?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder
+        .build()
+        .map_err(|e| SetupError::Client(e.to_string()))
+}
+
 /// The `outcome` label of an upstream answer.
-fn outcome(status: StatusCode) -> &'static str {
+pub(crate) fn outcome(status: StatusCode) -> &'static str {
     match status.as_u16() {
         200..=299 => "ok",
         404 => "not_found",

@@ -15,14 +15,17 @@
 //! - `auth`: the auth session: challenges, the token cache, the realm policy, `Authorization`;
 //! - `health`: the outage hold and the rate-limit budget;
 //! - `wire`: reading headers and statuses;
+//! - `search`: an upstream's search endpoint ([`SearchEndpoint`]), asked only when configured;
 //! - `error`: [`UpstreamError`].
 
 mod auth;
 mod client;
 mod error;
 mod health;
+mod search;
 mod wire;
 
 pub use auth::{Challenge, Credentials};
 pub use client::{BlobBody, BlobResponse, Manifest, ManifestHead, Upstream, UpstreamConfig};
 pub use error::{SetupError, TransportError, TransportKind, UpstreamError};
+pub use search::{SearchEndpoint, SearchPage, SearchResult};
