@@ -47,6 +47,10 @@ impl Links {
     /// The set of `upstream`'s `repo`, loaded from disk (or derived) on first use.
     async fn set(&self, disk: &Disk, upstream: &str, repo: &RepositoryName) -> io::Result<Set> {
         let key = format!("{upstream}/{repo}");
+        // The common case, without building the loader.
+        if let Some(set) = self.repos.get(&key).await {
+            return Ok(set);
+        }
         let (u, r, d, file) = (upstream.to_string(), repo.clone(), disk.clone(), self.file);
         self.repos
             .try_get_with(key, async move {

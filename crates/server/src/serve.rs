@@ -202,7 +202,9 @@ where
                         if req.version() < Version::HTTP_2 {
                             req.extensions_mut().insert(files.clone());
                         }
-                        let response = handler(req, peer);
+                        // Boxed once here: hyper moves the request's future around, and the
+                        // handler's is large.
+                        let response = Box::pin(handler(req, peer));
                         async move { Ok::<_, std::convert::Infallible>(response.await) }
                     });
                     watcher
@@ -215,7 +217,7 @@ where
                 }
                 Some(acceptor) => {
                     let service = service_fn(move |req: Request<Incoming>| {
-                        let response = handler(req, peer);
+                        let response = Box::pin(handler(req, peer));
                         async move { Ok::<_, std::convert::Infallible>(response.await) }
                     });
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
