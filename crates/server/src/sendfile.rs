@@ -584,6 +584,560 @@ mod tests {
         drop(client);
     }
 
+    // ---- review: hostile clients and odd responses ----
+
+    /// A listener whose accepted sockets get `sndbuf` (Linux copies the listener's buffer sizes
+    /// to the sockets it accepts), so that a test can make the server's writes partial.
+    fn listener_with(sndbuf: Option<u32>) -> TcpListener {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        if let Some(size) = sndbuf {
+            socket.set_send_buffer_size(size).expect("SO_SNDBUF");
+        }
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        socket.listen(128).expect("listen")
+    }
+
+    /// A client whose receive buffer is `rcvbuf`.
+    async fn connect_with(addr: SocketAddr, rcvbuf: u32) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
+        socket.connect(addr).await.expect("connect")
+    }
+
+    /// A server on the real accept loop with more routes than [`server`]:
+    ///
+    /// - `/whole`, `/from/<a>/<b>`: as [`server`] (for HEAD too: hyper must not poll the body);
+    /// - `/chunked`: the whole file with no `Content-Length` header;
+    /// - `/small`: five plain bytes, no file;
+    /// - `/mem`: the file's bytes from memory, no file (hyper's streaming path);
+    /// - any POST: the request body read whole, answered with its length.
+    async fn review_server(
+        file: Arc<File>,
+        bytes: Arc<Vec<u8>>,
+        listener: TcpListener,
+        options: ServerOptions,
+    ) -> SocketAddr {
+        let addr = listener.local_addr().expect("address");
+        let size = bytes.len() as u64;
+        let handler = move |req: Request<Incoming>, _peer: SocketAddr| {
+            let (file, bytes) = (file.clone(), bytes.clone());
+            async move {
+                let files = req.extensions().get::<Files>().cloned();
+                let path = req.uri().path().to_owned();
+                if req.method() == http::Method::POST {
+                    let got = req.into_body().collect().await.map(|b| b.to_bytes().len());
+                    let text = format!("{got:?}");
+                    return Response::builder()
+                        .header(http::header::CONTENT_LENGTH, text.len())
+                        .body(response::full(text))
+                        .expect("response");
+                }
+                if path == "/small" {
+                    return Response::builder()
+                        .header(http::header::CONTENT_LENGTH, 5)
+                        .body(response::full(&b"small"[..]))
+                        .expect("response");
+                }
+                if path == "/mem" {
+                    return Response::builder()
+                        .header(http::header::CONTENT_LENGTH, bytes.len())
+                        .body(response::full(bytes.to_vec()))
+                        .expect("response");
+                }
+                let (start, end, length) = if let Some(r) = path.strip_prefix("/from/") {
+                    let (a, b) = r.split_once('/').expect("range path");
+                    let (a, b): (u64, u64) = (a.parse().expect("start"), b.parse().expect("end"));
+                    (a, b, Some(b - a))
+                } else if path == "/chunked" {
+                    (0, size, None)
+                } else {
+                    (0, size, Some(size))
+                };
+                let mut builder = Response::builder().status(StatusCode::OK);
+                if let Some(length) = length {
+                    builder = builder.header(http::header::CONTENT_LENGTH, length);
+                }
+                let mut resp = builder
+                    .body(response::full(vec![b'!'; (end - start) as usize]))
+                    .expect("response");
+                resp.extensions_mut().insert(FileRegion {
+                    file,
+                    start,
+                    len: end - start,
+                });
+                match files {
+                    Some(files) => files.send(resp),
+                    None => resp,
+                }
+            }
+        };
+        tokio::spawn(async move {
+            let _ = accept_loop(listener, &options, std::future::pending(), handler).await;
+        });
+        addr
+    }
+
+    async fn review_setup(len: usize) -> (tempfile::NamedTempFile, Arc<File>, Vec<u8>, SocketAddr) {
+        let bytes = pattern(len);
+        let (keep, file) = stored(&bytes);
+        let addr = review_server(
+            file.clone(),
+            Arc::new(bytes.clone()),
+            listener_with(None),
+            ServerOptions::default(),
+        )
+        .await;
+        (keep, file, bytes, addr)
+    }
+
+    /// Reads a response head (up to its blank line), `None` when the connection ended first.
+    async fn read_head(conn: &mut TcpStream) -> Option<String> {
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            match conn.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return None,
+            }
+        }
+        Some(String::from_utf8(head).expect("head is text"))
+    }
+
+    #[tokio::test]
+    async fn head_requests_for_files_queue_nothing_and_the_next_get_is_whole() {
+        let (_keep, _file, bytes, addr) = review_setup(PIECE + 99).await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        for path in ["/whole", "/from/5/500"] {
+            conn.write_all(format!("HEAD {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .expect("request");
+            let head = read_head(&mut conn).await.expect("a head");
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        }
+        conn.write_all(b"GET /from/7/70007 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let (_, body) = read_response(&mut conn).await.expect("whole response");
+        assert!(body == bytes[7..70_007], "bytes after HEADs differ");
+    }
+
+    /// A file response without a `Content-Length` header: hyper frames it by the body's exact
+    /// size (not chunked), and the bytes are the file's.
+    #[tokio::test]
+    async fn a_file_without_content_length_is_framed_by_its_size() {
+        let (_keep, _file, bytes, addr) = review_setup(2 * PIECE + 5).await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(
+            b"GET /chunked HTTP/1.1\r\nhost: x\r\n\r\nGET /from/1/11 HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await
+        .expect("requests");
+        let (_, body) = read_response(&mut conn).await.expect("whole response");
+        assert!(body == bytes, "body differs from the file");
+        let (_, body) = read_response(&mut conn).await.expect("whole response");
+        assert!(body == bytes[1..11]);
+    }
+
+    #[tokio::test]
+    async fn http_1_0_clients_get_the_files_bytes_then_a_close() {
+        let (_keep, _file, bytes, addr) = review_setup(PIECE + 1234).await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /whole HTTP/1.0\r\n\r\n")
+            .await
+            .expect("request");
+        let mut all = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            conn.read_to_end(&mut all),
+        )
+        .await
+        .expect("the server closes an HTTP/1.0 connection")
+        .expect("read");
+        let at = all
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a head")
+            + 4;
+        assert!(
+            all[at..] == bytes[..],
+            "HTTP/1.0 body differs from the file"
+        );
+        // And with keep-alive asked for, the next request is answered whole too.
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /from/0/9 HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /from/9/99 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .expect("requests");
+        for (a, b) in [(0, 9), (9, 99)] {
+            let (status, body) = read_response(&mut conn).await.expect("whole response");
+            assert!(status.starts_with("HTTP/1.0 200"), "{status}");
+            assert!(body == bytes[a..b]);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_empty_file_sends_no_body_and_keeps_the_connection_in_step() {
+        let (_keep, file) = stored(b"");
+        let addr = review_server(
+            file,
+            Arc::new(Vec::new()),
+            listener_with(None),
+            ServerOptions::default(),
+        )
+        .await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        for _ in 0..3 {
+            conn.write_all(b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .expect("request");
+            let (status, body) = read_response(&mut conn).await.expect("whole response");
+            assert!(status.contains("200"), "{status}");
+            assert!(body.is_empty());
+        }
+        conn.write_all(b"GET /small HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let (_, body) = read_response(&mut conn).await.expect("whole response");
+        assert_eq!(body, b"small");
+    }
+
+    /// A mix of files, ranges, plain answers, HEADs and a POST, pipelined in one write.
+    #[tokio::test]
+    async fn pipelined_files_plain_answers_heads_and_bodies_stay_in_step() {
+        let (_keep, _file, bytes, addr) = review_setup(PIECE + 4321).await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        let requests = "GET /from/3/4 HTTP/1.1\r\nhost: x\r\n\r\n\
+            GET /small HTTP/1.1\r\nhost: x\r\n\r\n\
+            HEAD /whole HTTP/1.1\r\nhost: x\r\n\r\n\
+            GET /whole HTTP/1.1\r\nhost: x\r\n\r\n\
+            POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc\
+            GET /mem HTTP/1.1\r\nhost: x\r\n\r\n\
+            GET /from/1048575/1048577 HTTP/1.1\r\nhost: x\r\n\r\n";
+        conn.write_all(requests.as_bytes()).await.expect("requests");
+        let (_, body) = read_response(&mut conn).await.expect("range");
+        assert!(body == bytes[3..4]);
+        let (_, body) = read_response(&mut conn).await.expect("small");
+        assert_eq!(body, b"small");
+        let head = read_head(&mut conn).await.expect("HEAD");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        let (_, body) = read_response(&mut conn).await.expect("whole");
+        assert!(body == bytes, "whole file differs");
+        let (_, body) = read_response(&mut conn).await.expect("POST");
+        assert_eq!(body, b"Ok(3)");
+        let (_, body) = read_response(&mut conn).await.expect("mem");
+        assert!(body == bytes, "streamed bytes differ");
+        let (_, body) = read_response(&mut conn).await.expect("range across pieces");
+        assert!(body == bytes[PIECE - 1..PIECE + 1]);
+    }
+
+    /// With a write buffer larger than a piece, hyper queues several placeholder frames before
+    /// writing any: each must still be sent from its own piece.
+    #[tokio::test]
+    async fn several_pieces_queued_at_once_are_sent_in_order() {
+        let bytes = pattern(4 * PIECE + 17);
+        let (_keep, file) = stored(&bytes);
+        let options = ServerOptions {
+            max_header_bytes: 8 * PIECE,
+            ..ServerOptions::default()
+        };
+        let addr = review_server(
+            file,
+            Arc::new(bytes.clone()),
+            listener_with(Some(64 * 1024)),
+            options,
+        )
+        .await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\nGET /from/100/3145828 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("requests");
+        let (_, body) = read_response(&mut conn).await.expect("whole");
+        assert!(body == bytes, "whole file differs");
+        let (_, body) = read_response(&mut conn).await.expect("range");
+        assert!(body == bytes[100..3_145_828], "range differs");
+    }
+
+    /// A client that reads a few bytes at a time through a small window: every `sendfile` is
+    /// partial, and each resumes where the last stopped.
+    #[tokio::test]
+    async fn a_slow_reader_through_a_small_window_gets_every_byte() {
+        let bytes = pattern(PIECE + PIECE / 2);
+        let (_keep, file) = stored(&bytes);
+        let addr = review_server(
+            file,
+            Arc::new(bytes.clone()),
+            listener_with(Some(4096)),
+            ServerOptions::default(),
+        )
+        .await;
+        let mut conn = connect_with(addr, 4096).await;
+        conn.write_all(
+            b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\nGET /from/77/177 HTTP/1.1\r\nhost: x\r\n\r\n",
+        )
+        .await
+        .expect("requests");
+        let mut all = Vec::new();
+        let mut buf = [0u8; 3000];
+        let head = b"HTTP/1.1 200 OK\r\n".len();
+        while all.len() < bytes.len() + 2 * head {
+            let n = conn.read(&mut buf).await.expect("read");
+            assert!(n > 0, "connection ended early");
+            all.extend_from_slice(&buf[..n]);
+            if all.len() % 7 == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            if all.len() > bytes.len() + 400 && all.ends_with(&bytes[77..177]) {
+                break;
+            }
+        }
+        let at = all.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+        assert!(all[at..at + bytes.len()] == bytes[..], "body differs");
+        assert!(all.ends_with(&bytes[77..177]), "second body differs");
+    }
+
+    /// A client that stops reading in the middle of a file holds its own connection only.
+    #[tokio::test]
+    async fn a_client_that_stops_reading_does_not_stall_other_connections() {
+        let (_keep, _file, bytes, addr) = review_setup(8 * PIECE).await;
+        let mut stalled = Vec::new();
+        for _ in 0..4 {
+            let mut conn = connect_with(addr, 4096).await;
+            conn.write_all(b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .expect("request");
+            stalled.push(conn);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let fetch = async {
+            let mut conn = TcpStream::connect(addr).await.expect("connect");
+            conn.write_all(
+                b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\nGET /small HTTP/1.1\r\nhost: x\r\n\r\n",
+            )
+            .await
+            .expect("request");
+            let (_, body) = read_response(&mut conn).await.expect("whole");
+            let (_, small) = read_response(&mut conn).await.expect("small");
+            (body, small)
+        };
+        let (body, small) = tokio::time::timeout(std::time::Duration::from_secs(10), fetch)
+            .await
+            .expect("another connection is served while others stall");
+        assert!(body == bytes);
+        assert_eq!(small, b"small");
+        drop(stalled);
+    }
+
+    /// A client that resets its connection in the middle of a file: the server carries on, and
+    /// the connection's queued pieces (and their file) are let go.
+    #[tokio::test]
+    async fn a_client_that_resets_mid_file_releases_the_file() {
+        let (_keep, file, bytes, addr) = review_setup(4 * PIECE).await;
+        let baseline = Arc::strong_count(&file);
+        for _ in 0..5 {
+            let mut conn = connect_with(addr, 4096).await;
+            conn.write_all(b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .expect("request");
+            let mut some = [0u8; 2000];
+            conn.read_exact(&mut some).await.expect("some bytes");
+            conn.set_zero_linger().expect("SO_LINGER 0");
+            drop(conn);
+        }
+        let mut released = false;
+        for _ in 0..200 {
+            if Arc::strong_count(&file) == baseline {
+                released = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            released,
+            "{} references to the file remain after the clients left",
+            Arc::strong_count(&file) - baseline
+        );
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /whole HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .expect("request");
+        let (_, body) = read_response(&mut conn).await.expect("whole");
+        assert!(body == bytes);
+    }
+
+    /// How long a small plain answer takes after a file on the same keep-alive connection:
+    /// `TCP_CORK` must be lifted once the file's bytes left, or the answer waits ~200 ms.
+    async fn small_after(addr: SocketAddr, first: &str, rounds: usize) -> std::time::Duration {
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.set_nodelay(true).expect("nodelay");
+        let mut worst = std::time::Duration::ZERO;
+        for _ in 0..rounds {
+            conn.write_all(format!("GET {first} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+                .await
+                .expect("request");
+            read_response(&mut conn).await.expect("file");
+            let started = std::time::Instant::now();
+            conn.write_all(b"GET /small HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .expect("request");
+            let (_, small) = read_response(&mut conn).await.expect("small");
+            assert_eq!(small, b"small");
+            worst = worst.max(started.elapsed());
+        }
+        worst
+    }
+
+    #[tokio::test]
+    async fn cork_is_lifted_after_a_file_so_the_next_small_answer_is_not_held() {
+        let (_keep, _file, _bytes, addr) = review_setup(2 * PIECE + 333).await;
+        for first in ["/whole", "/from/0/1", "/from/10/1048600", "/chunked"] {
+            let worst = small_after(addr, first, 5).await;
+            assert!(
+                worst < std::time::Duration::from_millis(150),
+                "a small answer after {first} took {worst:?}"
+            );
+        }
+    }
+
+    /// A pipelined request with `Expect: 100-continue` whose body the handler reads, arriving
+    /// while the end of a file is still queued: hyper writes an automatic `100 Continue` into its
+    /// head buffer, which goes out before anything queued; it must wait until the file's bytes
+    /// left (hyper goes idle only once its write buffer is flushed).
+    async fn expect_continue_behind(path: &str) -> Result<(), String> {
+        let bytes = pattern(3 * PIECE);
+        let (_keep, file) = stored(&bytes);
+        let addr = review_server(
+            file,
+            Arc::new(bytes.clone()),
+            listener_with(Some(32 * 1024)),
+            ServerOptions::default(),
+        )
+        .await;
+        let mut conn = connect_with(addr, 16 * 1024).await;
+        let requests = format!(
+            "GET {path} HTTP/1.1\r\nhost: x\r\n\r\n\
+             POST /up HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\nhello"
+        );
+        conn.write_all(requests.as_bytes()).await.expect("requests");
+        let mut all = Vec::new();
+        let mut buf = [0u8; 8192];
+        let read_all = async {
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => all.extend_from_slice(&buf[..n]),
+                }
+                if all.ends_with(b"Ok(5)") {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_micros(200)).await;
+            }
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(20), read_all).await;
+        let Some(at) = all.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return Err("no head".into());
+        };
+        let body_end = at + 4 + bytes.len();
+        if all.len() < body_end {
+            return Err(format!(
+                "the body was cut after {} of {} bytes",
+                all.len() - at - 4,
+                bytes.len()
+            ));
+        }
+        if all[at + 4..body_end] != bytes[..] {
+            let first = all[at + 4..body_end]
+                .iter()
+                .zip(&bytes)
+                .position(|(a, b)| a != b)
+                .unwrap_or_default();
+            return Err(format!("the body differs from byte {first}"));
+        }
+        let rest = String::from_utf8_lossy(&all[body_end..]).into_owned();
+        if !rest.ends_with("Ok(5)") {
+            return Err(format!("second answer: {rest:?}"));
+        }
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn expect_continue_pipelined_behind_a_file_keeps_the_file_whole() {
+        expect_continue_behind("/whole")
+            .await
+            .expect("file body whole");
+    }
+
+    #[tokio::test]
+    async fn expect_continue_pipelined_behind_a_streamed_body_keeps_it_whole() {
+        expect_continue_behind("/mem")
+            .await
+            .expect("streamed body whole");
+    }
+
+    /// The socket's own bookkeeping, driven directly: plain bytes around a placeholder go out in
+    /// order, a placeholder out of step after plain bytes sends the plain bytes only, and the
+    /// queue is popped exactly when a piece is sent whole.
+    #[tokio::test]
+    async fn writes_around_placeholders_keep_order_and_refuse_out_of_step_pieces() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let (mut socket, files) = Socket::new(accepted);
+        let bytes = pattern(300);
+        let (_keep, file) = stored(&bytes);
+        let queue = |offset: u64, len: usize| {
+            files
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push_back(Piece {
+                    file: file.clone(),
+                    offset,
+                    len,
+                    sent: 0,
+                });
+        };
+        queue(10, 100);
+        // Head, placeholder, tail in one call: head and file bytes, the tail left for later.
+        let n = socket
+            .write_vectored(&[
+                IoSlice::new(b"head"),
+                IoSlice::new(&PLACEHOLDER[..100]),
+                IoSlice::new(b"tail"),
+            ])
+            .await
+            .expect("write");
+        assert_eq!(n, 104);
+        assert!(files
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty());
+        assert!(!socket.corked, "cork lifted once the queue emptied");
+        socket.write_all(b"tail").await.expect("tail");
+        // A piece queued, then plain bytes followed by a placeholder that does not match it:
+        // the plain bytes go, the placeholder is refused on its own turn.
+        queue(0, 50);
+        let n = socket
+            .write_vectored(&[IoSlice::new(b"more"), IoSlice::new(&PLACEHOLDER[1..40])])
+            .await
+            .expect("the plain bytes are written");
+        assert_eq!(n, 4);
+        let e = socket
+            .write_vectored(&[IoSlice::new(&PLACEHOLDER[1..40])])
+            .await
+            .expect_err("out of step");
+        assert_eq!(e.kind(), io::ErrorKind::Other);
+        drop(socket);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.expect("read");
+        let mut want = b"head".to_vec();
+        want.extend_from_slice(&bytes[10..110]);
+        want.extend_from_slice(b"tailmore");
+        assert!(got == want, "{:?}", String::from_utf8_lossy(&got));
+    }
+
     #[test]
     fn placeholder_slices_are_recognised_by_address_only() {
         assert_eq!(placeholder_offset(&PLACEHOLDER[..10]), Some(0));
