@@ -16,6 +16,10 @@
 //!   sends the queued piece of the file with `sendfile` instead, returning the count hyper
 //!   expects.
 //!
+//! `sendfile` runs on the runtime's thread, so a piece not in the page cache (judged by
+//! `preadv2(RWF_NOWAIT)`) is first read from disk on the blocking pool, as the streaming reader
+//! does; and a body yields to the runtime's other tasks between pieces.
+//!
 //! The socket checks that each placeholder slice is exactly where the front of its queue says
 //! the file's bytes are (offset and length); anything else ends the connection with an error, so
 //! a mismatch can cut a response short but never put wrong bytes on the wire. A file truncated
@@ -24,21 +28,25 @@
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::io::{self, IoSlice};
+use std::future::Future;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::num::NonZeroU64;
 use std::os::fd::AsFd;
+use std::os::unix::fs::FileExt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use rustix::fs::Advice;
+use rustix::io::ReadWriteFlags;
 use rustix::net::{SendAncillaryBuffer, SendFlags};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 use crate::response::Body;
 
@@ -258,22 +266,62 @@ impl Files {
         if !matches!(resp.status(), StatusCode::OK | StatusCode::PARTIAL_CONTENT) {
             return resp;
         }
+        // The body is the region's bytes, whatever the handler wrote.
+        resp.headers_mut()
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(region.len));
         // The first piece is read ahead while the head is written.
         advise_read(&region.file, region.start, region.len);
         let body = FileBody {
             region,
             queue: self.queue.clone(),
+            loading: None,
+            yield_next: false,
         };
         resp.map(|_| body.boxed_unsync())
     }
 }
 
 /// Asks the kernel to read `[offset, offset + PIECE.min(len))` of `file` into the page cache in
-/// the background, so that `sendfile` (which runs on the runtime's thread) seldom waits for the
-/// disk. Only advice: failure changes nothing but speed.
+/// the background, so that the next piece is there when its turn comes. Only advice: failure
+/// changes nothing but speed.
 fn advise_read(file: &File, offset: u64, len: u64) {
     if let Some(len) = NonZeroU64::new(len.min(PIECE as u64)) {
         let _ = rustix::fs::fadvise(file.as_fd(), offset, Some(len), Advice::WillNeed);
+    }
+}
+
+/// Whether `[offset, offset + len)` of `file` is in the page cache, judged by its first and last
+/// byte (`preadv2` with `RWF_NOWAIT` reads only what needs no disk). Pages are read ahead and
+/// evicted in runs, so the two ends stand for the piece; a page missed in between costs one
+/// short wait for the disk, not a wrong byte.
+fn resident(file: &File, offset: u64, len: usize) -> bool {
+    let mut byte = [0u8; 1];
+    let last = offset + len.saturating_sub(1) as u64;
+    [offset, last].into_iter().all(|at| {
+        matches!(
+            rustix::io::preadv2(
+                file,
+                &mut [IoSliceMut::new(&mut byte)],
+                at,
+                ReadWriteFlags::NOWAIT
+            ),
+            Ok(1)
+        )
+    })
+}
+
+/// Reads `[offset, offset + len)` of `file` into the page cache (on the blocking pool: this
+/// waits for the disk), so that `sendfile` on the runtime's thread then finds it there. Errors
+/// are left for `sendfile` to meet.
+fn load(file: &File, offset: u64, len: usize) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut done = 0;
+    while done < len {
+        let want = buf.len().min(len - done);
+        match file.read_at(&mut buf[..want], offset + done as u64) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => done += n,
+        }
     }
 }
 
@@ -283,6 +331,13 @@ struct FileBody {
     /// What is left to yield.
     region: FileRegion,
     queue: Queue,
+    /// The next piece, being read from disk on the blocking pool because it was not in the page
+    /// cache: `sendfile` runs on the runtime's thread, where a wait for the disk would hold up
+    /// every connection of that thread.
+    loading: Option<JoinHandle<()>>,
+    /// Whether to let the runtime's other tasks run before the next piece: a client that takes
+    /// bytes as fast as the kernel sends them gets one piece per turn, not the whole file.
+    yield_next: bool,
 }
 
 impl HttpBody for FileBody {
@@ -291,13 +346,36 @@ impl HttpBody for FileBody {
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<io::Result<Frame<Bytes>>>> {
         let this = self.get_mut();
         if this.region.len == 0 {
             return Poll::Ready(None);
         }
         let len = this.region.len.min(PIECE as u64) as usize;
+        match this.loading.as_mut() {
+            // A failed load (a panic, a shut-down runtime) only means that `sendfile` reads the
+            // disk itself.
+            Some(loading) => {
+                let _ = ready!(Pin::new(loading).poll(cx));
+                this.loading = None;
+            }
+            None => {
+                if this.yield_next {
+                    this.yield_next = false;
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                if !resident(&this.region.file, this.region.start, len) {
+                    let (file, offset) = (this.region.file.clone(), this.region.start);
+                    let mut loading = tokio::task::spawn_blocking(move || load(&file, offset, len));
+                    if Pin::new(&mut loading).poll(cx).is_pending() {
+                        this.loading = Some(loading);
+                        return Poll::Pending;
+                    }
+                }
+            }
+        }
         let piece = Piece {
             file: this.region.file.clone(),
             offset: this.region.start,
@@ -310,6 +388,7 @@ impl HttpBody for FileBody {
             .push_back(piece);
         this.region.start += len as u64;
         this.region.len -= len as u64;
+        this.yield_next = true;
         advise_read(&this.region.file, this.region.start, this.region.len);
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
             &PLACEHOLDER[..len],

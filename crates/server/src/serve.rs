@@ -157,6 +157,9 @@ where
         // Bodies reach the socket as the frames they are, never copied into one buffer: the
         // sendfile path recognises its placeholders by address.
         .writev(true)
+        // A client that shuts its side after the request (`nc -N`, some scripts) still gets
+        // the answer.
+        .half_close(true)
         .timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
         .max_buf_size(options.max_header_bytes.max(8192));
