@@ -23,5 +23,6 @@ mod negotiation;
 mod referrers;
 mod region;
 mod repository_access;
+mod review_hosted;
 mod routing;
 mod secrets;
