@@ -23,6 +23,7 @@ mod negotiation;
 mod referrers;
 mod region;
 mod repository_access;
+mod review_hosted;
 mod review_sendfile;
 mod routing;
 mod secrets;
