@@ -1446,7 +1446,6 @@ async fn search_paging_at_the_edges() {
 /// links it; then the file goes. The repository then holds a blob that HEAD answers 200 for (so
 /// clients do not push it again) and that cannot be read.
 #[tokio::test]
-#[ignore = "defect: an upload committed between GC's index removal and its unlink leaves a linked blob with no file"]
 async fn an_upload_racing_garbage_collection_is_kept_whole() {
     let dir = tempfile::tempdir().unwrap();
     // An earlier pier's leftovers: many unreferenced hosted blobs, unused for an hour.
