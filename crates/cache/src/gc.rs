@@ -91,12 +91,7 @@ fn mark(store: &DiskStore) -> io::Result<Marks> {
             continue;
         };
         if let Some(refs) = References::parse(&bytes) {
-            roots.extend(
-                refs.manifests
-                    .into_iter()
-                    .filter(|m| !m.foreign)
-                    .map(|m| m.digest),
-            );
+            roots.extend(refs.manifests.into_iter().map(|m| m.digest));
             live.extend(
                 refs.blobs
                     .into_iter()
