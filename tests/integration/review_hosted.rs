@@ -241,7 +241,6 @@ async fn send_and_hang_up(pier: &Pier, head: &str, body: &[u8], linger: Duration
 /// index naming a manifest of another repository (one the pusher may not even pull) is taken
 /// and served, dangling.
 #[tokio::test]
-#[ignore = "defect: index children with urls / a .foreign. media type skip the held-as-manifest check"]
 async fn an_index_child_with_urls_must_still_be_a_manifest_of_the_repository() {
     let up = FakeUpstream::start(Behaviour::default()).await;
     let pier = start(&up, None, Default::default(), vec![], None).await;
@@ -282,7 +281,6 @@ async fn an_index_child_with_urls_must_still_be_a_manifest_of_the_repository() {
 /// requires the config in the repository. pier takes a manifest whose config the repository
 /// does not hold when its descriptor has `urls`.
 #[tokio::test]
-#[ignore = "defect: a config descriptor with urls skips the held check"]
 async fn a_config_with_urls_must_still_be_held() {
     let up = FakeUpstream::start(Behaviour::default()).await;
     let pier = start(&up, None, Default::default(), vec![], None).await;
@@ -1446,7 +1444,6 @@ async fn search_paging_at_the_edges() {
 /// links it; then the file goes. The repository then holds a blob that HEAD answers 200 for (so
 /// clients do not push it again) and that cannot be read.
 #[tokio::test]
-#[ignore = "defect: an upload committed between GC's index removal and its unlink leaves a linked blob with no file"]
 async fn an_upload_racing_garbage_collection_is_kept_whole() {
     let dir = tempfile::tempdir().unwrap();
     // An earlier pier's leftovers: many unreferenced hosted blobs, unused for an hour.

@@ -13,7 +13,11 @@
 //! entry in one step against its last use, so a push that uses a blob after the mark either
 //! sees it gone (and uploads it) or keeps it. Unlinking a file leaves readers that have it open
 //! reading it whole, as eviction does; a reader that had not opened it yet gets a 404, never a
-//! short body. Finally the swept digests are unlinked from the hosted repositories.
+//! short body. A file is unlinked only if it was not placed again since the cutoff: an upload or
+//! fill that finds the bytes already there ("written once") marks the file as it checks, under
+//! the store's per-digest lock that the unlink takes too, and then indexes it, so that it is
+//! never left indexed without its file. Finally the swept digests are unlinked from the hosted
+//! repositories.
 //!
 //! One collection runs at a time; pulls and pushes go on meanwhile.
 
@@ -87,12 +91,7 @@ fn mark(store: &DiskStore) -> io::Result<Marks> {
             continue;
         };
         if let Some(refs) = References::parse(&bytes) {
-            roots.extend(
-                refs.manifests
-                    .into_iter()
-                    .filter(|m| !m.foreign)
-                    .map(|m| m.digest),
-            );
+            roots.extend(refs.manifests.into_iter().map(|m| m.digest));
             live.extend(
                 refs.blobs
                     .into_iter()
@@ -145,7 +144,9 @@ impl Cache {
         }
         let digests: Vec<Digest> = doomed.iter().map(|(d, _)| d.clone()).collect();
         // Every object is tried; one whose file cannot be removed is no longer indexed, and the
-        // next start's scan finds it again.
+        // next start's scan finds it again. One placed again since it left the index (an upload
+        // or fill that found it "written once" and indexes it next) stays.
+        let placed_since = std::time::UNIX_EPOCH + Duration::from_millis(cutoff);
         let removed = self
             .disk
             .run(move |store| {
@@ -153,18 +154,25 @@ impl Cache {
                     .into_iter()
                     .map(|d| {
                         let manifest = store.manifest_type(&d).is_some();
-                        let r = store.remove_blob(&d);
+                        let r = store.remove_unused_blob(&d, placed_since);
                         if let Err(e) = &r {
                             tracing::warn!(digest = %d, error = %e, "garbage collection could not remove");
                         }
-                        (r.is_ok(), manifest)
+                        (r, manifest)
                     })
                     .collect::<Vec<_>>())
             })
             .await?;
-        for ((digest, size), (gone, manifest)) in doomed.into_iter().zip(removed) {
+        for ((digest, size), (outcome, manifest)) in doomed.into_iter().zip(removed) {
+            if let Ok(Some(kept)) = outcome {
+                // Back in the index unless its placer indexed it already: as the mirror's (its
+                // placer pins it if it is hosted), so that nothing on disk goes unindexed.
+                self.index.restore(digest, kept);
+                report.kept_recent += 1;
+                continue;
+            }
             self.memory.remove(&digest).await;
-            if gone {
+            if outcome.is_ok() {
                 report.removed += 1;
                 report.bytes += size;
                 report.manifests += usize::from(manifest);

@@ -266,7 +266,7 @@ impl Cache {
             Reference::Digest(d) => return Err(PushError::ManifestDigest(d.clone())),
             Reference::Tag(_) => Digest::sha256_of(&bytes),
         };
-        for child in refs.manifests.iter().filter(|d| !d.foreign) {
+        for child in &refs.manifests {
             if !self.holds_hosted_manifest(repo, &child.digest).await?
                 || self.manifest(&child.digest).await?.is_none()
             {

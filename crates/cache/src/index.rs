@@ -227,6 +227,22 @@ impl Index {
         Some(e.size)
     }
 
+    /// Records a blob found on disk, unpinned, unless it is indexed already.
+    pub(crate) fn restore(&self, digest: Digest, size: u64) {
+        let mut inner = self.lock();
+        if inner.entries.contains_key(&digest) {
+            return;
+        }
+        let entry = Entry {
+            size,
+            last_access: now_millis(),
+            dirty: false,
+            pinned: false,
+        };
+        inner.account(&entry, true);
+        inner.entries.insert(digest, entry);
+    }
+
     /// Forgets a blob; returns the new total if it was there.
     pub(crate) fn remove(&self, digest: &Digest) -> Option<u64> {
         let mut inner = self.lock();

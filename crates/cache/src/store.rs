@@ -25,6 +25,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pier_oci::{AcceptSet, Digest, RepositoryName, Tag};
@@ -195,10 +196,16 @@ impl<'de> serde::Deserialize<'de> for TagRecord {
 pub struct DiskStore {
     root: PathBuf,
     next_temp: AtomicU64,
+    /// Striped by digest: held while a blob is put in place (or found there and marked used)
+    /// and while garbage collection decides to unlink it, so that collection never unlinks a
+    /// blob a commit just counted on ([`DiskStore::remove_unused_blob`]).
+    placing: [Mutex<()>; PLACING_STRIPES],
     /// An exclusive lock on `<root>/lock`, held while the store is open, so that two pier
     /// processes (or `pier gc` and a running pier) never share a directory.
     _lock: File,
 }
+
+const PLACING_STRIPES: usize = 64;
 
 /// An upload session as the disk has it.
 #[derive(Clone, Debug)]
@@ -254,6 +261,7 @@ impl DiskStore {
         Ok(DiskStore {
             root: root.to_path_buf(),
             next_temp: AtomicU64::new(0),
+            placing: std::array::from_fn(|_| Mutex::new(())),
             _lock: lock,
         })
     }
@@ -308,6 +316,44 @@ impl DiskStore {
         match fs::remove_file(self.blob_path(digest)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
+        }
+    }
+
+    /// The lock ordering `digest`'s placement against its collection.
+    fn placing(&self, digest: &Digest) -> MutexGuard<'_, ()> {
+        let stripe = (digest.hex().bytes().take(8)).fold(0usize, |h, b| {
+            h.wrapping_mul(31).wrapping_add(usize::from(b))
+        });
+        self.placing[stripe % PLACING_STRIPES]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Removes a blob garbage collection gave up, unless it was placed again since `cutoff`
+    /// (committed, or found there by a commit: [`DiskStore::commit`], [`DiskStore::keep_placed`]),
+    /// as an upload or fill whose bytes were "written once" goes on to index it. Returns whether
+    /// it is gone, and the size of one kept.
+    pub fn remove_unused_blob(
+        &self,
+        digest: &Digest,
+        cutoff: SystemTime,
+    ) -> io::Result<Option<u64>> {
+        let _placing = self.placing(digest);
+        match fs::metadata(self.blob_path(digest)) {
+            Ok(meta) if meta.modified()? >= cutoff => Ok(Some(meta.len())),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => self.remove_blob(digest).map(|()| None),
+        }
+    }
+
+    /// Whether the store holds `digest` already (written once), marking it placed now: garbage
+    /// collection that gave it up leaves it, since the caller goes on to index it.
+    pub fn keep_placed(&self, digest: &Digest) -> io::Result<bool> {
+        let _placing = self.placing(digest);
+        match File::open(self.blob_path(digest)) {
+            Ok(f) => f.set_modified(SystemTime::now()).map(|()| true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
         }
     }
 
@@ -392,21 +438,26 @@ impl DiskStore {
     }
 
     /// Makes a verified temporary file the content of `digest`: fsync the bytes, rename into
-    /// place, fsync the directory. Blocking; call from a blocking thread.
+    /// place, fsync the directory. Placed now (its mtime), so that garbage collection leaves it
+    /// ([`DiskStore::remove_unused_blob`]). Blocking; call from a blocking thread.
     pub fn commit(&self, file: &File, temp: &Path, digest: &Digest) -> io::Result<()> {
+        file.set_modified(SystemTime::now())?;
         file.sync_all()?;
         let dest = self.blob_path(digest);
         let dir = dest
             .parent()
             .ok_or_else(|| io::Error::other("blob path has no parent"))?;
         fs::create_dir_all(dir)?;
-        fs::rename(temp, &dest)?;
+        {
+            let _placing = self.placing(digest);
+            fs::rename(temp, &dest)?;
+        }
         File::open(dir)?.sync_all()
     }
 
     /// Stores small verified content (a manifest) in one go.
     pub fn write_blob(&self, digest: &Digest, bytes: &[u8]) -> io::Result<()> {
-        if self.blob_path(digest).exists() {
+        if self.keep_placed(digest)? {
             return Ok(());
         }
         let (mut file, temp) = self.create_temp(digest)?;
@@ -916,7 +967,7 @@ impl DiskStore {
             self.remove_upload(session)?;
             return Ok(None);
         }
-        if !self.blob_path(digest).exists() {
+        if !self.keep_placed(digest)? {
             self.commit(&file, &data, digest)?;
         }
         self.remove_upload(session)?;
@@ -1081,6 +1132,35 @@ mod tests {
         let _first = DiskStore::open(dir.path()).unwrap();
         let err = DiskStore::open(dir.path()).unwrap_err();
         assert!(err.to_string().contains("in use"), "{err}");
+    }
+
+    #[test]
+    fn collection_leaves_a_blob_placed_again_since_its_cutoff() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path()).unwrap();
+        let d = Digest::sha256_of(b"hello");
+        assert!(!store.keep_placed(&d).unwrap());
+        store.write_blob(&d, b"hello").unwrap();
+        let an_hour_ago = SystemTime::now() - std::time::Duration::from_secs(3600);
+        let age = |store: &DiskStore| {
+            File::open(store.blob_path(&d))
+                .unwrap()
+                .set_modified(an_hour_ago)
+                .unwrap()
+        };
+        // Just committed: kept.
+        let cutoff = SystemTime::now() - std::time::Duration::from_secs(60);
+        assert_eq!(store.remove_unused_blob(&d, cutoff).unwrap(), Some(5));
+        // Unused since long before the cutoff: removed. Found by a second write: kept.
+        age(&store);
+        assert_eq!(store.remove_unused_blob(&d, cutoff).unwrap(), None);
+        assert_eq!(store.blob_len(&d), None);
+        assert_eq!(store.remove_unused_blob(&d, cutoff).unwrap(), None);
+        store.write_blob(&d, b"hello").unwrap();
+        age(&store);
+        store.write_blob(&d, b"hello").unwrap();
+        assert_eq!(store.remove_unused_blob(&d, cutoff).unwrap(), Some(5));
+        assert_eq!(store.blob_len(&d), Some(5));
     }
 
     #[test]

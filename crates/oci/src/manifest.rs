@@ -36,9 +36,10 @@ pub struct Descriptor {
     pub digest: Digest,
     pub media_type: Option<String>,
     pub platform: Option<Platform>,
-    /// The descriptor names `urls` to fetch it from (a foreign or non-distributable layer):
-    /// registries accept such a manifest without holding the blob, so its naming the digest
-    /// proves nothing about the repository.
+    /// A layer that names `urls` to fetch it from, or has a foreign media type (a foreign or
+    /// non-distributable layer): registries accept such a manifest without holding the blob, so
+    /// its naming the digest proves nothing about the repository. Only layers are foreign: the
+    /// Distribution registry checks every child of an index and the config whatever they say.
     pub foreign: bool,
 }
 
@@ -83,23 +84,30 @@ impl References {
     /// Descriptors whose digest does not parse are left out: pier never asks for them.
     pub fn parse(bytes: &[u8]) -> Option<References> {
         let raw: Raw = serde_json::from_slice(bytes).ok()?;
-        let descriptor = |d: RawDescriptor| {
-            Some(Descriptor {
-                digest: d.digest.parse().ok()?,
-                foreign: !d.urls.is_empty()
-                    || d.media_type
-                        .as_deref()
-                        .is_some_and(|t| t.contains(".foreign.")),
-                media_type: d.media_type,
-                platform: d.platform,
-            })
+        let descriptor = |layer: bool| {
+            move |d: RawDescriptor| {
+                Some(Descriptor {
+                    digest: d.digest.parse().ok()?,
+                    foreign: layer
+                        && (!d.urls.is_empty()
+                            || d.media_type
+                                .as_deref()
+                                .is_some_and(|t| t.contains(".foreign."))),
+                    media_type: d.media_type,
+                    platform: d.platform,
+                })
+            }
         };
-        let manifests = raw.manifests.into_iter().filter_map(descriptor).collect();
+        let manifests = raw
+            .manifests
+            .into_iter()
+            .filter_map(descriptor(false))
+            .collect();
         let mut blobs: Vec<Descriptor> = raw
             .config
             .into_iter()
-            .chain(raw.layers)
-            .filter_map(descriptor)
+            .filter_map(descriptor(false))
+            .chain(raw.layers.into_iter().filter_map(descriptor(true)))
             .collect();
         blobs.extend(raw.fs_layers.into_iter().filter_map(|l| {
             Some(Descriptor {
@@ -118,7 +126,8 @@ impl References {
     }
 
     /// The digests a registry must hold in the manifest's repository to accept it (the
-    /// Distribution registry checks each on push): every child and blob but foreign layers.
+    /// Distribution registry checks each on push): every child, the config, and every layer
+    /// but foreign ones.
     pub fn held_digests(&self) -> impl Iterator<Item = &Digest> {
         self.manifests
             .iter()
@@ -184,6 +193,27 @@ mod tests {
         assert_eq!(r.digests().count(), 3);
         let held: Vec<String> = r.held_digests().map(|x| x.to_string()).collect();
         assert_eq!(held, vec![d(1)]);
+    }
+
+    #[test]
+    fn only_layers_are_foreign() {
+        let foreign = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
+        let index = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"digest":"{}","urls":["https://x/y"]}},{{"digest":"{}","mediaType":"{foreign}"}}]}}"#,
+            d(1),
+            d(2)
+        );
+        let r = References::parse(index.as_bytes()).unwrap();
+        assert!(r.manifests.iter().all(|m| !m.foreign));
+        assert_eq!(r.held_digests().count(), 2);
+        let image = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{}","urls":["https://x/y"],"mediaType":"{foreign}"}},"layers":[{{"digest":"{}","urls":["https://x/z"]}}]}}"#,
+            d(3),
+            d(4)
+        );
+        let r = References::parse(image.as_bytes()).unwrap();
+        let held: Vec<String> = r.held_digests().map(|x| x.to_string()).collect();
+        assert_eq!(held, vec![d(3)]);
     }
 
     #[test]
