@@ -475,7 +475,6 @@ async fn untagged_children_of_an_index_survive_garbage_collection() {
 /// limit then refuses that client for good (until a restart), and the hosted budget keeps the
 /// bytes.
 #[tokio::test]
-#[ignore = "defect: a PUT whose client hangs up during the commit leaks its upload slot and reserved bytes for good"]
 async fn a_client_hanging_up_during_the_final_put_leaks_no_slot() {
     let up = FakeUpstream::start(Behaviour::default()).await;
     let hosted = pier_cache::HostedConfig {
@@ -615,7 +614,6 @@ async fn a_patch_whose_client_hangs_up_keeps_nothing_of_the_chunk() {
 /// the chunk kept whole or not at all: pier stops polling the request once it sees the
 /// connection's end, which can be while the chunk's batches are still being written.
 #[tokio::test]
-#[ignore = "defect: a PATCH whose client hangs up after sending its whole body keeps part of the chunk"]
 async fn a_whole_patch_then_a_hang_up_keeps_all_or_nothing() {
     let up = FakeUpstream::start(Behaviour::default()).await;
     let pier = start(&up, None, Default::default(), vec![], None).await;
@@ -652,7 +650,6 @@ async fn a_whole_patch_then_a_hang_up_keeps_all_or_nothing() {
 /// session pier opened for it (whose id the client never learned, so it cannot cancel it) must
 /// not keep one of the client's slots.
 #[tokio::test]
-#[ignore = "defect: a whole monolithic POST ?digest= whose client hangs up keeps its upload slot"]
 async fn a_whole_monolithic_upload_then_a_hang_up_frees_its_slot() {
     let up = FakeUpstream::start(Behaviour::default()).await;
     let hosted = pier_cache::HostedConfig {
