@@ -1293,7 +1293,6 @@ async fn a_search_waits_at_most_search_timeout_for_an_upstream() {
 /// The search endpoint is the one host pier asks: an answer redirecting elsewhere (another host,
 /// an internal address) is not followed.
 #[tokio::test]
-#[ignore = "defect: the upstream search client follows redirects to hosts not in the configuration"]
 async fn an_upstream_search_redirect_is_not_followed() {
     let up = FakeUpstream::start(Behaviour::default()).await;
     let elsewhere = Scripted::start(|_| {

@@ -1,7 +1,8 @@
 //! An upstream's search endpoint: Docker Hub's index answers `GET /v1/search?q=&n=&page=`, the
 //! API `docker search` speaks. pier asks it only when one is configured, with a short timeout,
 //! and without the upstream's credentials (the index is another host than the registry, and a
-//! search needs none).
+//! search needs none). Redirects are not followed: the configured host is the one pier asks,
+//! and a redirect (to another host, an internal address) is a failed search.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use bytes::BytesMut;
 use pier_metrics::Metrics;
 use reqwest::Url;
 
-use crate::client::{http_client, outcome};
+use crate::client::{http_client_builder, outcome};
 use crate::error::{SetupError, UpstreamError};
 use crate::wire::check_status;
 
@@ -89,7 +90,10 @@ impl SearchEndpoint {
         Ok(SearchEndpoint {
             name: name.to_string(),
             url,
-            http: http_client(timeout, timeout, ca_file)?,
+            http: http_client_builder(timeout, timeout, ca_file)?
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| SetupError::Client(e.to_string()))?,
             timeout,
             metrics,
         })
@@ -141,6 +145,12 @@ impl SearchEndpoint {
             .await
             .map_err(UpstreamError::from_reqwest)?;
         let status = resp.status();
+        if status.is_redirection() {
+            return Err(UpstreamError::Invalid(format!(
+                "search answered HTTP {}: redirects are not followed",
+                status.as_u16()
+            )));
+        }
         check_status(status, resp.headers())?;
         let mut body = BytesMut::new();
         while let Some(chunk) = resp.chunk().await.map_err(UpstreamError::from_reqwest)? {
