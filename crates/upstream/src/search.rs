@@ -13,7 +13,7 @@ use pier_metrics::Metrics;
 use reqwest::Url;
 
 use crate::client::{http_client_builder, outcome};
-use crate::error::{SetupError, UpstreamError};
+use crate::error::{SetupError, TransportError, TransportKind, UpstreamError};
 use crate::wire::check_status;
 
 /// Largest search answer read: a page is at most 100 short entries.
@@ -46,7 +46,7 @@ pub struct SearchEndpoint {
     /// `<search_url>/v1/search`.
     url: Url,
     http: reqwest::Client,
-    /// Longest a search may take, connection included.
+    /// Longest a search may take, connection included, all its requests together.
     timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -99,7 +99,13 @@ impl SearchEndpoint {
         })
     }
 
-    /// Page `page` (from 1) of `n` results for `query`. Counted in
+    /// `search_timeout`: the longest one search (all the pages it asks for) may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Page `page` (from 1) of `n` results for `query`, given up at `deadline` (one search's
+    /// requests share one `search_timeout`). Counted in
     /// `pier_upstream_requests_total{kind="search"}`; nothing here touches the upstream's
     /// health (the index is not the registry).
     pub async fn search(
@@ -107,9 +113,10 @@ impl SearchEndpoint {
         query: &str,
         n: usize,
         page: usize,
+        deadline: Instant,
     ) -> Result<SearchPage, UpstreamError> {
         let started = Instant::now();
-        let result = self.search_once(query, n, page).await;
+        let result = self.search_once(query, n, page, deadline).await;
         self.metrics
             .upstream_duration
             .with_label_values(&[&self.name, "search"])
@@ -130,7 +137,17 @@ impl SearchEndpoint {
         query: &str,
         n: usize,
         page: usize,
+        deadline: Instant,
     ) -> Result<(reqwest::StatusCode, SearchPage), UpstreamError> {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                UpstreamError::Transport(TransportError::new(
+                    TransportKind::Timeout,
+                    "search_timeout spent before this page was asked for",
+                ))
+            })?;
         let mut url = self.url.clone();
         url.query_pairs_mut()
             .append_pair("q", query)
@@ -140,7 +157,7 @@ impl SearchEndpoint {
             .http
             .get(url)
             .header(reqwest::header::ACCEPT, "application/json")
-            .timeout(self.timeout)
+            .timeout(left.min(self.timeout))
             .send()
             .await
             .map_err(UpstreamError::from_reqwest)?;
