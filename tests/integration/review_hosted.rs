@@ -231,6 +231,20 @@ async fn send_and_hang_up(pier: &Pier, head: &str, body: &[u8], linger: Duration
     drop(s);
 }
 
+/// Sends `req` over HTTP/2 (prior knowledge) and gives up on it after `linger`: the client
+/// resets its stream, and hyper drops the request's future then and there. (On HTTP/1 pier
+/// serves half-closed connections, so a client's hang-up goes unnoticed until the answer.)
+async fn send_and_cancel(req: reqwest::RequestBuilder, linger: Duration) {
+    let _ = tokio::time::timeout(linger, req.send()).await;
+}
+
+fn h2_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Index children, mounts, deletes and referrers across repositories
 // ---------------------------------------------------------------------------------------------
@@ -507,9 +521,9 @@ async fn a_client_hanging_up_during_the_final_put_leaks_no_slot() {
             .unwrap();
         assert_eq!(r.status(), 202);
     }
-    let head = format!("PUT {location}?digest={digest} HTTP/1.1\r\nContent-Length: 0");
     let started = Instant::now();
-    send_and_hang_up(&pier, &head, &[], Duration::from_millis(5)).await;
+    let put = h2_client().put(format!("{}{location}?digest={digest}", pier.url));
+    send_and_cancel(put, Duration::from_millis(100)).await;
     let blob = pier
         .dir
         .path()
@@ -621,14 +635,14 @@ async fn a_whole_patch_then_a_hang_up_keeps_all_or_nothing() {
     // a few tries.
     let n = (4usize << 20) + 12_345;
     let mut kept = Vec::new();
-    for _ in 0..10 {
+    for i in 0..10 {
         let r = start_session(&pier, None, "team/a").await;
         let location = header(&r, "location");
-        let head = format!(
-            "PATCH {location} HTTP/1.1\r\nContent-Range: 0-{}\r\nContent-Length: {n}",
-            n - 1
-        );
-        send_and_hang_up(&pier, &head, &vec![1u8; n], Duration::ZERO).await;
+        let patch = h2_client()
+            .patch(format!("{}{location}", pier.url))
+            .header("content-range", format!("0-{}", n - 1))
+            .body(vec![1u8; n]);
+        send_and_cancel(patch, Duration::from_millis(10 * i)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let data = pier
             .dir
@@ -660,8 +674,10 @@ async fn a_whole_monolithic_upload_then_a_hang_up_frees_its_slot() {
     let n = 8usize << 20;
     let body = vec![9u8; n];
     let d = digest_of(&body);
-    let head = format!("POST /v2/team/a/blobs/uploads/?digest={d} HTTP/1.1\r\nContent-Length: {n}");
-    send_and_hang_up(&pier, &head, &body, Duration::ZERO).await;
+    let post = h2_client()
+        .post(format!("{}/v2/team/a/blobs/uploads/?digest={d}", pier.url))
+        .body(body);
+    send_and_cancel(post, Duration::from_millis(50)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let left = upload_dirs(&pier);
     let linked = client()
