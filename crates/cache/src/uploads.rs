@@ -15,8 +15,14 @@
 //! Chunks are hashed (sha256) as they are written, so that finishing an upload reads nothing
 //! back; a session whose running hash was lost (a restart, a chunk cut back) or that finishes
 //! with another algorithm is hashed from its file instead.
+//!
+//! A request that writes to, finishes or cancels a session does so in a task of its own
+//! ([`detached`]): a client that hangs up makes hyper drop the request's future at whatever it
+//! awaits, and a step cut there would keep part of a chunk, or leave a session gone from disk
+//! whose slot and reserved bytes were never given back.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -203,6 +209,20 @@ impl Uploads {
     }
 }
 
+/// Runs one step of an upload (a chunk, the last request, a cancel) as a task of its own and
+/// waits for it: the step runs to its end even when the request that asked for it is dropped
+/// (its client hung up), so that its bookkeeping (cut back, slot closed, bytes released, blob
+/// linked) always follows what it did on disk.
+async fn detached<T, F>(step: F) -> Result<T, PushError>
+where
+    T: Send + 'static,
+    F: Future<Output = Result<T, PushError>> + Send + 'static,
+{
+    tokio::spawn(step)
+        .await
+        .map_err(|e| io::Error::other(format!("upload step did not finish: {e}")))?
+}
+
 /// A new session id: 128 random bits, hex. Guessing one would let a stranger write into
 /// someone's upload.
 fn new_session_id() -> io::Result<String> {
@@ -276,6 +296,23 @@ impl Cache {
     /// as more bytes than the range holds arrive ([`PushError::ChunkLength`]; the session stays
     /// where it was). Returns the upload's new size.
     pub async fn upload_chunk(
+        self: &Arc<Self>,
+        repo: &RepositoryName,
+        session: &str,
+        range: Option<(u64, u64)>,
+        content_length: Option<u64>,
+        body: BoxStream<'static, io::Result<Bytes>>,
+    ) -> Result<u64, PushError> {
+        let (cache, repo, session) = (self.clone(), repo.clone(), session.to_string());
+        detached(async move {
+            cache
+                .upload_chunk_now(&repo, &session, range, content_length, body)
+                .await
+        })
+        .await
+    }
+
+    async fn upload_chunk_now(
         &self,
         repo: &RepositoryName,
         session: &str,
@@ -325,6 +362,58 @@ impl Cache {
     /// `digest`, and stores it as a blob of `repo`, pinned as hosted content. Nothing is kept
     /// when the digest does not match. Returns the blob's size.
     pub async fn finish_upload(
+        self: &Arc<Self>,
+        repo: &RepositoryName,
+        session: &str,
+        digest: &Digest,
+        body: BoxStream<'static, io::Result<Bytes>>,
+    ) -> Result<u64, PushError> {
+        let (cache, repo, session, digest) = (
+            self.clone(),
+            repo.clone(),
+            session.to_string(),
+            digest.clone(),
+        );
+        detached(async move {
+            cache
+                .finish_upload_now(&repo, &session, &digest, body)
+                .await
+        })
+        .await
+    }
+
+    /// A monolithic upload (`POST ?digest=` with the whole blob): a session of `owner`
+    /// started, finished with `body` and, when that fails, cancelled, all in one task. The
+    /// client learns no session id, so nothing but this may end the session: a client that
+    /// hangs up still gets its blob stored or its session gone. Returns the blob's size.
+    pub async fn upload_blob(
+        self: &Arc<Self>,
+        repo: &RepositoryName,
+        owner: &str,
+        digest: &Digest,
+        body: BoxStream<'static, io::Result<Bytes>>,
+    ) -> Result<u64, PushError> {
+        let (cache, repo, owner, digest) = (
+            self.clone(),
+            repo.clone(),
+            owner.to_string(),
+            digest.clone(),
+        );
+        detached(async move {
+            let session = cache.start_upload(&repo, &owner).await?;
+            let finished = cache
+                .finish_upload_now(&repo, &session, &digest, body)
+                .await;
+            if finished.is_err() {
+                // A failed digest check removed the session already; anything else leaves it.
+                let _ = cache.cancel_upload_now(&repo, &session).await;
+            }
+            finished
+        })
+        .await
+    }
+
+    async fn finish_upload_now(
         &self,
         repo: &RepositoryName,
         session: &str,
@@ -395,6 +484,15 @@ impl Cache {
 
     /// Cancels an upload session and removes what it held.
     pub async fn cancel_upload(
+        self: &Arc<Self>,
+        repo: &RepositoryName,
+        session: &str,
+    ) -> Result<(), PushError> {
+        let (cache, repo, session) = (self.clone(), repo.clone(), session.to_string());
+        detached(async move { cache.cancel_upload_now(&repo, &session).await }).await
+    }
+
+    async fn cancel_upload_now(
         &self,
         repo: &RepositoryName,
         session: &str,
@@ -427,9 +525,16 @@ impl Cache {
             return;
         };
         let s = session.to_string();
-        let Ok(Some(info)) = self.disk.run(move |store| store.upload_info(&s)).await else {
-            // Gone already (finished or cancelled meanwhile): its slot went with it.
-            return;
+        let info = match self.disk.run(move |store| store.upload_info(&s)).await {
+            Ok(Some(info)) => info,
+            Ok(None) => {
+                // Gone from disk, so it holds no slot by rights, whatever cut short the request
+                // that removed it (closing again is a no-op). Its bytes are not known here:
+                // those are given back by whoever removed it.
+                self.close_upload(session);
+                return;
+            }
+            Err(_) => return,
         };
         if !self.expired(info.touched) {
             return;
@@ -463,17 +568,20 @@ impl Cache {
             .is_ok_and(|idle| idle > self.hosted.upload_expiry)
     }
 
+    /// Removes a session: its slot and bytes are given back before its directory goes, so that
+    /// a request dropped while the directory is removed (a client hanging up on a request that
+    /// found its session expired) has given everything back already.
     async fn drop_upload(&self, session: &str, size: u64) {
-        let s = session.to_string();
-        if let Err(e) = self.disk.run(move |store| store.remove_upload(&s)).await {
-            tracing::warn!(%session, error = %e, "could not remove upload");
-        }
         self.uploads.forget(session);
         // Two removals racing (a request finding it expired, and maintenance) give its bytes
         // back once.
         if self.close_upload(session) {
             self.count_received("discarded", size);
             self.release(size);
+        }
+        let s = session.to_string();
+        if let Err(e) = self.disk.run(move |store| store.remove_upload(&s)).await {
+            tracing::warn!(%session, error = %e, "could not remove upload");
         }
     }
 

@@ -225,20 +225,11 @@ where
         // Not mountable: the client gets a session and uploads the blob (spec 1.1).
     } else if params.get("digest").is_some() {
         let digest = digest_param(query)?;
-        let session = mirror
+        mirror
             .cache
-            .start_upload(repo, owner)
+            .upload_blob(repo, owner, &digest, body_stream(body))
             .await
             .map_err(|e| response::from_push(&e, ErrorCode::BlobUploadUnknown))?;
-        let finished = mirror
-            .cache
-            .finish_upload(repo, &session, &digest, body_stream(body))
-            .await;
-        if let Err(e) = finished {
-            // A failed digest check removed the session already; anything else leaves it.
-            let _ = mirror.cache.cancel_upload(repo, &session).await;
-            return Err(response::from_push(&e, ErrorCode::BlobUploadUnknown));
-        }
         return Ok(blob_created(repo, &digest));
     }
     let session = mirror

@@ -12,8 +12,17 @@
 //! caller's rules) and pier's own matches do not list them already. Counts are the upstream's,
 //! before that filtering. An upstream that fails or is slow (`search_timeout`) costs its results,
 //! never the search: pier's matches are answered and a warning logged.
+//!
+//! An upstream's `search_timeout` bounds all its requests for one search together, from the
+//! search's start. When the window starts in pier's matches, every upstream's part of it starts
+//! at its first result, and the upstreams are asked at once; a window further on needs the
+//! counts of the upstreams before, and they are asked in order, each still within its deadline
+//! from the start. Either way a search waits at most the longest `search_timeout`.
 
 use std::collections::HashSet;
+use std::time::Instant;
+
+use futures_util::future::join_all;
 
 use pier_oci::{ErrorCode, Query, RegistryError};
 use pier_upstream::{SearchEndpoint, SearchResult};
@@ -78,21 +87,51 @@ pub(crate) async fn search(
     let mut total = found.len() as u64;
     // An empty term lists what pier holds; it is no question for an upstream's index.
     if !term.is_empty() {
+        let started = Instant::now();
         let mut listed: HashSet<String> = found.into_iter().collect();
         // Upstream results before this page's window, not yet passed.
         let mut before = (offset as u64).saturating_sub(total);
-        for upstream in &mirror.upstreams {
-            let Some(endpoint) = &upstream.search else {
-                continue;
+        let searching: Vec<(&UpstreamEntry, &SearchEndpoint)> = mirror
+            .upstreams
+            .iter()
+            .filter_map(|u| u.search.as_deref().map(|e| (u, e)))
+            .collect();
+        // The window starts in pier's matches: each upstream's part starts at its first
+        // result, whatever the others count, so all are asked at once.
+        let mut asked: Vec<Option<(Vec<SearchResult>, u64)>> =
+            if before == 0 {
+                let window = Window {
+                    term: &term,
+                    page_size,
+                    skip: 0,
+                    want: page_size - results.len(),
+                };
+                join_all(searching.iter().map(|(upstream, endpoint)| {
+                    upstream_results(upstream, endpoint, &window, started)
+                }))
+                .await
+                .into_iter()
+                .map(Some)
+                .collect()
+            } else {
+                Vec::new()
             };
+        asked.resize_with(searching.len(), || None);
+        for ((upstream, endpoint), asked) in searching.into_iter().zip(asked) {
             let want = page_size - results.len();
-            let window = Window {
-                term: &term,
-                page_size,
-                skip: before,
-                want,
+            let (mut found, count) = match asked {
+                Some(found) => found,
+                None => {
+                    let window = Window {
+                        term: &term,
+                        page_size,
+                        skip: before,
+                        want,
+                    };
+                    upstream_results(upstream, endpoint, &window, started).await
+                }
             };
-            let (found, count) = upstream_results(upstream, endpoint, &window).await;
+            found.truncate(want);
             for r in found {
                 if results.len() == page_size {
                     break;
@@ -136,12 +175,15 @@ struct Window<'a> {
 }
 
 /// The upstream's results in the window (before filtering), and how many it has in all; none
-/// and 0 when it fails, with a warning.
+/// and 0 when it fails, with a warning. Its requests end by its `search_timeout` after
+/// `started`.
 async fn upstream_results(
     upstream: &UpstreamEntry,
     endpoint: &SearchEndpoint,
     w: &Window<'_>,
+    started: Instant,
 ) -> (Vec<SearchResult>, u64) {
+    let deadline = started + endpoint.timeout();
     let n = w.page_size as u64;
     let first = w.skip / n + 1;
     let within = usize::try_from(w.skip % n).unwrap_or(0);
@@ -154,6 +196,7 @@ async fn upstream_results(
             w.term,
             w.page_size,
             usize::try_from(p).unwrap_or(usize::MAX),
+            deadline,
         )
     };
     let found = match page(first).await {

@@ -441,6 +441,17 @@ pub(crate) fn http_client(
     read_timeout: Duration,
     ca_file: Option<&std::path::Path>,
 ) -> Result<reqwest::Client, SetupError> {
+    http_client_builder(connect_timeout, read_timeout, ca_file)?
+        .build()
+        .map_err(|e| SetupError::Client(e.to_string()))
+}
+
+/// [`http_client`]'s settings, for a client that needs one more.
+pub(crate) fn http_client_builder(
+    connect_timeout: Duration,
+    read_timeout: Duration,
+    ca_file: Option<&std::path::Path>,
+) -> Result<reqwest::ClientBuilder, SetupError> {
     let mut builder = reqwest::Client::builder()
         .user_agent(concat!("pier/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(connect_timeout)
@@ -459,9 +470,7 @@ pub(crate) fn http_client(
             builder = builder.add_root_certificate(cert);
         }
     }
-    builder
-        .build()
-        .map_err(|e| SetupError::Client(e.to_string()))
+    Ok(builder)
 }
 
 /// The `outcome` label of an upstream answer.

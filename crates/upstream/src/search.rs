@@ -1,7 +1,8 @@
 //! An upstream's search endpoint: Docker Hub's index answers `GET /v1/search?q=&n=&page=`, the
 //! API `docker search` speaks. pier asks it only when one is configured, with a short timeout,
 //! and without the upstream's credentials (the index is another host than the registry, and a
-//! search needs none).
+//! search needs none). Redirects are not followed: the configured host is the one pier asks,
+//! and a redirect (to another host, an internal address) is a failed search.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,8 +12,8 @@ use bytes::BytesMut;
 use pier_metrics::Metrics;
 use reqwest::Url;
 
-use crate::client::{http_client, outcome};
-use crate::error::{SetupError, UpstreamError};
+use crate::client::{http_client_builder, outcome};
+use crate::error::{SetupError, TransportError, TransportKind, UpstreamError};
 use crate::wire::check_status;
 
 /// Largest search answer read: a page is at most 100 short entries.
@@ -45,7 +46,7 @@ pub struct SearchEndpoint {
     /// `<search_url>/v1/search`.
     url: Url,
     http: reqwest::Client,
-    /// Longest a search may take, connection included.
+    /// Longest a search may take, connection included, all its requests together.
     timeout: Duration,
     metrics: Arc<Metrics>,
 }
@@ -89,13 +90,22 @@ impl SearchEndpoint {
         Ok(SearchEndpoint {
             name: name.to_string(),
             url,
-            http: http_client(timeout, timeout, ca_file)?,
+            http: http_client_builder(timeout, timeout, ca_file)?
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| SetupError::Client(e.to_string()))?,
             timeout,
             metrics,
         })
     }
 
-    /// Page `page` (from 1) of `n` results for `query`. Counted in
+    /// `search_timeout`: the longest one search (all the pages it asks for) may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Page `page` (from 1) of `n` results for `query`, given up at `deadline` (one search's
+    /// requests share one `search_timeout`). Counted in
     /// `pier_upstream_requests_total{kind="search"}`; nothing here touches the upstream's
     /// health (the index is not the registry).
     pub async fn search(
@@ -103,9 +113,10 @@ impl SearchEndpoint {
         query: &str,
         n: usize,
         page: usize,
+        deadline: Instant,
     ) -> Result<SearchPage, UpstreamError> {
         let started = Instant::now();
-        let result = self.search_once(query, n, page).await;
+        let result = self.search_once(query, n, page, deadline).await;
         self.metrics
             .upstream_duration
             .with_label_values(&[&self.name, "search"])
@@ -126,7 +137,17 @@ impl SearchEndpoint {
         query: &str,
         n: usize,
         page: usize,
+        deadline: Instant,
     ) -> Result<(reqwest::StatusCode, SearchPage), UpstreamError> {
+        let left = deadline
+            .checked_duration_since(Instant::now())
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| {
+                UpstreamError::Transport(TransportError::new(
+                    TransportKind::Timeout,
+                    "search_timeout spent before this page was asked for",
+                ))
+            })?;
         let mut url = self.url.clone();
         url.query_pairs_mut()
             .append_pair("q", query)
@@ -136,11 +157,17 @@ impl SearchEndpoint {
             .http
             .get(url)
             .header(reqwest::header::ACCEPT, "application/json")
-            .timeout(self.timeout)
+            .timeout(left.min(self.timeout))
             .send()
             .await
             .map_err(UpstreamError::from_reqwest)?;
         let status = resp.status();
+        if status.is_redirection() {
+            return Err(UpstreamError::Invalid(format!(
+                "search answered HTTP {}: redirects are not followed",
+                status.as_u16()
+            )));
+        }
         check_status(status, resp.headers())?;
         let mut body = BytesMut::new();
         while let Some(chunk) = resp.chunk().await.map_err(UpstreamError::from_reqwest)? {
