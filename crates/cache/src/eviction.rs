@@ -7,7 +7,7 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use pier_oci::{Digest, RepositoryName};
 
@@ -99,6 +99,9 @@ impl Cache {
             .budget
             .max_age
             .map(|age| now_millis().saturating_sub(age.as_millis() as u64));
+        // A victim's file placed after the victims were chosen (stored, or found by a push or
+        // fill that goes on to index it) stays: its placer counts on it.
+        let placed_since = SystemTime::now();
         let victims = self.index.victims(target, cutoff);
         if victims.is_empty() {
             return Ok(EvictionReport::default());
@@ -116,12 +119,12 @@ impl Cache {
             .run(move |store| {
                 Ok(digests
                     .into_iter()
-                    .map(|d| {
-                        let r = store.remove_blob(&d);
-                        if let Err(e) = &r {
+                    .map(|d| match store.remove_unused_blob(&d, placed_since) {
+                        Ok(gone) => gone.is_none(),
+                        Err(e) => {
                             tracing::warn!(digest = %d, error = %e, "could not evict");
+                            false
                         }
-                        r.is_ok()
                     })
                     .collect::<Vec<bool>>())
             })

@@ -9,6 +9,7 @@
 //! repository, under the pseudo-upstream [`HOSTED`].
 
 use std::io;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -17,6 +18,7 @@ use pier_oci::{AcceptSet, Digest, Reference, References, RepositoryName, Tag};
 use crate::error::PushError;
 use crate::memory::MemoryObject;
 use crate::store::{RecordName, TagAnswer, TagRecord};
+use crate::uploads::detached;
 use crate::{Blob, Cache, Error, RepoRef, ResolvedManifest};
 
 /// The name hosted repositories are kept under where an upstream's name would be. No configured
@@ -200,16 +202,23 @@ impl Cache {
     /// to it as a manifest, as the Distribution registry has it (bytes uploaded as a blob are
     /// none). The tag, if any, then points at it.
     pub async fn put_hosted_manifest(
-        &self,
+        self: &Arc<Self>,
         repo: &RepositoryName,
         reference: &Reference,
         content_type: Option<&str>,
         bytes: Bytes,
     ) -> Result<PushedManifest, PushError> {
         let n = bytes.len() as u64;
-        let result = self
-            .put_hosted_manifest_once(repo, reference, content_type, bytes)
-            .await;
+        // Runs to its end when the client hangs up: its budget reservation, pin and tag are
+        // bookkept whatever happens to the request.
+        let (cache, repo, reference) = (self.clone(), repo.clone(), reference.clone());
+        let content_type = content_type.map(str::to_owned);
+        let result = detached(async move {
+            cache
+                .put_hosted_manifest_once(&repo, &reference, content_type.as_deref(), bytes)
+                .await
+        })
+        .await;
         self.count_push("manifest", result.as_ref().map(|_| ()));
         self.count_received(
             if result.is_ok() {

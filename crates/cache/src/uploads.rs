@@ -213,7 +213,7 @@ impl Uploads {
 /// waits for it: the step runs to its end even when the request that asked for it is dropped
 /// (its client hung up), so that its bookkeeping (cut back, slot closed, bytes released, blob
 /// linked) always follows what it did on disk.
-async fn detached<T, F>(step: F) -> Result<T, PushError>
+pub(crate) async fn detached<T, F>(step: F) -> Result<T, PushError>
 where
     T: Send + 'static,
     F: Future<Output = Result<T, PushError>> + Send + 'static,
