@@ -466,8 +466,11 @@ impl Cache {
             .run(move |store| store.commit_upload(&s, &d, known.as_ref()))
             .await;
         self.uploads.forget(session);
-        self.close_upload(session);
-        self.release(end);
+        // Once per session: a commit that failed leaves the session on disk for a retried PUT,
+        // which must not give its bytes back a second time.
+        if self.close_upload(session) {
+            self.release(end);
+        }
         match committed? {
             None => {
                 self.count_received("discarded", end);
