@@ -398,6 +398,11 @@ async fn serve(config: Config) -> Result<(), String> {
         .cache
         .wait_for_fills(None, std::time::Duration::from_secs(10))
         .await;
+    // And upload steps, which run to their end whatever happened to their requests.
+    mirror
+        .cache
+        .wait_for_uploads(std::time::Duration::from_secs(10))
+        .await;
     maintenance.abort();
     if let Some(c) = collecting {
         c.abort();

@@ -227,6 +227,19 @@ impl Cache {
         true
     }
 
+    /// Waits (up to `limit`) for upload steps and manifest pushes under way to end, so that a
+    /// stop does not cut one between its write and its bookkeeping. Returns whether none is left.
+    pub async fn wait_for_uploads(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.upload_steps.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Writes access times changed since the last call back to the files, so that the LRU order
     /// survives a restart.
     pub async fn flush_access_times(&self) {

@@ -213,7 +213,7 @@ impl Cache {
         // bookkept whatever happens to the request.
         let (cache, repo, reference) = (self.clone(), repo.clone(), reference.clone());
         let content_type = content_type.map(str::to_owned);
-        let result = detached(async move {
+        let result = detached(&self.upload_steps, async move {
             cache
                 .put_hosted_manifest_once(&repo, &reference, content_type.as_deref(), bytes)
                 .await

@@ -201,6 +201,9 @@ pub struct Cache {
     uploading: Mutex<u64>,
     /// Held by the garbage collection running, so that one runs at a time.
     gc_running: tokio::sync::Mutex<()>,
+    /// Upload steps and manifest pushes under way, which run to their end whatever happens to
+    /// their request: a stop waits for them.
+    upload_steps: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Cache {
@@ -243,6 +246,7 @@ impl Cache {
             uploads: uploads::Uploads::from_disk(&sessions),
             uploading: Mutex::new(uploading),
             gc_running: tokio::sync::Mutex::new(()),
+            upload_steps: Arc::default(),
         };
         cache
             .metrics

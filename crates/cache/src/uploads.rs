@@ -24,6 +24,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -212,15 +213,30 @@ impl Uploads {
 /// Runs one step of an upload (a chunk, the last request, a cancel) as a task of its own and
 /// waits for it: the step runs to its end even when the request that asked for it is dropped
 /// (its client hung up), so that its bookkeeping (cut back, slot closed, bytes released, blob
-/// linked) always follows what it did on disk.
-pub(crate) async fn detached<T, F>(step: F) -> Result<T, PushError>
+/// linked) always follows what it did on disk. `running` counts the steps under way, for a stop
+/// to wait for ([`Cache::wait_for_uploads`]).
+pub(crate) async fn detached<T, F>(running: &Arc<AtomicUsize>, step: F) -> Result<T, PushError>
 where
     T: Send + 'static,
     F: Future<Output = Result<T, PushError>> + Send + 'static,
 {
-    tokio::spawn(step)
-        .await
-        .map_err(|e| io::Error::other(format!("upload step did not finish: {e}")))?
+    running.fetch_add(1, Ordering::SeqCst);
+    let counted = Running(running.clone());
+    tokio::spawn(async move {
+        let _counted = counted;
+        step.await
+    })
+    .await
+    .map_err(|e| io::Error::other(format!("upload step did not finish: {e}")))?
+}
+
+/// One step counted in [`Cache`]'s running upload steps until it ends (or panics).
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A new session id: 128 random bits, hex. Guessing one would let a stranger write into
@@ -304,7 +320,7 @@ impl Cache {
         body: BoxStream<'static, io::Result<Bytes>>,
     ) -> Result<u64, PushError> {
         let (cache, repo, session) = (self.clone(), repo.clone(), session.to_string());
-        detached(async move {
+        detached(&self.upload_steps, async move {
             cache
                 .upload_chunk_now(&repo, &session, range, content_length, body)
                 .await
@@ -374,7 +390,7 @@ impl Cache {
             session.to_string(),
             digest.clone(),
         );
-        detached(async move {
+        detached(&self.upload_steps, async move {
             cache
                 .finish_upload_now(&repo, &session, &digest, body)
                 .await
@@ -399,7 +415,7 @@ impl Cache {
             owner.to_string(),
             digest.clone(),
         );
-        detached(async move {
+        detached(&self.upload_steps, async move {
             let session = cache.start_upload(&repo, &owner).await?;
             let finished = cache
                 .finish_upload_now(&repo, &session, &digest, body)
@@ -492,7 +508,10 @@ impl Cache {
         session: &str,
     ) -> Result<(), PushError> {
         let (cache, repo, session) = (self.clone(), repo.clone(), session.to_string());
-        detached(async move { cache.cancel_upload_now(&repo, &session).await }).await
+        detached(&self.upload_steps, async move {
+            cache.cancel_upload_now(&repo, &session).await
+        })
+        .await
     }
 
     async fn cancel_upload_now(
