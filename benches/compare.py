@@ -69,11 +69,15 @@ def wait_port(port, proc, name):
     sys.exit(f"{name} did not start")
 
 
+# Command prefixes that pin the servers and the load generators to CPUs of their own (--pin).
+PIN = {"server": [], "client": []}
+
+
 class Server:
     def __init__(self, name, argv, port, log):
         self.name, self.port = name, port
         self.log = open(log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(PIN["server"] + argv, stdout=self.log, stderr=subprocess.STDOUT)
         wait_port(port, self.proc, name)
 
     def url(self, path=""):
@@ -169,7 +173,7 @@ def curl(url, headers=()):
     args = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{time_starttransfer} %{time_total}"]
     for h in headers:
         args += ["-H", h]
-    out = subprocess.run(args + [url], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(PIN["client"] + args + [url], capture_output=True, text=True).stdout.split()
     return int(out[0]), int(out[1]), float(out[2]), float(out[3])
 
 
@@ -196,7 +200,7 @@ def upstream_log(path):
 def ab_head(url, seconds, accept):
     """HEAD load with ApacheBench (wrk waits for a body after a HEAD's Content-Length)."""
     args = ["ab", "-q", "-k", "-i", "-c", "64", "-t", str(seconds), "-n", "10000000", "-H", f"Accept: {accept}", url]
-    out = subprocess.run(args, capture_output=True, text=True).stdout
+    out = subprocess.run(PIN["client"] + args, capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests per second:\s+([\d.]+)", out)[1])
     p99 = float(re.search(r"\n\s+99%\s+(\d+)", out)[1])
     non2xx = re.search(r"Non-2xx responses:\s+(\d+)", out)
@@ -209,7 +213,7 @@ def wrk(url, seconds, head=False, accept=None, tmp="."):
     args = ["wrk", "-t2", "-c64", f"-d{seconds}s", "--latency"]
     if accept:
         args += ["-H", f"Accept: {accept}"]
-    out = subprocess.run(args + [url], capture_output=True, text=True).stdout
+    out = subprocess.run(PIN["client"] + args + [url], capture_output=True, text=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])
     p99 = re.search(r"99%\s+([\d.]+)(us|ms|s)", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}[p99[2]]
@@ -226,7 +230,7 @@ def wrk_run(url, conns, seconds, accept=None, threads=2, timeout="30s"):
     args = ["wrk", f"-t{min(threads, conns)}", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", timeout]
     if accept:
         args += ["-H", f"Accept: {accept}"]
-    out = subprocess.run(args + [url], capture_output=True, text=True).stdout
+    out = subprocess.run(PIN["client"] + args + [url], capture_output=True, text=True).stdout
     return parse_wrk(out)
 
 
@@ -267,7 +271,7 @@ def thousand_clients(srv, manifest_url, layer_url, seconds, accept, split=(800, 
         args = ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "30s"]
         if accept_header:
             args += ["-H", f"Accept: {accept_header}"]
-        return subprocess.Popen(args + [url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return subprocess.Popen(PIN["client"] + args + [url], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     m = start(manifest_url, split[0], accept)
     l = start(layer_url, split[1], None)
     return parse_wrk(m.communicate()[0]), parse_wrk(l.communicate()[0])
@@ -323,8 +327,15 @@ def main():
     ap.add_argument("--fan-in-clients", type=int, default=1000, help="clients on one cold blob (pier only)")
     ap.add_argument("--fan-in-mib", type=int, default=8, help="size of that cold blob")
     ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run: " + ",".join(SECTIONS))
+    ap.add_argument("--pin", action="store_true",
+                    help="servers on CPU 0, load generators on CPU 1 (taskset): each side has one core of its own, "
+                         "so ratios depend less on how the two share the machine")
     args = ap.parse_args()
     only = set(args.only.split(","))
+    if args.pin:
+        if os.cpu_count() < 2 or not shutil.which("taskset"):
+            sys.exit("--pin needs two CPUs and taskset (util-linux)")
+        PIN["server"], PIN["client"] = ["taskset", "-c", "0"], ["taskset", "-c", "1"]
     for tool in ["docker-registry", "nginx", "wrk", "ab", "curl"]:
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (apt-get install docker-registry nginx wrk apache2-utils curl)")
