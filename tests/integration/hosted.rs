@@ -5,15 +5,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pier_oci::Digest;
 use pier_server::auth::{Action, Auth, AuthConfig, Rule};
 use pier_server::ServerOptions;
 
 use crate::fake_upstream::{Behaviour, FakeUpstream};
 use crate::harness::{client, error_code, launch, raw_get, settle, Pier, Setup, UpstreamSpec};
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+use crate::pushing::{blob_file, digest_of, header, image_manifest, OCI_INDEX, OCI_MANIFEST};
 
 struct Options {
     auth: Option<Arc<Auth>>,
@@ -51,19 +48,6 @@ async fn start(up: &FakeUpstream, o: Options) -> Pier {
     launch(s).await
 }
 
-fn digest_of(data: &[u8]) -> String {
-    Digest::sha256_of(data).to_string()
-}
-
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} header"))
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
 /// Pushes a blob in one request; returns its digest.
 async fn push_blob(pier: &Pier, repo: &str, data: &[u8]) -> String {
     let d = digest_of(data);
@@ -77,18 +61,6 @@ async fn push_blob(pier: &Pier, repo: &str, data: &[u8]) -> String {
     d
 }
 
-/// An image manifest naming a config and layers.
-fn image_manifest(config: &str, layers: &[&str]) -> String {
-    let layers: Vec<String> = layers
-        .iter()
-        .map(|l| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l}","size":1}}"#))
-        .collect();
-    format!(
-        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{}]}}"#,
-        layers.join(",")
-    )
-}
-
 async fn put_manifest(pier: &Pier, repo: &str, reference: &str, body: &str) -> reqwest::Response {
     client()
         .put(format!("{}/v2/{repo}/manifests/{reference}", pier.url))
@@ -97,15 +69,6 @@ async fn put_manifest(pier: &Pier, repo: &str, reference: &str, body: &str) -> r
         .send()
         .await
         .unwrap()
-}
-
-fn blob_file(pier: &Pier, digest: &str) -> std::path::PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    pier.dir
-        .path()
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
 }
 
 #[tokio::test]

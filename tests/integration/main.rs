@@ -20,6 +20,7 @@ mod hosted_hostile;
 mod hostile;
 mod metrics;
 mod negotiation;
+mod pushing;
 mod referrers;
 mod region;
 mod repository_access;

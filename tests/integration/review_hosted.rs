@@ -4,130 +4,21 @@
 //! limits and the slots clients that hang up leave behind, PATCH ranges, an old cache directory,
 //! and `docker search` merging a hostile upstream search.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pier_oci::{Algorithm, Digest, Hasher};
-use pier_server::auth::{Action, Auth, AuthConfig, Rule};
+use pier_server::auth::Auth;
 use pier_server::ServerOptions;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::fake_upstream::{Behaviour, FakeUpstream};
 use crate::harness::{client, error_code, launch, Pier, Setup, UpstreamSpec};
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-
-/// pier mirroring `up` as docker.io (with `deny`), hosting `team/**` and `local/*`; anonymous
-/// pushes when there is no `auth`.
-async fn start(
-    up: &FakeUpstream,
-    auth: Option<Arc<Auth>>,
-    hosted: pier_cache::HostedConfig,
-    deny: Vec<String>,
-    dir: Option<tempfile::TempDir>,
-) -> Pier {
-    let mut s = Setup::new(dir.unwrap_or_else(|| tempfile::tempdir().unwrap()));
-    let mut spec = UpstreamSpec::new("docker.io", up.url());
-    spec.deny = deny;
-    s.upstreams = vec![spec];
-    s.hosted_repositories = vec!["team/**".into(), "local/*".into()];
-    s.allow_anonymous_push = auth.is_none();
-    s.hosted = hosted;
-    s.options = ServerOptions {
-        auth,
-        metrics_on_main: true,
-        ..ServerOptions::default()
-    };
-    launch(s).await
-}
-
-fn rule(pattern: &str, actions: &[Action]) -> Rule {
-    Rule {
-        pattern: pattern.into(),
-        actions: actions.to_vec(),
-    }
-}
-
-/// Users (password `pw`): alice pushes and deletes `team/**` and pulls docker.io; carol pushes
-/// `local/*` and pulls only `docker.io/library/*`; bob has no rules (pulls anything, pushes
-/// nothing).
-fn users(dir: &std::path::Path) -> Arc<Auth> {
-    let hash = bcrypt::hash("pw", 4).unwrap();
-    let lines: String = ["alice", "bob", "carol"]
-        .iter()
-        .map(|n| format!("{n}:{hash}\n"))
-        .collect();
-    std::fs::write(dir.join("htpasswd"), lines).unwrap();
-    let all = [Action::Pull, Action::Push, Action::Delete];
-    Arc::new(
-        Auth::load(&AuthConfig {
-            htpasswd: dir.join("htpasswd"),
-            anonymous: true,
-            token_ttl: Duration::from_secs(60),
-            rules: HashMap::from([
-                (
-                    "alice".to_string(),
-                    vec![Rule::pull("docker.io/**"), rule("team/**", &all)],
-                ),
-                (
-                    "carol".to_string(),
-                    vec![
-                        Rule::pull("docker.io/library/*"),
-                        rule("local/*", &[Action::Pull, Action::Push]),
-                    ],
-                ),
-            ]),
-        })
-        .unwrap(),
-    )
-}
-
-fn digest_of(data: &[u8]) -> String {
-    Digest::sha256_of(data).to_string()
-}
-
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} header"))
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
-fn as_user(req: reqwest::RequestBuilder, user: Option<&str>) -> reqwest::RequestBuilder {
-    match user {
-        Some(u) => req.basic_auth(u, Some("pw")),
-        None => req,
-    }
-}
-
-async fn push_blob(pier: &Pier, user: Option<&str>, repo: &str, data: &[u8]) -> String {
-    let d = digest_of(data);
-    let r = as_user(
-        client().post(format!("{}/v2/{repo}/blobs/uploads/?digest={d}", pier.url)),
-        user,
-    )
-    .body(data.to_vec())
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(r.status(), 201, "{repo}: {:?}", r.text().await);
-    d
-}
-
-fn image_manifest(config: &str, layers: &[&str]) -> String {
-    let layers: Vec<String> = layers
-        .iter()
-        .map(|l| format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{l}","size":1}}"#))
-        .collect();
-    format!(
-        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{}]}}"#,
-        layers.join(",")
-    )
-}
+use crate::pushing::{
+    as_user, digest_of, header, image_manifest, push_blob, put_manifest, start, users, OCI_INDEX,
+    OCI_MANIFEST,
+};
 
 /// An index naming `child` with extra descriptor fields (`extra` starts with a comma, or is
 /// empty).
@@ -135,25 +26,6 @@ fn index_naming(child: &str, size: usize, extra: &str) -> String {
     format!(
         r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{child}","size":{size}{extra}}}]}}"#
     )
-}
-
-async fn put_manifest(
-    pier: &Pier,
-    user: Option<&str>,
-    repo: &str,
-    reference: &str,
-    content_type: &str,
-    body: &str,
-) -> reqwest::Response {
-    as_user(
-        client().put(format!("{}/v2/{repo}/manifests/{reference}", pier.url)),
-        user,
-    )
-    .header("content-type", content_type)
-    .body(body.to_string())
-    .send()
-    .await
-    .unwrap()
 }
 
 async fn status(pier: &Pier, user: Option<&str>, method: reqwest::Method, path: &str) -> u16 {
