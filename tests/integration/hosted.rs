@@ -10,7 +10,9 @@ use pier_server::ServerOptions;
 
 use crate::fake_upstream::{Behaviour, FakeUpstream};
 use crate::harness::{client, error_code, launch, raw_get, settle, Pier, Setup, UpstreamSpec};
-use crate::pushing::{blob_file, digest_of, header, image_manifest, OCI_INDEX, OCI_MANIFEST};
+use crate::pushing::{
+    blob_file, digest_of, header, image_manifest, upload_data, upload_dirs, OCI_INDEX, OCI_MANIFEST,
+};
 
 struct Options {
     auth: Option<Arc<Auth>>,
@@ -178,12 +180,7 @@ async fn monolithic_and_chunked_uploads_are_served_back() {
     assert_eq!(r.status(), 206);
     assert_eq!(r.bytes().await.unwrap(), &blob[10..20]);
     // Nothing left behind in uploads/, and no upstream was asked anything.
-    assert_eq!(
-        std::fs::read_dir(pier.dir.path().join("uploads"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(upload_dirs(&pier), 0);
     assert!(up.requests().is_empty(), "{:?}", up.requests());
 }
 
@@ -252,12 +249,7 @@ async fn bad_uploads_are_refused_and_nothing_is_kept() {
     assert_eq!(error_code(r).await, "DIGEST_INVALID");
     let r = c.get(&at).send().await.unwrap();
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
-    assert_eq!(
-        std::fs::read_dir(pier.dir.path().join("uploads"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(upload_dirs(&pier), 0);
 
     // PUT without a digest.
     let r = c.post(&base).send().await.unwrap();
@@ -781,15 +773,7 @@ async fn the_hosted_budget_refuses_pushes_past_it_and_keeps_nothing() {
     let r = c.get(&at).send().await.unwrap();
     assert_eq!(header(&r, "range"), "0-99");
     assert_eq!(
-        std::fs::metadata(
-            pier.dir
-                .path()
-                .join("uploads")
-                .join(at.rsplit('/').next().unwrap())
-                .join("data")
-        )
-        .unwrap()
-        .len(),
+        std::fs::metadata(upload_data(&pier, &at)).unwrap().len(),
         100
     );
     // Cancelled, the room comes back.
@@ -878,12 +862,7 @@ async fn upload_sessions_survive_a_restart_and_expire_when_idle() {
     c.patch(&at).body(b"abc".to_vec()).send().await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     pier.mirror.cache.expire_uploads().await;
-    assert_eq!(
-        std::fs::read_dir(pier.dir.path().join("uploads"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(upload_dirs(&pier), 0);
     let r = c.get(&at).send().await.unwrap();
     assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
     assert_eq!(pier.mirror.cache.hosted_usage().uploading_bytes, 0);
@@ -986,12 +965,7 @@ async fn a_closed_upload_session_frees_its_slot() {
         let r = c.get(format!("{}{gone}", pier.url)).send().await.unwrap();
         assert_eq!(r.status(), 404, "{gone}");
     }
-    assert_eq!(
-        std::fs::read_dir(pier.dir.path().join("uploads"))
-            .unwrap()
-            .count(),
-        1
-    );
+    assert_eq!(upload_dirs(&pier), 1);
 }
 
 #[tokio::test]

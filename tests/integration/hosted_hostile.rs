@@ -8,8 +8,8 @@ use crate::fake_upstream::{Behaviour, FakeUpstream};
 use crate::harness::{client, error_code, settle, Pier};
 
 use crate::pushing::{
-    as_user, blob_file, digest_of, header, image_manifest, push_blob, put_manifest, start, users,
-    OCI_INDEX, OCI_MANIFEST,
+    as_user, blob_file, digest_of, header, image_manifest, push_blob, put_manifest, start,
+    start_with_users, upload_data, upload_dirs, users, OCI_INDEX, OCI_MANIFEST,
 };
 
 fn index_of(child: &str, size: usize) -> String {
@@ -32,16 +32,7 @@ async fn start_session(pier: &Pier, user: Option<&str>, repo: &str) -> String {
 
 #[tokio::test]
 async fn another_users_upload_session_is_out_of_reach() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = FakeUpstream::start(Behaviour::default()).await;
-    let pier = start(
-        &up,
-        Some(users(dir.path())),
-        Default::default(),
-        vec![],
-        None,
-    )
-    .await;
+    let (_dir, _up, pier) = start_with_users().await;
     let c = client();
     let location = start_session(&pier, Some("alice"), "team/a").await;
     let uuid = location.rsplit('/').next().unwrap().to_string();
@@ -273,16 +264,7 @@ async fn a_mount_from_a_denied_upstream_repository_is_an_upload() {
 
 #[tokio::test]
 async fn tokens_and_pull_only_users_push_and_delete_nothing_else() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = FakeUpstream::start(Behaviour::default()).await;
-    let pier = start(
-        &up,
-        Some(users(dir.path())),
-        Default::default(),
-        vec![],
-        None,
-    )
-    .await;
+    let (_dir, _up, pier) = start_with_users().await;
     let c = client();
     let token_for = |user: &str, scope: &str| {
         c.get(format!(
@@ -773,12 +755,7 @@ async fn a_content_length_not_the_ranges_is_refused_before_the_body() {
     assert!(body.contains("RANGE_INVALID"), "{body}");
     let r = c.get(&at).send().await.unwrap();
     assert_eq!(header(&r, "range"), "0-9");
-    let data = pier
-        .dir
-        .path()
-        .join("uploads")
-        .join(location.rsplit('/').next().unwrap())
-        .join("data");
+    let data = upload_data(&pier, &location);
     assert_eq!(std::fs::metadata(data).unwrap().len(), 10);
 }
 
@@ -800,12 +777,7 @@ async fn a_streamed_chunk_longer_than_its_range_is_stopped_and_cut_back() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let data = pier
-        .dir
-        .path()
-        .join("uploads")
-        .join(location.rsplit('/').next().unwrap())
-        .join("data");
+    let data = upload_data(&pier, &location);
     let chunked = |range: &str| {
         format!("PATCH {location} HTTP/1.1\r\nContent-Range: {range}\r\nTransfer-Encoding: chunked")
     };
@@ -922,9 +894,7 @@ async fn upload_sessions_are_limited() {
         .await
         .unwrap();
     assert_eq!(r.status(), 429);
-    let open = std::fs::read_dir(pier.dir.path().join("uploads"))
-        .unwrap()
-        .count();
+    let open = upload_dirs(&pier);
     assert_eq!(open, 100);
     let r = client()
         .get(format!("{}/metrics", pier.url))
@@ -972,16 +942,7 @@ async fn upload_sessions_are_limited() {
 /// session there (given its id): upload status is part of a push.
 #[tokio::test]
 async fn a_user_who_may_only_pull_cannot_read_an_upload_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = FakeUpstream::start(Behaviour::default()).await;
-    let pier = start(
-        &up,
-        Some(users(dir.path())),
-        Default::default(),
-        vec![],
-        None,
-    )
-    .await;
+    let (_dir, _up, pier) = start_with_users().await;
     let location = start_session(&pier, Some("alice"), "team/a").await;
     let at = format!("{}{location}", pier.url);
     let r = client()

@@ -9,7 +9,7 @@ use pier_oci::Digest;
 use pier_server::auth::{Action, Auth, AuthConfig, Rule};
 use pier_server::ServerOptions;
 
-use crate::fake_upstream::FakeUpstream;
+use crate::fake_upstream::{Behaviour, FakeUpstream};
 use crate::harness::{client, launch, Pier, Setup, UpstreamSpec};
 
 pub(crate) const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -154,4 +154,33 @@ pub(crate) fn blob_file(pier: &Pier, digest: &str) -> std::path::PathBuf {
         .join("blobs/sha256")
         .join(&hex[..2])
         .join(hex)
+}
+
+/// [`start`] with the users of [`users`] and nothing else set: the directory holding their
+/// passwords, the upstream and pier.
+pub(crate) async fn start_with_users() -> (tempfile::TempDir, FakeUpstream, Pier) {
+    let dir = tempfile::tempdir().unwrap();
+    let up = FakeUpstream::start(Behaviour::default()).await;
+    let pier = start(
+        &up,
+        Some(users(dir.path())),
+        Default::default(),
+        vec![],
+        None,
+    )
+    .await;
+    (dir, up, pier)
+}
+
+/// The bytes an upload session (named by its `Location`) holds so far, on disk.
+pub(crate) fn upload_data(pier: &Pier, location: &str) -> std::path::PathBuf {
+    let session = location.rsplit('/').next().unwrap();
+    pier.dir.path().join("uploads").join(session).join("data")
+}
+
+/// How many upload sessions exist on disk.
+pub(crate) fn upload_dirs(pier: &Pier) -> usize {
+    std::fs::read_dir(pier.dir.path().join("uploads"))
+        .unwrap()
+        .count()
 }

@@ -16,8 +16,8 @@ use crate::fake_upstream::{Behaviour, FakeUpstream};
 use crate::harness::{client, error_code, launch, Pier, Setup, UpstreamSpec};
 
 use crate::pushing::{
-    as_user, digest_of, header, image_manifest, push_blob, put_manifest, start, users, OCI_INDEX,
-    OCI_MANIFEST,
+    as_user, digest_of, header, image_manifest, push_blob, put_manifest, start, start_with_users,
+    upload_data, upload_dirs, users, OCI_INDEX, OCI_MANIFEST,
 };
 
 /// An index naming `child` with extra descriptor fields (`extra` starts with a comma, or is
@@ -82,12 +82,6 @@ async fn start_session(pier: &Pier, user: Option<&str>, repo: &str) -> reqwest::
     .send()
     .await
     .unwrap()
-}
-
-fn upload_dirs(pier: &Pier) -> usize {
-    std::fs::read_dir(pier.dir.path().join("uploads"))
-        .unwrap()
-        .count()
 }
 
 /// Sends `head` (request line and headers, no blank line) and `body` by hand, then hangs up
@@ -187,16 +181,7 @@ async fn a_config_with_urls_must_still_be_held() {
 /// DELETE or referrers.
 #[tokio::test]
 async fn a_mounted_manifest_is_a_blob_of_the_target() {
-    let dir = tempfile::tempdir().unwrap();
-    let up = FakeUpstream::start(Behaviour::default()).await;
-    let pier = start(
-        &up,
-        Some(users(dir.path())),
-        Default::default(),
-        vec![],
-        None,
-    )
-    .await;
+    let (_dir, _up, pier) = start_with_users().await;
     let alice = Some("alice");
     let (manifest, md) = push_image(&pier, alice, "team/a", "1.0", "a").await;
     // A referrer of it in team/a, whose bytes team/b also gets as a blob.
@@ -480,12 +465,7 @@ async fn a_patch_whose_client_hangs_up_keeps_nothing_of_the_chunk() {
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    let data = pier
-        .dir
-        .path()
-        .join("uploads")
-        .join(location.rsplit('/').next().unwrap())
-        .join("data");
+    let data = upload_data(&pier, &location);
     let kept = std::fs::metadata(data).unwrap().len();
     let usage = pier.mirror.cache.hosted_usage();
     assert_eq!(
@@ -514,12 +494,7 @@ async fn a_whole_patch_then_a_hang_up_keeps_all_or_nothing() {
             .body(vec![1u8; n]);
         send_and_cancel(patch, Duration::from_millis(10 * i)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let data = pier
-            .dir
-            .path()
-            .join("uploads")
-            .join(location.rsplit('/').next().unwrap())
-            .join("data");
+        let data = upload_data(&pier, &location);
         kept.push(std::fs::metadata(data).unwrap().len());
     }
     let usage = pier.mirror.cache.hosted_usage();
@@ -652,12 +627,7 @@ async fn odd_patch_framings_are_refused_and_keep_nothing() {
         .await
         .unwrap();
     assert_eq!(r.status(), 202);
-    let data = pier
-        .dir
-        .path()
-        .join("uploads")
-        .join(location.rsplit('/').next().unwrap())
-        .join("data");
+    let data = upload_data(&pier, &location);
     let addr = pier.url.trim_start_matches("http://").to_string();
     let raw = |head: String, body: Vec<u8>| {
         let addr = addr.clone();
