@@ -46,7 +46,7 @@ impl Links {
 
     /// The set of `upstream`'s `repo`, loaded from disk (or derived) on first use.
     async fn set(&self, disk: &Disk, upstream: &str, repo: &RepositoryName) -> io::Result<Set> {
-        let key = format!("{upstream}/{repo}");
+        let key = [upstream, "/", repo.as_str()].concat();
         // The common case, without building the loader.
         if let Some(set) = self.repos.get(&key).await {
             return Ok(set);

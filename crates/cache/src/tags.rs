@@ -22,8 +22,14 @@ pub(crate) struct TagRecords {
     writers: [tokio::sync::Mutex<()>; WRITE_SHARDS],
 }
 
+/// `upstream/repo:tag` or `upstream/repo@digest/referrers` (joined, not formatted: every pull
+/// by tag builds one).
 fn key(upstream: &str, repo: &RepositoryName, name: RecordName<'_>) -> String {
-    format!("{upstream}/{repo}{name}")
+    let (sep, name, suffix) = match name {
+        RecordName::Tag(t) => (":", t.as_str(), ""),
+        RecordName::Referrers(d) => ("@", d.as_str(), "/referrers"),
+    };
+    [upstream, "/", repo.as_str(), sep, name, suffix].concat()
 }
 
 impl TagRecords {

@@ -6,6 +6,7 @@
 //! status class, cache result, upstream name, outcome; never a repository, tag or digest.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -15,6 +16,11 @@ use prometheus::{
 /// Every metric pier exports.
 pub struct Metrics {
     registry: Registry,
+    /// `requests`, `cache_lookups` and `served_bytes` by the label values pier's front uses:
+    /// counted per request, so resolved once instead of hashing labels each time.
+    request_table: CounterTable,
+    lookup_table: CounterTable,
+    served_table: CounterTable,
     /// Requests answered, by `method`, `kind` (manifest, blob, tags, catalog, base, other) and `status` class.
     pub requests: IntCounterVec,
     /// Cache lookups by `result` (memory_hit, disk_hit, miss) and `kind` (manifest, blob).
@@ -187,25 +193,31 @@ impl Metrics {
         .expect("valid metric definition");
         r.register(Box::new(peer_duration.clone()))
             .expect("metric registered once");
+        let requests = counter_vec(
+            &r,
+            "pier_http_requests_total",
+            "Requests answered",
+            &["method", "kind", "status"],
+        );
+        let cache_lookups = counter_vec(
+            &r,
+            "pier_cache_lookups_total",
+            "Cache lookups by result (memory_hit, disk_hit, miss) and object kind",
+            &["result", "kind"],
+        );
+        let served_bytes = counter_vec(
+            &r,
+            "pier_served_bytes_total",
+            "Body bytes sent to clients, by source",
+            &["source"],
+        );
         Metrics {
-            requests: counter_vec(
-                &r,
-                "pier_http_requests_total",
-                "Requests answered",
-                &["method", "kind", "status"],
-            ),
-            cache_lookups: counter_vec(
-                &r,
-                "pier_cache_lookups_total",
-                "Cache lookups by result (memory_hit, disk_hit, miss) and object kind",
-                &["result", "kind"],
-            ),
-            served_bytes: counter_vec(
-                &r,
-                "pier_served_bytes_total",
-                "Body bytes sent to clients, by source",
-                &["source"],
-            ),
+            request_table: CounterTable::new(&requests, &[METHODS, REQUEST_KINDS, STATUS_CLASSES]),
+            lookup_table: CounterTable::new(&cache_lookups, &[LOOKUP_RESULTS, LOOKUP_KINDS]),
+            served_table: CounterTable::new(&served_bytes, &[SOURCES]),
+            requests,
+            cache_lookups,
+            served_bytes,
             upstream_bytes: counter_vec(
                 &r,
                 "pier_upstream_received_bytes_total",
@@ -359,6 +371,21 @@ impl Metrics {
         }
     }
 
+    /// The `requests` counter of `method`, `kind` and status `class`.
+    pub fn request(&self, method: &str, kind: &str, class: &str) -> IntCounter {
+        self.request_table.get(&[method, kind, class])
+    }
+
+    /// The `cache_lookups` counter of `result` and `kind`.
+    pub fn cache_lookup(&self, result: &str, kind: &str) -> IntCounter {
+        self.lookup_table.get(&[result, kind])
+    }
+
+    /// The `served_bytes` counter of `source`.
+    pub fn served(&self, source: &str) -> IntCounter {
+        self.served_table.get(&[source])
+    }
+
     /// The text exposition format.
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();
@@ -370,6 +397,52 @@ impl Metrics {
     /// The content type of [`Metrics::encode`]'s output.
     pub fn content_type() -> &'static str {
         "text/plain; version=0.0.4; charset=utf-8"
+    }
+}
+
+/// The label values of the per-request counters, as the front uses them.
+const METHODS: &[&str] = &["GET", "HEAD", "other"];
+const REQUEST_KINDS: &[&str] = &[
+    "manifest", "blob", "tags", "base", "catalog", "search", "other",
+];
+const STATUS_CLASSES: &[&str] = &["1xx", "2xx", "3xx", "4xx", "5xx"];
+const LOOKUP_RESULTS: &[&str] = &["memory_hit", "disk_hit", "miss"];
+const LOOKUP_KINDS: &[&str] = &["manifest", "blob"];
+const SOURCES: &[&str] = &["memory", "disk", "upstream"];
+
+/// The counters of a vector for every combination of known label values, each made on first
+/// use (so /metrics shows only series that counted) and found by position afterwards. Values
+/// outside the table go to the vector as usual.
+struct CounterTable {
+    vec: IntCounterVec,
+    dims: Vec<&'static [&'static str]>,
+    cells: Box<[OnceLock<IntCounter>]>,
+}
+
+impl CounterTable {
+    fn new(vec: &IntCounterVec, dims: &[&'static [&'static str]]) -> Self {
+        let size = dims.iter().map(|d| d.len()).product();
+        CounterTable {
+            vec: vec.clone(),
+            dims: dims.to_vec(),
+            cells: (0..size).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn get(&self, values: &[&str]) -> IntCounter {
+        let mut cell = 0;
+        for (dim, value) in self.dims.iter().zip(values) {
+            match dim.iter().position(|v| v == value) {
+                Some(i) => cell = cell * dim.len() + i,
+                None => return self.vec.with_label_values(values),
+            }
+        }
+        match self.cells.get(cell) {
+            Some(c) if values.len() == self.dims.len() => {
+                c.get_or_init(|| self.vec.with_label_values(values)).clone()
+            }
+            _ => self.vec.with_label_values(values),
+        }
     }
 }
 
@@ -386,6 +459,36 @@ mod tests {
         assert!(
             text.contains("pier_cache_lookups_total{kind=\"blob\",result=\"miss\"} 1"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn resolved_counters_are_the_vectors_series() {
+        let m = Metrics::new();
+        m.request("GET", "manifest", "2xx").inc();
+        m.request("GET", "manifest", "2xx").inc();
+        m.request("HEAD", "blob", "4xx").inc();
+        // Outside the table: still counted, by the vector.
+        m.request("GET", "unlisted", "2xx").inc();
+        m.cache_lookup("disk_hit", "manifest").inc();
+        m.served("disk").inc_by(7);
+        let text = m.encode();
+        for line in [
+            "pier_http_requests_total{kind=\"manifest\",method=\"GET\",status=\"2xx\"} 2",
+            "pier_http_requests_total{kind=\"blob\",method=\"HEAD\",status=\"4xx\"} 1",
+            "pier_http_requests_total{kind=\"unlisted\",method=\"GET\",status=\"2xx\"} 1",
+            "pier_cache_lookups_total{kind=\"manifest\",result=\"disk_hit\"} 1",
+            "pier_served_bytes_total{source=\"disk\"} 7",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        // Only what counted is shown: no series made ahead for the whole table.
+        assert!(!text.contains("status=\"5xx\""), "{text}");
+        assert_eq!(
+            m.requests
+                .with_label_values(&["GET", "manifest", "2xx"])
+                .get(),
+            2
         );
     }
 }

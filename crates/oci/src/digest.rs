@@ -43,7 +43,8 @@ impl Algorithm {
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     algorithm: Algorithm,
-    hex: Box<str>,
+    /// `algorithm:hex`, kept whole: headers, keys and paths write it as it is, per request.
+    text: Box<str>,
 }
 
 /// Why a digest string was rejected.
@@ -84,7 +85,12 @@ impl Digest {
 
     /// The lower-case hex value, without the algorithm.
     pub fn hex(&self) -> &str {
-        &self.hex
+        &self.text[self.algorithm.as_str().len() + 1..]
+    }
+
+    /// The whole digest, `algorithm:hex` (what `Display` writes).
+    pub fn as_str(&self) -> &str {
+        &self.text
     }
 
     /// The sha256 digest of `data`.
@@ -127,14 +133,14 @@ impl FromStr for Digest {
         }
         Ok(Digest {
             algorithm,
-            hex: hex.into(),
+            text: s.into(),
         })
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.algorithm.as_str(), self.hex)
+        f.write_str(&self.text)
     }
 }
 
@@ -171,21 +177,23 @@ impl Hasher {
             Hasher::Sha256(h) => (Algorithm::Sha256, h.finalize().to_vec()),
             Hasher::Sha512(h) => (Algorithm::Sha512, h.finalize().to_vec()),
         };
+        let mut text = String::with_capacity(algorithm.as_str().len() + 1 + bytes.len() * 2);
+        text.push_str(algorithm.as_str());
+        text.push(':');
+        push_hex(&mut text, &bytes);
         Digest {
             algorithm,
-            hex: to_hex(&bytes).into(),
+            text: text.into(),
         }
     }
 }
 
-fn to_hex(bytes: &[u8]) -> String {
+fn push_hex(s: &mut String, bytes: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         s.push(HEX[(b >> 4) as usize] as char);
         s.push(HEX[(b & 0xf) as usize] as char);
     }
-    s
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use pier_cache::{CachedManifest, Source};
 use pier_oci::path::PathError;
 use pier_oci::reference::ReferenceError;
@@ -119,14 +119,13 @@ where
     let endpoint = Endpoint::parse(req.uri().path()).map_err(path_error)?;
     let query = req.uri().query();
     // Hosted repositories take pushes and deletes; everything else is a read-only mirror.
-    let hosted_target = match &endpoint {
+    let target = match &endpoint {
         Endpoint::Manifest { name, .. }
         | Endpoint::Blob { name, .. }
         | Endpoint::Referrers { name, .. }
         | Endpoint::TagsList { name }
         | Endpoint::Upload { name, .. } => match mirror.target(name, query) {
-            Ok(Target::Hosted(repo)) => Some(repo),
-            Ok(Target::Mirrored(_)) => None,
+            Ok(target) => Some(target),
             // A write to a name that routes nowhere is still a write to a read-only mirror.
             Err(e) if head || *req.method() == Method::GET || mirror.hosted.contains(name) => {
                 return Err(e)
@@ -135,19 +134,25 @@ where
         },
         Endpoint::Base | Endpoint::Catalog => None,
     };
-    if let Some(repo) = hosted_target {
-        let action = Action::of(&req);
-        if !caller.may(mirror, action, &Target::Hosted(repo.clone())) {
-            return Err(hosted::refused(caller, action, &repo));
+    let route = match target {
+        Some(Target::Hosted(repo)) => {
+            let action = Action::of(&req);
+            if !caller.may(mirror, action, &Target::Hosted(repo.clone())) {
+                return Err(hosted::refused(caller, action, &repo));
+            }
+            return hosted::dispatch(mirror, req, caller, endpoint, repo, head).await;
         }
-        return hosted::dispatch(mirror, req, caller, endpoint, repo, head).await;
-    }
+        Some(Target::Mirrored(route)) => Some(route),
+        None => None,
+    };
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return Err(RegistryError::new(
             ErrorCode::Unsupported,
             "pier is a read-only mirror: push and delete are not supported",
         ));
     }
+    // Every GET of a repository's endpoint was routed above, or refused.
+    let routed = || route.ok_or_else(|| path_error(PathError::NotFound));
     match endpoint {
         Endpoint::Base => Ok(response::json("{}", head)),
         Endpoint::Catalog => catalog(mirror, caller, query, head).await,
@@ -155,22 +160,18 @@ where
             ErrorCode::Unsupported,
             "pier is a read-only mirror: push is not supported",
         )),
-        Endpoint::Manifest { name, reference } => {
-            let route = mirror.route(&name, query)?;
+        Endpoint::Manifest { reference, .. } => {
             let accept = AcceptSet::from_header(&accept(req.headers()));
-            manifest(mirror, &route, &reference, accept, head).await
+            manifest(mirror, &routed()?, &reference, accept, head).await
         }
-        Endpoint::Blob { name, digest } => {
-            let route = mirror.route(&name, query)?;
-            blob(mirror, &route, &digest, req.headers(), head).await
+        Endpoint::Blob { digest, .. } => {
+            blob(mirror, &routed()?, &digest, req.headers(), head).await
         }
-        Endpoint::Referrers { name, digest } => {
-            let route = mirror.route(&name, query)?;
-            referrers(mirror, &route, &digest, query, head).await
+        Endpoint::Referrers { digest, .. } => {
+            referrers(mirror, &routed()?, &digest, query, head).await
         }
-        Endpoint::TagsList { name } => {
-            let route = mirror.route(&name, query)?;
-            tags_list(mirror, &route, req.uri().path(), query, head).await
+        Endpoint::TagsList { .. } => {
+            tags_list(mirror, &routed()?, req.uri().path(), query, head).await
         }
     }
 }
@@ -195,14 +196,24 @@ pub(crate) fn path_error(e: PathError) -> RegistryError {
     }
 }
 
-/// All `Accept` headers of the request as one list (Docker sends several).
-fn accept(headers: &HeaderMap) -> String {
-    let parts: Vec<&str> = headers
+/// All `Accept` headers of the request as one list (Docker sends several; most clients one).
+fn accept(headers: &HeaderMap) -> std::borrow::Cow<'_, str> {
+    let mut all = headers
         .get_all(header::ACCEPT)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .collect();
-    parts.join(", ")
+        .filter_map(|v| v.to_str().ok());
+    match (all.next(), all.next()) {
+        (None, _) => "".into(),
+        (Some(one), None) => one.into(),
+        (Some(first), Some(second)) => {
+            let mut joined = [first, second].join(", ");
+            for more in all {
+                joined.push_str(", ");
+                joined.push_str(more);
+            }
+            joined.into()
+        }
+    }
 }
 
 /// Response header telling where the answer came from: memory, disk, upstream, upstream-joined.
@@ -318,19 +329,22 @@ pub(crate) fn manifest_response(
     upstream: Arc<str>,
     head: bool,
 ) -> Response<Body> {
-    let resp = response::built(
-        response::builder(StatusCode::OK)
-            .header(header::CONTENT_TYPE, &*m.media_type)
-            .header(header::CONTENT_LENGTH, m.bytes.len())
-            .header("docker-content-digest", digest.to_string())
-            .header(header::ETAG, format!("\"{digest}\""))
-            .body(if head {
-                response::empty()
-            } else {
-                response::full(m.bytes.clone())
-            }),
-        head,
-    );
+    // The media type came from the upstream: one that is no header value is a 500, never an
+    // answer without its type.
+    let media_type = match HeaderValue::from_str(&m.media_type) {
+        Ok(v) => v,
+        Err(e) => return response::unbuildable(&e, head),
+    };
+    let body = if head {
+        response::empty()
+    } else {
+        response::full(m.bytes.clone())
+    };
+    let mut resp = response::answer(StatusCode::OK, body);
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, media_type);
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(m.bytes.len()));
+    response::set_digest(h, digest);
     with_outcome(resp, "manifest", source, upstream)
 }
 
@@ -387,21 +401,27 @@ pub(crate) fn requested_range(headers: &HeaderMap) -> Result<Option<ByteRange>, 
     }
 }
 
-fn blob_headers(digest: &Digest, status: StatusCode) -> http::response::Builder {
-    response::builder(status)
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header("docker-content-digest", digest.to_string())
-        .header(header::ETAG, format!("\"{digest}\""))
-        .header(header::ACCEPT_RANGES, "bytes")
+/// A blob answer's status, body and headers, but for its length and range.
+fn blob_answer(digest: &Digest, status: StatusCode, body: Body) -> Response<Body> {
+    let mut resp = response::answer(status, body);
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    response::set_digest(h, digest);
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    resp
 }
 
 /// A HEAD answer for a blob of `size` bytes (when known).
 pub(crate) fn blob_head_response(digest: &Digest, size: Option<u64>) -> Response<Body> {
-    let mut b = blob_headers(digest, StatusCode::OK);
+    let mut resp = blob_answer(digest, StatusCode::OK, response::empty());
     if let Some(size) = size {
-        b = b.header(header::CONTENT_LENGTH, size);
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
     }
-    response::built(b.body(response::empty()), true)
+    resp
 }
 
 /// A blob's bytes, whole or the range asked for (206; 416 outside the blob). A complete file on
@@ -412,13 +432,11 @@ pub(crate) fn blob_response(
     blob: pier_cache::Blob,
     range: Option<ByteRange>,
 ) -> Response<Body> {
-    let (builder, start, len) = match (range, blob.size) {
+    let (status, content_range, start, len) = match (range, blob.size) {
         (Some(range), Some(size)) => match range.resolve(size) {
             Ok((first, last)) => (
-                blob_headers(digest, StatusCode::PARTIAL_CONTENT).header(
-                    header::CONTENT_RANGE,
-                    format!("bytes {first}-{last}/{size}"),
-                ),
+                StatusCode::PARTIAL_CONTENT,
+                Some(format!("bytes {first}-{last}/{size}")),
                 first,
                 Some(last - first + 1),
             ),
@@ -430,11 +448,7 @@ pub(crate) fn blob_response(
                 return e;
             }
         },
-        (_, size) => (blob_headers(digest, StatusCode::OK), 0, size),
-    };
-    let builder = match len {
-        Some(len) => builder.header(header::CONTENT_LENGTH, len),
-        None => builder,
+        (_, size) => (StatusCode::OK, None, 0, size),
     };
     let region = blob.complete_file().zip(len).map(|(file, len)| FileRegion {
         file: file.clone(),
@@ -442,7 +456,14 @@ pub(crate) fn blob_response(
         len,
     });
     let body = response::stream(blob.stream(start, len.map(|len| start + len)));
-    let mut resp = response::built(builder.body(body), false);
+    let mut resp = blob_answer(digest, status, body);
+    let h = resp.headers_mut();
+    if let Some(v) = content_range.and_then(|r| HeaderValue::from_maybe_shared(r).ok()) {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
     if let Some(region) = region {
         resp.extensions_mut().insert(region);
     }

@@ -5,12 +5,12 @@ use std::io;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::TryStreamExt;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
 use pier_cache::FillError;
-use pier_oci::{ErrorCode, RegistryError};
+use pier_oci::{Digest, ErrorCode, RegistryError};
 use pier_upstream::UpstreamError;
 
 /// The body of every response pier sends. A stream that ends in an error makes hyper close the
@@ -19,6 +19,12 @@ pub type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 pub const API_VERSION_HEADER: &str = "docker-distribution-api-version";
 pub const API_VERSION: &str = "registry/2.0";
+const API_VERSION_NAME: HeaderName = HeaderName::from_static(API_VERSION_HEADER);
+/// The digest of a manifest or blob answered.
+pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+/// Headers an answer of pier's carries at most, with the `Date` hyper adds: the header map of a
+/// hot answer is made this large once instead of growing.
+const HEADERS_PER_ANSWER: usize = 10;
 
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
@@ -38,7 +44,35 @@ pub fn stream(s: BoxStream<'static, io::Result<Bytes>>) -> Body {
 pub fn builder(status: StatusCode) -> http::response::Builder {
     Response::builder()
         .status(status)
-        .header(API_VERSION_HEADER, API_VERSION)
+        .header(API_VERSION_NAME, HeaderValue::from_static(API_VERSION))
+}
+
+/// A response with the API version header, for the answers made per request (manifests,
+/// blobs): their headers are set on it directly, with names made once, instead of through a
+/// builder that parses each name.
+pub fn answer(status: StatusCode, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let mut headers = HeaderMap::with_capacity(HEADERS_PER_ANSWER);
+    headers.insert(API_VERSION_NAME, HeaderValue::from_static(API_VERSION));
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// `Docker-Content-Digest` and the `ETag` (the digest, quoted) of an answer for `digest`.
+pub fn set_digest(headers: &mut HeaderMap, digest: &Digest) {
+    let text = digest.as_str();
+    // A digest is lower-case hex after an algorithm name: always a valid header value.
+    if let Ok(v) = HeaderValue::from_str(text) {
+        headers.insert(DOCKER_CONTENT_DIGEST, v);
+    }
+    let mut etag = String::with_capacity(text.len() + 2);
+    etag.push('"');
+    etag.push_str(text);
+    etag.push('"');
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(etag)) {
+        headers.insert(header::ETAG, v);
+    }
 }
 
 /// A JSON document as a 200 response (no body for HEAD).
@@ -56,14 +90,17 @@ pub fn json(body: impl Into<Bytes>, head: bool) -> Response<Body> {
 /// The response a builder made, or, when it refused a part (a header value that is not valid),
 /// a 500 with the registry error body: never a 200 with a body that is not the answer.
 pub fn built(response: http::Result<Response<Body>>, head: bool) -> Response<Body> {
-    response.unwrap_or_else(|e| {
-        tracing::error!(error = %e, "could not build a response");
-        error(
-            &RegistryError::new(ErrorCode::Unknown, "pier could not build the response")
-                .with_status(500),
-            head,
-        )
-    })
+    response.unwrap_or_else(|e| unbuildable(&e, head))
+}
+
+/// The 500 for an answer pier could not build (`why`: the header value it refused).
+pub fn unbuildable(why: &dyn std::fmt::Display, head: bool) -> Response<Body> {
+    tracing::error!(error = %why, "could not build a response");
+    error(
+        &RegistryError::new(ErrorCode::Unknown, "pier could not build the response")
+            .with_status(500),
+        head,
+    )
 }
 
 /// A registry error as a response (no body for HEAD, as HTTP wants).

@@ -92,12 +92,11 @@ pub async fn serve(
                         .with_retry_after(Some(wait));
                 mirror
                     .metrics
-                    .requests
-                    .with_label_values(&[
+                    .request(
                         method_label(req.method()),
                         path_kind(req.uri().path()),
                         "4xx",
-                    ])
+                    )
                     .inc();
                 return response::error(&e, req.method() == Method::HEAD);
             }
@@ -122,12 +121,11 @@ pub async fn serve(
                         Err(refused) => {
                             mirror
                                 .metrics
-                                .requests
-                                .with_label_values(&[
+                                .request(
                                     method_label(req.method()),
                                     path_kind(req.uri().path()),
                                     "4xx",
-                                ])
+                                )
                                 .inc();
                             return *refused;
                         }
@@ -264,7 +262,9 @@ async fn answer(
     peer: SocketAddr,
     metrics_on_main: bool,
 ) -> Response<Body> {
-    let started = Instant::now();
+    // The access log's duration; no clock read per request when that log is off.
+    let started =
+        tracing::enabled!(target: "pier::access", tracing::Level::INFO).then(Instant::now);
     req.extensions_mut().insert(handlers::ClientAddr(peer.ip()));
     if metrics_on_main && req.uri().path() == "/metrics" {
         return ops::metrics(mirror).await;
@@ -294,27 +294,24 @@ async fn answer(
         400..=499 => "4xx",
         _ => "5xx",
     };
-    mirror
-        .metrics
-        .requests
-        .with_label_values(&[method_name, kind, class])
-        .inc();
+    mirror.metrics.request(method_name, kind, class).inc();
+    if let Some(o) = outcome.as_ref().filter(|o| o.kind != "tags") {
+        let result = match o.source {
+            Source::Memory => "memory_hit",
+            Source::Disk => "disk_hit",
+            Source::Upstream { .. } => "miss",
+        };
+        mirror.metrics.cache_lookup(result, o.kind).inc();
+    }
     let resp = match &outcome {
-        Some(o) => {
-            let (result, source) = match o.source {
-                Source::Memory => ("memory_hit", "memory"),
-                Source::Disk => ("disk_hit", "disk"),
-                Source::Upstream { .. } => ("miss", "upstream"),
-            };
-            if o.kind != "tags" {
-                mirror
-                    .metrics
-                    .cache_lookups
-                    .with_label_values(&[result, o.kind])
-                    .inc();
-            }
+        // A body with nothing to send (a HEAD) has no bytes to count.
+        Some(o) if !hyper::body::Body::is_end_stream(resp.body()) => {
             // Bytes are counted as hyper takes them, so a client that leaves early counts less.
-            let served = mirror.metrics.served_bytes.with_label_values(&[source]);
+            let served = mirror.metrics.served(match o.source {
+                Source::Memory => "memory",
+                Source::Disk => "disk",
+                Source::Upstream { .. } => "upstream",
+            });
             resp.map(|body| {
                 body.map_frame(move |frame| {
                     if let Some(data) = frame.data_ref() {
@@ -325,7 +322,10 @@ async fn answer(
                 .boxed_unsync()
             })
         }
-        None => resp,
+        _ => resp,
+    };
+    let Some(started) = started else {
+        return resp;
     };
     tracing::info!(
         target: "pier::access",
