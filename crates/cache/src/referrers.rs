@@ -45,7 +45,10 @@ impl Cache {
             .get(&self.disk, at.upstream, at.repo, name)
             .await?;
         let kept = match record.answers.first() {
-            Some(answer) => self.cached_answer(answer).await?,
+            Some(answer) => self
+                .cached_answer(answer)
+                .await?
+                .map(|m| (answer.clone(), m)),
             None => None,
         };
         if let Some((answer, m)) = &kept {

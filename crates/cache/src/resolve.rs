@@ -121,16 +121,18 @@ impl Cache {
             .tags
             .get(&self.disk, at.upstream, at.repo, RecordName::Tag(tag))
             .await?;
-        let mine = match record.answer_for(accept) {
-            Some(answer) => self.cached_answer(answer).await?,
-            None => None,
-        };
-        if let Some((answer, m)) = &mine {
-            if at
-                .freshness
-                .allows_cached(RecordName::Tag(tag), answer, at.client)
-            {
-                return Ok(m.clone());
+        // The manifest this accept set's answer names, if pier still holds it: the answer
+        // itself while the tag is fresh.
+        let mut known = None;
+        if let Some(answer) = record.answer_for(accept) {
+            if let Some(m) = self.cached_answer(answer).await? {
+                if at
+                    .freshness
+                    .allows_cached(RecordName::Tag(tag), answer, at.client)
+                {
+                    return Ok(m);
+                }
+                known = Some(m.digest);
             }
         }
         if at.client.in_outage() {
@@ -143,7 +145,6 @@ impl Cache {
         }
         let key = format!("{}\n{tag}\n{}", at.key(), accept.bits());
         let (cache, repo, t) = (self.clone(), at.owned(), tag.clone());
-        let known = mine.as_ref().map(|(_, m)| m.digest.clone());
         // Ask with a HEAD first when some answer for this tag is cached: the upstream may
         // point this accept set at a manifest pier holds, and a HEAD is not a pull on Docker Hub.
         let head_first = !record.answers.is_empty();
@@ -241,7 +242,7 @@ impl Cache {
         {
             return Ok(None);
         }
-        let Some((_, m)) = self.cached_answer(answer).await? else {
+        let Some(m) = self.cached_answer(answer).await? else {
             return Ok(None);
         };
         // The region fetched it from this repository.
@@ -438,20 +439,18 @@ impl Cache {
     pub(crate) async fn cached_answer(
         &self,
         answer: &TagAnswer,
-    ) -> Result<Option<(TagAnswer, ResolvedManifest)>, Error> {
+    ) -> Result<Option<ResolvedManifest>, Error> {
         let Ok(digest) = answer.digest.parse::<Digest>() else {
             return Ok(None);
         };
-        Ok(self.manifest(&digest).await?.map(|(manifest, source)| {
-            (
-                answer.clone(),
-                ResolvedManifest {
-                    digest,
-                    manifest,
-                    source,
-                },
-            )
-        }))
+        Ok(self
+            .manifest(&digest)
+            .await?
+            .map(|(manifest, source)| ResolvedManifest {
+                digest,
+                manifest,
+                source,
+            }))
     }
 
     /// The best cached answer for a client of `accept` while the upstream cannot be asked: its
@@ -469,7 +468,7 @@ impl Cache {
         answers.sort_by_key(|a| (a.accept != accept.bits(), std::cmp::Reverse(a.fetched_at)));
         for answer in &answers {
             if answer.accept == accept.bits() || accept.accepts(&answer.media_type) {
-                if let Some((_, m)) = self.cached_answer(answer).await? {
+                if let Some(m) = self.cached_answer(answer).await? {
                     return Ok(Some(m));
                 }
             }
@@ -481,7 +480,7 @@ impl Cache {
             .iter()
             .filter(|a| a.media_type == OCI_INDEX || a.media_type == DOCKER_MANIFEST_LIST)
         {
-            let Some((_, index)) = self.cached_answer(answer).await? else {
+            let Some(index) = self.cached_answer(answer).await? else {
                 continue;
             };
             let Some(refs) = References::parse(&index.manifest.bytes) else {

@@ -80,6 +80,38 @@ impl Endpoint {
                 session: None,
             });
         }
+        // The usual shape, `<name>/<kind>/<last>`, found from its last two slashes (every pull
+        // parses one). A name may itself have a component called "manifests", "blobs" or
+        // "referrers": the kind is the component right before the last.
+        if let Some((name, kind, last)) = rest
+            .rsplit_once('/')
+            .and_then(|(head, last)| head.rsplit_once('/').map(|(n, k)| (n, k, last)))
+        {
+            match kind {
+                "manifests" => {
+                    let reference = Reference::parse(last).map_err(PathError::BadReference)?;
+                    return Ok(Endpoint::Manifest {
+                        name: name.into(),
+                        reference,
+                    });
+                }
+                "blobs" => {
+                    let digest = last.parse().map_err(PathError::BadDigest)?;
+                    return Ok(Endpoint::Blob {
+                        name: name.into(),
+                        digest,
+                    });
+                }
+                "referrers" => {
+                    let digest = last.parse().map_err(PathError::BadDigest)?;
+                    return Ok(Endpoint::Referrers {
+                        name: name.into(),
+                        digest,
+                    });
+                }
+                _ => {}
+            }
+        }
         if let Some((name, session)) = rest.rsplit_once("/blobs/uploads/") {
             if !valid_session_id(session) {
                 return Err(PathError::BadSession);
@@ -89,8 +121,8 @@ impl Endpoint {
                 session: Some(session.into()),
             });
         }
-        // The name may itself contain "manifests", "blobs" or "referrers" as a component, so
-        // split at the last.
+        // What is left has a slash after its kind: a reference or digest with a slash, refused
+        // as a bad one (split at the last kind, as a name may contain another).
         if let Some((name, digest)) = rest
             .rsplit_once("/referrers/")
             .filter(|(_, d)| !d.contains('/'))
@@ -177,7 +209,15 @@ mod tests {
                 digest: d.parse().unwrap()
             })
         );
-        // A repository may be called "referrers".
+        // A repository may be called "referrers", or have a component called "manifests".
+        match Endpoint::parse(&format!("/v2/a/manifests/b/blobs/{d}")).unwrap() {
+            Endpoint::Blob { name, .. } => assert_eq!(name, "a/manifests/b"),
+            e => panic!("{e:?}"),
+        }
+        match Endpoint::parse("/v2/a/blobs/b/manifests/latest").unwrap() {
+            Endpoint::Manifest { name, .. } => assert_eq!(name, "a/blobs/b"),
+            e => panic!("{e:?}"),
+        }
         assert!(matches!(
             Endpoint::parse("/v2/a/referrers/x/manifests/latest"),
             Ok(Endpoint::Manifest { .. })
