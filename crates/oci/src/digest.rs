@@ -40,7 +40,7 @@ impl Algorithm {
 
 /// A validated content digest. The hex part is always lower case and of the algorithm's length,
 /// so it is safe to use in a file path.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Digest {
     algorithm: Algorithm,
     /// `algorithm:hex`, kept whole: headers, keys and paths write it as it is, per request.
@@ -112,6 +112,17 @@ impl FromStr for Digest {
     type Err = DigestError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // Every request for a blob or manifest by digest parses one: the usual algorithm first.
+        if let Some(hex) = s.strip_prefix("sha256:") {
+            return if is_lower_hex(hex, Algorithm::Sha256) {
+                Ok(Digest {
+                    algorithm: Algorithm::Sha256,
+                    text: s.into(),
+                })
+            } else {
+                Err(DigestError::BadEncoding)
+            };
+        }
         let (alg, hex) = s.split_once(':').ok_or(DigestError::MissingAlgorithm)?;
         // The spec's algorithm grammar: [a-z0-9]+([+._-][a-z0-9]+)*
         let alg_ok = !alg.is_empty()
@@ -124,17 +135,25 @@ impl FromStr for Digest {
         }
         let algorithm = Algorithm::from_name(alg)
             .ok_or_else(|| DigestError::UnsupportedAlgorithm(alg.to_string()))?;
-        if hex.len() != algorithm.hex_len()
-            || !hex
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        if !is_lower_hex(hex, algorithm) {
             return Err(DigestError::BadEncoding);
         }
         Ok(Digest {
             algorithm,
             text: s.into(),
         })
+    }
+}
+
+/// Hex characters of a digest hashed for hash maps: the value is already uniformly distributed
+/// (and only verified content is ever stored under it), so a prefix spreads as well as the whole
+/// and costs a quarter of the hashing.
+const HASHED_HEX: usize = 16;
+
+impl std::hash::Hash for Digest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let hex = self.hex();
+        state.write(&hex.as_bytes()[..HASHED_HEX.min(hex.len())]);
     }
 }
 
@@ -186,6 +205,11 @@ impl Hasher {
             text: text.into(),
         }
     }
+}
+
+/// Whether `hex` is lower-case hex of `algorithm`'s length.
+fn is_lower_hex(hex: &str, algorithm: Algorithm) -> bool {
+    hex.len() == algorithm.hex_len() && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn push_hex(s: &mut String, bytes: &[u8]) {

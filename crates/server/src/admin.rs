@@ -116,7 +116,7 @@ pub async fn serve_admin(
     mirror: Arc<Mirror>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let handler = move |req: hyper::Request<hyper::body::Incoming>, _peer| {
+    let handler = move |req: hyper::Request<hyper::body::Incoming>, _conn| {
         let mirror = mirror.clone();
         async move {
             let path = req.uri().path().to_string();

@@ -2,6 +2,7 @@
 //! (its search, `/v1/search`, is the `search` module's). Each handler routes the request, asks
 //! the cache (which resolves, looks up tiers and fills), and answers.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -18,11 +19,6 @@ use crate::response::{self, Body};
 use crate::routing::{Route, Target};
 use crate::sendfile::FileRegion;
 use crate::{hosted, Mirror};
-
-/// The address a request came from (a request extension the listener adds): who an anonymous
-/// client is, where pier counts per client.
-#[derive(Clone, Copy, Debug)]
-pub struct ClientAddr(pub std::net::IpAddr);
 
 /// Who is asking, for what pier lists: per-user rules apply to listings as they do to pulls
 /// (the gate in front of the handlers already applied them to the repository of a request).
@@ -84,20 +80,31 @@ pub struct Outcome {
 
 pub(crate) type Answer = Result<Response<Body>, RegistryError>;
 
-/// Answers one request of `caller` (whom the gate let through).
-pub async fn handle<B>(mirror: &Mirror, req: Request<B>, caller: &Caller<'_>) -> Response<Body>
+/// Answers one request of `caller` (whom the gate let through), sent from `client`.
+pub async fn handle<B>(
+    mirror: &Mirror,
+    req: Request<B>,
+    caller: &Caller<'_>,
+    client: IpAddr,
+) -> Response<Body>
 where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display + Send,
 {
     let head = req.method() == Method::HEAD;
-    match dispatch(mirror, req, caller, head).await {
+    match dispatch(mirror, req, caller, client, head).await {
         Ok(resp) => resp,
         Err(e) => response::error(&e, head),
     }
 }
 
-async fn dispatch<B>(mirror: &Mirror, req: Request<B>, caller: &Caller<'_>, head: bool) -> Answer
+async fn dispatch<B>(
+    mirror: &Mirror,
+    req: Request<B>,
+    caller: &Caller<'_>,
+    client: IpAddr,
+    head: bool,
+) -> Answer
 where
     B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
     B::Error: std::fmt::Display + Send,
@@ -140,7 +147,7 @@ where
             if !caller.may(mirror, action, &Target::Hosted(repo.clone())) {
                 return Err(hosted::refused(caller, action, &repo));
             }
-            return hosted::dispatch(mirror, req, caller, endpoint, repo, head).await;
+            return hosted::dispatch(mirror, req, caller, client, endpoint, repo, head).await;
         }
         Some(Target::Mirrored(route)) => Some(route),
         None => None,

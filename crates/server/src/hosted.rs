@@ -5,6 +5,7 @@
 //! methods). No upstream is ever asked anything here.
 
 use std::io;
+use std::net::IpAddr;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{BoxStream, StreamExt};
@@ -15,7 +16,7 @@ use pier_oci::{upload_chunk_range, Digest, Endpoint, ErrorCode, Query, Reference
 use pier_oci::{RepositoryName, Tag};
 
 use crate::auth::{Action, Identity};
-use crate::handlers::{self, Answer, Caller, ClientAddr};
+use crate::handlers::{self, Answer, Caller};
 use crate::response::{self, Body};
 use crate::routing::Target;
 use crate::Mirror;
@@ -38,6 +39,7 @@ pub(crate) async fn dispatch<B>(
     mirror: &Mirror,
     req: Request<B>,
     caller: &Caller<'_>,
+    client: IpAddr,
     endpoint: Endpoint,
     repo: RepositoryName,
     head: bool,
@@ -108,7 +110,7 @@ where
             handlers::referrers_response(index, query, head)
         }
         (Method::POST, Endpoint::Upload { session: None, .. }) => {
-            let owner = upload_owner(caller, parts.extensions.get::<ClientAddr>());
+            let owner = upload_owner(caller, client);
             start_upload(mirror, caller, &owner, &repo, query, body).await
         }
         (
@@ -243,18 +245,13 @@ where
 /// Who opens an upload session, as `hosted.max_uploads_per_client` counts callers: a user by
 /// name; an anonymous client (or anyone, without client authentication) by its address, the
 /// one identity it has.
-fn upload_owner(caller: &Caller<'_>, addr: Option<&ClientAddr>) -> String {
-    match (caller, addr) {
-        (
-            Caller::Identified {
-                who: Identity::User(user),
-                ..
-            },
-            _,
-        ) => format!("user:{user}"),
-        (_, Some(ClientAddr(ip))) => format!("ip:{ip}"),
-        // Not through a listener (no address): one shared key.
-        (_, None) => "ip:unknown".to_string(),
+fn upload_owner(caller: &Caller<'_>, client: IpAddr) -> String {
+    match caller {
+        Caller::Identified {
+            who: Identity::User(user),
+            ..
+        } => format!("user:{user}"),
+        _ => format!("ip:{client}"),
     }
 }
 

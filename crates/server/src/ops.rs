@@ -20,7 +20,7 @@ pub async fn serve_ops(
     mirror: Arc<Mirror>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let handler = move |req: hyper::Request<hyper::body::Incoming>, _peer| {
+    let handler = move |req: hyper::Request<hyper::body::Incoming>, _conn| {
         let mirror = mirror.clone();
         async move {
             match req.uri().path() {

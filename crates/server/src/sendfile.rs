@@ -416,7 +416,7 @@ mod tests {
 
     use super::*;
     use crate::response;
-    use crate::serve::{accept_loop, ServerOptions};
+    use crate::serve::{accept_loop, Connection, ServerOptions};
 
     /// Bytes that differ at every position, so a placeholder (zeros) or a shifted piece shows.
     fn pattern(len: usize) -> Vec<u8> {
@@ -428,7 +428,7 @@ mod tests {
     async fn server(file: Arc<File>, size: u64) -> SocketAddr {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
-        let handler = move |req: Request<Incoming>, _peer: SocketAddr| {
+        let handler = move |req: Request<Incoming>, conn: Connection| {
             let file = file.clone();
             async move {
                 let path = req.uri().path().to_owned();
@@ -451,7 +451,7 @@ mod tests {
                     start,
                     len: end - start,
                 });
-                match req.extensions().get::<Files>() {
+                match &conn.files {
                     Some(files) => files.send(resp),
                     None => resp,
                 }
@@ -700,10 +700,10 @@ mod tests {
     ) -> SocketAddr {
         let addr = listener.local_addr().expect("address");
         let size = bytes.len() as u64;
-        let handler = move |req: Request<Incoming>, _peer: SocketAddr| {
+        let handler = move |req: Request<Incoming>, conn: Connection| {
             let (file, bytes) = (file.clone(), bytes.clone());
             async move {
-                let files = req.extensions().get::<Files>().cloned();
+                let files = conn.files.clone();
                 let path = req.uri().path().to_owned();
                 if req.method() == http::Method::POST {
                     let got = req.into_body().collect().await.map(|b| b.to_bytes().len());

@@ -64,6 +64,15 @@ impl Default for ServerOptions {
     }
 }
 
+/// What a request's connection tells its handler.
+#[derive(Clone)]
+pub(crate) struct Connection {
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// Sends file answers with `sendfile`: on plain HTTP/1 connections only.
+    pub files: Option<sendfile::Files>,
+}
+
 /// Serves the registry API on `listener` until `shutdown` resolves, then lets requests in flight
 /// finish (up to the grace period).
 pub async fn serve(
@@ -75,7 +84,7 @@ pub async fn serve(
     let metrics_on_main = options.metrics_on_main;
     let limiter = options.rate_limit.map(|l| Arc::new(RateLimiter::new(l)));
     let (auth, tls) = (options.auth.clone(), options.tls.is_some());
-    let handler = move |req: Request<Incoming>, peer: SocketAddr| {
+    let handler = move |req: Request<Incoming>, conn: Connection| {
         let (mirror, limiter, auth) = (mirror.clone(), limiter.clone(), auth.clone());
         async move {
             // The per-address limit is for clients: a peer's address carries every miss of a
@@ -85,7 +94,7 @@ pub async fn serve(
             if let Some(Err(wait)) = limiter
                 .as_ref()
                 .filter(|_| !from_peer)
-                .map(|l| l.check(peer.ip()))
+                .map(|l| l.check(conn.peer.ip()))
             {
                 let e =
                     RegistryError::new(ErrorCode::TooManyRequests, "request rate limit reached")
@@ -105,10 +114,10 @@ pub async fn serve(
             // The Docker daemon pings before a search, and reads nothing from the answer but
             // whether the registry stands alone: no credentials needed.
             if req.uri().path() == "/v1/_ping" {
-                return answer(&mirror, req, &Caller::Anyone, peer, metrics_on_main).await;
+                return answer(&mirror, req, &Caller::Anyone, conn, metrics_on_main).await;
             }
             if crate::region::is_peer_request(req.uri().path()) {
-                return answer(&mirror, req, &Caller::Anyone, peer, metrics_on_main).await;
+                return answer(&mirror, req, &Caller::Anyone, conn, metrics_on_main).await;
             }
             let caller = match &auth {
                 None => Caller::Anyone,
@@ -132,7 +141,7 @@ pub async fn serve(
                     }
                 }
             };
-            answer(&mirror, req, &caller, peer, metrics_on_main).await
+            answer(&mirror, req, &caller, conn, metrics_on_main).await
         }
     };
     accept_loop(listener, &options, shutdown, handler).await
@@ -146,7 +155,7 @@ pub(crate) async fn accept_loop<H, F>(
     handler: H,
 ) -> std::io::Result<()>
 where
-    H: Fn(Request<Incoming>, SocketAddr) -> F + Clone + Send + Sync + 'static,
+    H: Fn(Request<Incoming>, Connection) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -199,13 +208,14 @@ where
                 None => {
                     // Plain TCP: HTTP/1 responses may send blob files with `sendfile`.
                     let (socket, files) = sendfile::Socket::new(stream);
-                    let service = service_fn(move |mut req: Request<Incoming>| {
-                        if req.version() < Version::HTTP_2 {
-                            req.extensions_mut().insert(files.clone());
-                        }
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let conn = Connection {
+                            peer,
+                            files: (req.version() < Version::HTTP_2).then(|| files.clone()),
+                        };
                         // Boxed once here: hyper moves the request's future around, and the
                         // handler's is large.
-                        let response = Box::pin(handler(req, peer));
+                        let response = Box::pin(handler(req, conn));
                         async move { Ok::<_, std::convert::Infallible>(response.await) }
                     });
                     watcher
@@ -218,7 +228,8 @@ where
                 }
                 Some(acceptor) => {
                     let service = service_fn(move |req: Request<Incoming>| {
-                        let response = Box::pin(handler(req, peer));
+                        let conn = Connection { peer, files: None };
+                        let response = Box::pin(handler(req, conn));
                         async move { Ok::<_, std::convert::Infallible>(response.await) }
                     });
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
@@ -257,27 +268,25 @@ where
 /// Answers one request of the registry listener, then counts it and writes its access log line.
 async fn answer(
     mirror: &Mirror,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
     caller: &Caller<'_>,
-    peer: SocketAddr,
+    conn: Connection,
     metrics_on_main: bool,
 ) -> Response<Body> {
     // The access log's duration; no clock read per request when that log is off.
     let started =
         tracing::enabled!(target: "pier::access", tracing::Level::INFO).then(Instant::now);
-    req.extensions_mut().insert(handlers::ClientAddr(peer.ip()));
     if metrics_on_main && req.uri().path() == "/metrics" {
         return ops::metrics(mirror).await;
     }
     let (method, uri) = (req.method().clone(), req.uri().clone());
-    let files = req.extensions().get::<sendfile::Files>().cloned();
     let resp = if crate::region::is_peer_request(uri.path()) {
         crate::region::answer(mirror, &req).await
     } else {
-        handlers::handle(mirror, req, caller).await
+        handlers::handle(mirror, req, caller, conn.peer.ip()).await
     };
     // Before the byte counting below, which counts the file's bytes as hyper writes them.
-    let resp = match files {
+    let resp = match &conn.files {
         Some(files) => files.send(resp),
         None => resp,
     };
@@ -336,7 +345,7 @@ async fn answer(
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
         cache = outcome.as_ref().map_or("-", |o| o.source.as_str()),
         upstream = outcome.as_ref().and_then(|o| o.upstream.as_deref()).unwrap_or("-"),
-        %peer,
+        peer = %conn.peer,
     );
     resp
 }
