@@ -25,6 +25,11 @@ Needs: docker-registry, nginx, wrk, apache2-utils, curl (Debian packages), and p
 root; the descriptor limit is raised for 1,000 connections):
 
     python3 benches/compare.py [--only large,thousand] [--large-mib 200,1024] [--wrk-seconds 8]
+                               [--pin] [--repeat 3]
+
+--pin puts the servers on CPU 0 and the load generators on CPU 1; --repeat N measures the large
+and small sections N times, the contenders taking turns, and reports medians with the range of
+the per-round pier/nginx ratios (on a shared machine one round can be off by 30% either way).
 
 Everything listens on 127.0.0.1 and stops when the script ends.
 """
@@ -43,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from statistics import median
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIER = os.environ.get("PIER_BIN", os.path.join(ROOT, "target", "release", "pier"))
@@ -327,6 +333,9 @@ def main():
     ap.add_argument("--fan-in-clients", type=int, default=1000, help="clients on one cold blob (pier only)")
     ap.add_argument("--fan-in-mib", type=int, default=8, help="size of that cold blob")
     ap.add_argument("--only", default=",".join(SECTIONS), help="sections to run: " + ",".join(SECTIONS))
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of the large and small sections, contenders taking turns in each: the table "
+                         "shows each figure's median and the range of the per-round pier/nginx ratios")
     ap.add_argument("--pin", action="store_true",
                     help="servers on CPU 0, load generators on CPU 1 (taskset): each side has one core of its own, "
                          "so ratios depend less on how the two share the machine")
@@ -488,14 +497,18 @@ http {{
             results["fanin1000"] = many
 
         # 1. warm large blobs: throughput and the server's CPU per GiB
+        rounds = range(max(1, args.repeat))
         large = {}
         for mib in large_sizes:
             for who, srv in contenders.items():
-                url = srv.url(f"/v2/bench/app/blobs/{blobs[f'large{mib}']}")
-                curl(url)  # prime (a proxy caches it)
-                time.sleep(1)
+                curl(srv.url(f"/v2/bench/app/blobs/{blobs[f'large{mib}']}"))  # prime (a proxy caches it)
+            time.sleep(1)
+            for _ in rounds:
                 for conns in [1, 16]:
-                    large[(mib, conns, who)] = blob_throughput(srv, url, conns, args.wrk_seconds)
+                    for who, srv in contenders.items():
+                        url = srv.url(f"/v2/bench/app/blobs/{blobs[f'large{mib}']}")
+                        large.setdefault((mib, conns, who), []).append(
+                            blob_throughput(srv, url, conns, args.wrk_seconds))
         results["large"] = {f"{m} MiB / {c} / {w}": v for (m, c, w), v in large.items()}
 
         # 2. warm small requests
@@ -510,7 +523,11 @@ http {{
         for case, path, head in small_cases:
             for who, srv in contenders.items():
                 curl(srv.url(path), headers=[f"Accept: {OCI_MANIFEST}"])  # prime
-                small[(case, who)] = wrk(srv.url(path), args.wrk_seconds, head=head, accept=OCI_MANIFEST, tmp=tmp)
+        for _ in rounds:
+            for case, path, head in small_cases:
+                for who, srv in contenders.items():
+                    small.setdefault((case, who), []).append(
+                        wrk(srv.url(path), args.wrk_seconds, head=head, accept=OCI_MANIFEST, tmp=tmp))
         results["small"] = {f"{c} / {w}": v for (c, w), v in small.items()}
 
         rss = {who: srv.peak_rss_mib() for who, srv in contenders.items()}
@@ -540,19 +557,39 @@ http {{
         print(f"\n### pier vs Distribution {subprocess.run(['docker-registry', '--version'], capture_output=True, text=True).stdout.split()[-1]} (proxy) vs nginx\n")
         print(f"Machine: {os.cpu_count()} cores, {int(open('/proc/meminfo').readline().split()[1]) // 1024 // 1024} GiB; "
               f"clients (curl, wrk) run on the same cores as the servers.\n")
-        print("| measurement | pier | Distribution | nginx | pier/Distribution | pier/nginx |")
-        print("|---|---|---|---|---|---|")
+        repeated = args.repeat > 1
+        if repeated:
+            print(f"Each warm figure is the median of {args.repeat} rounds; the last column is the range of "
+                  f"pier/nginx over the rounds (each round's pier against the same round's nginx).\n")
+        print("| measurement | pier | Distribution | nginx | pier/Distribution | pier/nginx |" + (" pier/nginx per round |" if repeated else ""))
+        print("|---|---|---|---|---|---|" + ("---|" if repeated else ""))
+
+        def spread(p, n):
+            """The per-round pier/nginx ratios' range, as a last column when rounds repeat."""
+            if not repeated:
+                return ""
+            rs = sorted(a / b for a, b in zip(p, n) if b)
+            return f" {rs[0]:.2f}x-{rs[-1]:.2f}x |" if rs else " - |"
+
         for mib in large_sizes:
             for conns in [1, 16]:
-                p, d, n = (large[(mib, conns, w)] for w in ["pier", "distribution", "nginx"])
-                errs = lambda r: f" ({r['errors']} errors)" if r["errors"] else ""
-                print(f"| warm {mib} MiB blob, {conns} conns (MiB/s) | {p['mib_s']:.0f}{errs(p)} | {d['mib_s']:.0f}{errs(d)} | {n['mib_s']:.0f}{errs(n)} | {ratio(p['mib_s'], d['mib_s'])} | {ratio(p['mib_s'], n['mib_s'])} |")
-                print(f"| warm {mib} MiB blob, {conns} conns: server CPU s per GiB | {p['cpu_per_gib']:.3f} | {d['cpu_per_gib']:.3f} | {n['cpu_per_gib']:.3f} | {ratio(p['cpu_per_gib'], d['cpu_per_gib'])} | {ratio(p['cpu_per_gib'], n['cpu_per_gib'])} |")
+                runs = {w: large[(mib, conns, w)] for w in ["pier", "distribution", "nginx"]}
+                p, d, n = ({k: median([r[k] for r in runs[w]]) for k in ["mib_s", "cpu_per_gib"]}
+                           for w in ["pier", "distribution", "nginx"])
+                errors = {w: sum(r["errors"] for r in runs[w]) for w in runs}
+                errs = lambda w: f" ({errors[w]} errors)" if errors[w] else ""
+                col = lambda k: spread([r[k] for r in runs["pier"]], [r[k] for r in runs["nginx"]])
+                print(f"| warm {mib} MiB blob, {conns} conns (MiB/s) | {p['mib_s']:.0f}{errs('pier')} | {d['mib_s']:.0f}{errs('distribution')} | {n['mib_s']:.0f}{errs('nginx')} | {ratio(p['mib_s'], d['mib_s'])} | {ratio(p['mib_s'], n['mib_s'])} |{col('mib_s')}")
+                print(f"| warm {mib} MiB blob, {conns} conns: server CPU s per GiB | {p['cpu_per_gib']:.3f} | {d['cpu_per_gib']:.3f} | {n['cpu_per_gib']:.3f} | {ratio(p['cpu_per_gib'], d['cpu_per_gib'])} | {ratio(p['cpu_per_gib'], n['cpu_per_gib'])} |{col('cpu_per_gib')}")
         for case, _, _ in small_cases:
-            (pr, pl, pe), (dr, dl, de), (nr, nl, ne) = (small[(case, w)] for w in ["pier", "distribution", "nginx"])
+            runs = {w: small[(case, w)] for w in ["pier", "distribution", "nginx"]}
+            (pr, pl, pe), (dr, dl, de), (nr, nl, ne) = (
+                (median([r[0] for r in runs[w]]), median([r[1] for r in runs[w]]), sum(r[2] for r in runs[w]))
+                for w in ["pier", "distribution", "nginx"])
             errs = lambda e: f" ({e} non-2xx)" if e else ""
-            print(f"| {case}, 64 conns (req/s) | {pr:.0f}{errs(pe)} | {dr:.0f}{errs(de)} | {nr:.0f}{errs(ne)} | {ratio(pr, dr)} | {ratio(pr, nr)} |")
-            print(f"| {case}, p99 latency (ms) | {pl:.2f} | {dl:.2f} | {nl:.2f} | {ratio(pl, dl)} | {ratio(pl, nl)} |")
+            col = lambda i: spread([r[i] for r in runs["pier"]], [r[i] for r in runs["nginx"]])
+            print(f"| {case}, 64 conns (req/s) | {pr:.0f}{errs(pe)} | {dr:.0f}{errs(de)} | {nr:.0f}{errs(ne)} | {ratio(pr, dr)} | {ratio(pr, nr)} |{col(0)}")
+            print(f"| {case}, p99 latency (ms) | {pl:.2f} | {dl:.2f} | {nl:.2f} | {ratio(pl, dl)} | {ratio(pl, nl)} |{col(1)}")
         for n in fan_in:
             (pw, pg, pb, pok), (dw, dg, db, dok) = fan[("pier", n)], fan[("distribution", n)]
             print(f"| cold {args.cold_mib} MiB, {n} clients: upstream GETs | {pg} | {dg} | - | {ratio(pg, dg)} | - |")
@@ -571,7 +608,7 @@ http {{
                 print(f"| 1,000 conns, {label}: p99 (ms) | {pm['p99_ms']:.1f} | - | {nm['p99_ms']:.1f} | - | {ratio(pm['p99_ms'], nm['p99_ms'])} |")
             print(f"| 1,000 conns for {args.thousand_seconds} s: peak RSS (MiB; pier's memory tier held {p['tier_mib']:.1f}) | {p['rss']:.0f} | - | {n['rss']:.0f} | - | {ratio(p['rss'], n['rss'])} |")
             print(f"| 1,000 conns: server CPU s per GiB | {p['cpu_per_gib']:.3f} | - | {n['cpu_per_gib']:.3f} | - | {ratio(p['cpu_per_gib'], n['cpu_per_gib'])} |")
-        if not all(r["errors"] == 0 for r in large.values()):
+        if not all(r["errors"] == 0 for runs in large.values() for r in runs):
             print("\nWARNING: some warm large-blob downloads failed", file=sys.stderr)
     finally:
         for s in reversed(servers):
