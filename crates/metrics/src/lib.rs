@@ -8,9 +8,11 @@
 use std::fmt;
 use std::sync::OnceLock;
 
+/// The counter type of [`Metrics`]' per-label handles, for callers that keep one.
+pub use prometheus::IntCounter;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric pier exports.

@@ -41,6 +41,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
+use pier_metrics::IntCounter;
 use rustix::fs::Advice;
 use rustix::io::ReadWriteFlags;
 use rustix::net::{SendAncillaryBuffer, SendFlags};
@@ -75,6 +76,8 @@ struct Piece {
     len: usize,
     /// Bytes of the piece already sent.
     sent: usize,
+    /// Counts the bytes as `sendfile` sends them (`pier_served_bytes_total`).
+    served: Option<IntCounter>,
 }
 
 /// The pieces a connection's responses queued, in the order hyper will write them.
@@ -137,6 +140,9 @@ impl Socket {
                 }
                 Ok(n) => {
                     piece.sent += n;
+                    if let Some(served) = &piece.served {
+                        served.inc_by(n as u64);
+                    }
                     if piece.sent == piece.len {
                         queue.pop_front();
                         if queue.is_empty() && self.corked {
@@ -178,6 +184,12 @@ impl Socket {
             }
         }
     }
+}
+
+/// Whether `bytes` are placeholder bytes, standing for a file piece the socket sends (and
+/// counts) itself.
+pub(crate) fn is_placeholder(bytes: &[u8]) -> bool {
+    placeholder_offset(bytes).is_some()
 }
 
 /// Where `slice` starts in [`PLACEHOLDER`], if it lies within it.
@@ -259,7 +271,12 @@ impl Files {
     /// `resp` with its body sent from its file, when the handler marked it with a
     /// [`FileRegion`]; otherwise `resp` as it is. Call it only for HTTP/1 requests on the
     /// connection of this `Files`: the swapped body is meaningful to its [`Socket`] alone.
-    pub(crate) fn send(&self, mut resp: Response<Body>) -> Response<Body> {
+    /// `served` counts the file's bytes as the socket sends them.
+    pub(crate) fn send(
+        &self,
+        mut resp: Response<Body>,
+        served: Option<IntCounter>,
+    ) -> Response<Body> {
         let Some(region) = resp.extensions_mut().remove::<FileRegion>() else {
             return resp;
         };
@@ -274,6 +291,7 @@ impl Files {
         let body = FileBody {
             region,
             queue: self.queue.clone(),
+            served,
             loading: None,
             yield_next: false,
         };
@@ -331,6 +349,7 @@ struct FileBody {
     /// What is left to yield.
     region: FileRegion,
     queue: Queue,
+    served: Option<IntCounter>,
     /// The next piece, being read from disk on the blocking pool because it was not in the page
     /// cache: `sendfile` runs on the runtime's thread, where a wait for the disk would hold up
     /// every connection of that thread.
@@ -381,6 +400,7 @@ impl HttpBody for FileBody {
             offset: this.region.start,
             len,
             sent: 0,
+            served: this.served.clone(),
         };
         this.queue
             .lock()
@@ -452,7 +472,7 @@ mod tests {
                     len: end - start,
                 });
                 match &conn.files {
-                    Some(files) => files.send(resp),
+                    Some(files) => files.send(resp, None),
                     None => resp,
                 }
             }
@@ -652,6 +672,7 @@ mod tests {
                 offset: 0,
                 len: 100,
                 sent: 0,
+                served: None,
             });
         for slice in [&PLACEHOLDER[5..20], &PLACEHOLDER[..101]] {
             let e = socket
@@ -679,6 +700,66 @@ mod tests {
     }
 
     /// A client whose receive buffer is `rcvbuf`.
+    /// A client that stops reading is counted for what its socket took, not for the whole
+    /// piece its body frame stood for; one that reads to the end, for every byte once.
+    #[tokio::test]
+    async fn served_bytes_are_counted_as_the_socket_takes_them() {
+        let data = pattern(4 * PIECE + 1000);
+        let mut tmp = tempfile::tempfile().expect("temporary file");
+        tmp.write_all(&data).expect("write");
+        let (file, size) = (Arc::new(tmp), data.len() as u64);
+        // A small send buffer (accepted sockets inherit it), so that a stalled client holds up
+        // the server well before a piece is through.
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_send_buffer_size(32 * 1024).expect("SO_SNDBUF");
+        socket
+            .bind("127.0.0.1:0".parse().expect("address"))
+            .expect("bind");
+        let listener = socket.listen(16).expect("listen");
+        let addr = listener.local_addr().expect("address");
+        let served = IntCounter::new("served", "test").expect("counter");
+        let counter = served.clone();
+        let handler = move |_req: Request<Incoming>, conn: Connection| {
+            let (file, counter) = (file.clone(), counter.clone());
+            async move {
+                let mut resp = Response::new(response::empty());
+                resp.extensions_mut().insert(FileRegion {
+                    file,
+                    start: 0,
+                    len: size,
+                });
+                match &conn.files {
+                    Some(files) => files.send(resp, Some(counter)),
+                    None => resp,
+                }
+            }
+        };
+        tokio::spawn(async move {
+            let options = ServerOptions::default();
+            let _ = accept_loop(listener, &options, std::future::pending(), handler).await;
+        });
+        let mut conn = connect_with(addr, 16 * 1024).await;
+        conn.write_all(b"GET /whole HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .expect("request");
+        let mut some = vec![0u8; 64 * 1024];
+        conn.read_exact(&mut some).await.expect("the first bytes");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        let stalled = served.get();
+        assert!(
+            (64 * 1024..PIECE as u64).contains(&stalled),
+            "counted {stalled} bytes for a client that read 64 KiB and stalled"
+        );
+        let mut rest = Vec::new();
+        conn.read_to_end(&mut rest).await.ok();
+        let head_and_body = (some.len() + rest.len()) as u64;
+        assert!(
+            head_and_body > size,
+            "the whole body follows: {head_and_body} bytes"
+        );
+        assert_eq!(served.get(), size, "every byte counted once");
+    }
+
     async fn connect_with(addr: SocketAddr, rcvbuf: u32) -> TcpStream {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(rcvbuf).expect("SO_RCVBUF");
@@ -747,7 +828,7 @@ mod tests {
                     len: end - start,
                 });
                 match files {
-                    Some(files) => files.send(resp),
+                    Some(files) => files.send(resp, None),
                     None => resp,
                 }
             }
@@ -1175,6 +1256,7 @@ mod tests {
                     offset,
                     len,
                     sent: 0,
+                    served: None,
                 });
         };
         queue(10, 100);

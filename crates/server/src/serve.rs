@@ -285,11 +285,6 @@ async fn answer(
     } else {
         handlers::handle(mirror, req, caller, conn.peer.ip()).await
     };
-    // Before the byte counting below, which counts the file's bytes as hyper writes them.
-    let resp = match &conn.files {
-        Some(files) => files.send(resp),
-        None => resp,
-    };
     let outcome = resp.extensions().get::<Outcome>().cloned();
     let method_name = method_label(&method);
     let kind = outcome
@@ -312,26 +307,34 @@ async fn answer(
         };
         mirror.metrics.cache_lookup(result, o.kind).inc();
     }
-    let resp = match &outcome {
-        // A body with nothing to send (a HEAD) has no bytes to count.
-        Some(o) if !hyper::body::Body::is_end_stream(resp.body()) => {
-            // Bytes are counted as hyper takes them, so a client that leaves early counts less.
-            let served = mirror.metrics.served(match o.source {
+    // Body bytes are counted as they leave, so that a client that leaves early counts less: a
+    // file's by the socket as `sendfile` sends them, any other body's as hyper takes each
+    // frame. A body with nothing to send (a HEAD) counts none.
+    let served = outcome
+        .as_ref()
+        .filter(|_| !hyper::body::Body::is_end_stream(resp.body()))
+        .map(|o| {
+            mirror.metrics.served(match o.source {
                 Source::Memory => "memory",
                 Source::Disk => "disk",
                 Source::Upstream { .. } => "upstream",
-            });
-            resp.map(|body| {
-                body.map_frame(move |frame| {
-                    if let Some(data) = frame.data_ref() {
-                        served.inc_by(data.len() as u64);
-                    }
-                    frame
-                })
-                .boxed_unsync()
             })
-        }
-        _ => resp,
+        });
+    let resp = match &conn.files {
+        Some(files) => files.send(resp, served.clone()),
+        None => resp,
+    };
+    let resp = match served {
+        Some(served) => resp.map(|body| {
+            body.map_frame(move |frame| {
+                if let Some(data) = frame.data_ref().filter(|d| !sendfile::is_placeholder(d)) {
+                    served.inc_by(data.len() as u64);
+                }
+                frame
+            })
+            .boxed_unsync()
+        }),
+        None => resp,
     };
     let Some(started) = started else {
         return resp;
