@@ -294,6 +294,7 @@ impl Files {
             served,
             loading: None,
             yield_next: false,
+            cold: false,
         };
         resp.map(|_| body.boxed_unsync())
     }
@@ -357,6 +358,10 @@ struct FileBody {
     /// Whether to let the runtime's other tasks run before the next piece: a client that takes
     /// bytes as fast as the kernel sends them gets one piece per turn, not the whole file.
     yield_next: bool,
+    /// Whether the piece just yielded had to be read from disk: only then is the next one
+    /// worth a read-ahead (on a file in the page cache the advice is a walk over its pages for
+    /// nothing).
+    cold: bool,
 }
 
 impl HttpBody for FileBody {
@@ -385,7 +390,8 @@ impl HttpBody for FileBody {
                     cx.waker().wake_by_ref();
                     return Poll::Pending;
                 }
-                if !resident(&this.region.file, this.region.start, len) {
+                this.cold = !resident(&this.region.file, this.region.start, len);
+                if this.cold {
                     let (file, offset) = (this.region.file.clone(), this.region.start);
                     let mut loading = tokio::task::spawn_blocking(move || load(&file, offset, len));
                     if Pin::new(&mut loading).poll(cx).is_pending() {
@@ -409,7 +415,9 @@ impl HttpBody for FileBody {
         this.region.start += len as u64;
         this.region.len -= len as u64;
         this.yield_next = true;
-        advise_read(&this.region.file, this.region.start, this.region.len);
+        if this.cold {
+            advise_read(&this.region.file, this.region.start, this.region.len);
+        }
         Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
             &PLACEHOLDER[..len],
         )))))
