@@ -25,6 +25,7 @@ mod referrers;
 mod region;
 mod repository_access;
 mod review_hosted;
+mod review_perf;
 mod review_sendfile;
 mod routing;
 mod secrets;

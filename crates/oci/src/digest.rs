@@ -40,7 +40,7 @@ impl Algorithm {
 
 /// A validated content digest. The hex part is always lower case and of the algorithm's length,
 /// so it is safe to use in a file path.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest {
     algorithm: Algorithm,
     /// `algorithm:hex`, kept whole: headers, keys and paths write it as it is, per request.
@@ -142,18 +142,6 @@ impl FromStr for Digest {
             algorithm,
             text: s.into(),
         })
-    }
-}
-
-/// Hex characters of a digest hashed for hash maps: the value is already uniformly distributed
-/// (and only verified content is ever stored under it), so a prefix spreads as well as the whole
-/// and costs a quarter of the hashing.
-const HASHED_HEX: usize = 16;
-
-impl std::hash::Hash for Digest {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        let hex = self.hex();
-        state.write(&hex.as_bytes()[..HASHED_HEX.min(hex.len())]);
     }
 }
 

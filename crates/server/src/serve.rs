@@ -309,17 +309,17 @@ async fn answer(
     }
     // Body bytes are counted as they leave, so that a client that leaves early counts less: a
     // file's by the socket as `sendfile` sends them, any other body's as hyper takes each
-    // frame. A body with nothing to send (a HEAD) counts none.
+    // frame. A body with nothing to send (a HEAD) counts none, but shows its series.
     let served = outcome
         .as_ref()
-        .filter(|_| !hyper::body::Body::is_end_stream(resp.body()))
         .map(|o| {
             mirror.metrics.served(match o.source {
                 Source::Memory => "memory",
                 Source::Disk => "disk",
                 Source::Upstream { .. } => "upstream",
             })
-        });
+        })
+        .filter(|_| !hyper::body::Body::is_end_stream(resp.body()));
     let resp = match &conn.files {
         Some(files) => files.send(resp, served.clone()),
         None => resp,
