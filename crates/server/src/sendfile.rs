@@ -78,6 +78,8 @@ struct Piece {
     sent: usize,
     /// Counts the bytes as `sendfile` sends them (`pier_served_bytes_total`).
     served: Option<IntCounter>,
+    /// The first piece of its response, sent corked with the response's head.
+    first: bool,
 }
 
 /// The pieces a connection's responses queued, in the order hyper will write them.
@@ -87,8 +89,11 @@ type Queue = Arc<Mutex<VecDeque<Piece>>>;
 pub(crate) struct Socket {
     tcp: TcpStream,
     queue: Queue,
-    /// Whether `TCP_CORK` is set: while a file is sent, so that its head and its bytes leave in
-    /// full segments (nginx's `tcp_nopush`); lifted when the queue empties, which sends the rest.
+    /// Whether `TCP_CORK` is set: while a response's first piece is sent, so that its head and
+    /// the file's first bytes leave in full segments (nginx's `tcp_nopush`); lifted when the
+    /// queue empties. Later pieces go uncorked, each pushed out as it is sent: measured on a
+    /// warm 200 MiB blob over one connection, corking every piece as nginx does gave nginx's
+    /// throughput (0.9x-1.0x of it), pushing them 1.4x-1.5x at about the same CPU per byte.
     corked: bool,
 }
 
@@ -231,7 +236,13 @@ impl AsyncWrite for Socket {
         let Some(first) = bufs.iter().position(|b| placeholder_offset(b).is_some()) else {
             return Pin::new(&mut this.tcp).poll_write_vectored(cx, bufs);
         };
-        if !this.corked {
+        let starts_response = this
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .front()
+            .is_some_and(|p| p.first && p.sent == 0);
+        if starts_response && !this.corked {
             rustix::net::sockopt::set_tcp_cork(&this.tcp, true)?;
             this.corked = true;
         }
@@ -295,6 +306,7 @@ impl Files {
             loading: None,
             yield_next: false,
             cold: false,
+            first: true,
         };
         resp.map(|_| body.boxed_unsync())
     }
@@ -362,6 +374,8 @@ struct FileBody {
     /// worth a read-ahead (on a file in the page cache the advice is a walk over its pages for
     /// nothing).
     cold: bool,
+    /// Whether no piece was yielded yet (the next is the one sent with the head).
+    first: bool,
 }
 
 impl HttpBody for FileBody {
@@ -407,7 +421,9 @@ impl HttpBody for FileBody {
             len,
             sent: 0,
             served: this.served.clone(),
+            first: this.first,
         };
+        this.first = false;
         this.queue
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -681,6 +697,7 @@ mod tests {
                 len: 100,
                 sent: 0,
                 served: None,
+                first: true,
             });
         for slice in [&PLACEHOLDER[5..20], &PLACEHOLDER[..101]] {
             let e = socket
@@ -1254,7 +1271,7 @@ mod tests {
         let (mut socket, files) = Socket::new(accepted);
         let bytes = pattern(300);
         let (_keep, file) = stored(&bytes);
-        let queue = |offset: u64, len: usize| {
+        let queue = |offset: u64, len: usize, first: bool| {
             files
                 .queue
                 .lock()
@@ -1265,9 +1282,19 @@ mod tests {
                     len,
                     sent: 0,
                     served: None,
+                    first,
                 });
         };
-        queue(10, 100);
+        // A response's first piece goes corked with its head; the cork comes off with it.
+        queue(200, 50, true);
+        let n = socket
+            .write_vectored(&[IoSlice::new(b"head"), IoSlice::new(&PLACEHOLDER[..50])])
+            .await
+            .expect("write");
+        assert_eq!(n, 54);
+        assert!(!socket.corked, "cork lifted once the queue emptied");
+        // A later piece goes uncorked.
+        queue(10, 100, false);
         // Head, placeholder, tail in one call: head and file bytes, the tail left for later.
         let n = socket
             .write_vectored(&[
@@ -1283,11 +1310,11 @@ mod tests {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_empty());
-        assert!(!socket.corked, "cork lifted once the queue emptied");
+        assert!(!socket.corked, "a later piece is not corked");
         socket.write_all(b"tail").await.expect("tail");
         // A piece queued, then plain bytes followed by a placeholder that does not match it:
         // the plain bytes go, the placeholder is refused on its own turn.
-        queue(0, 50);
+        queue(0, 50, false);
         let n = socket
             .write_vectored(&[IoSlice::new(b"more"), IoSlice::new(&PLACEHOLDER[1..40])])
             .await
@@ -1302,6 +1329,8 @@ mod tests {
         let mut got = Vec::new();
         client.read_to_end(&mut got).await.expect("read");
         let mut want = b"head".to_vec();
+        want.extend_from_slice(&bytes[200..250]);
+        want.extend_from_slice(b"head");
         want.extend_from_slice(&bytes[10..110]);
         want.extend_from_slice(b"tailmore");
         assert!(got == want, "{:?}", String::from_utf8_lossy(&got));
