@@ -166,6 +166,33 @@ def push_blob(port, repo, path):
     return digest
 
 
+def start_upstream(tmp):
+    """Debian's docker-registry (Distribution) on a free port, storing under `tmp`, its access log
+    on (the cold sections count upstream requests in it)."""
+    port = free_port()
+    os.makedirs(f"{tmp}/upstream")
+    with open(f"{tmp}/upstream.yml", "w") as f:
+        f.write(f"version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
+                f"storage:\n  filesystem:\n    rootdirectory: {tmp}/upstream\n"
+                f"http:\n  addr: 127.0.0.1:{port}\n")
+    return Server("upstream", ["docker-registry", "serve", f"{tmp}/upstream.yml"], port, f"{tmp}/upstream.log")
+
+
+def push_image(port, tmp, layer_digest, layer_size):
+    """Pushes bench/app:1, an OCI image of a small config and the given layer (already pushed).
+    Returns the manifest's bytes and digest."""
+    config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    with open(f"{tmp}/config", "wb") as f:
+        f.write(config)
+    config_digest = push_blob(port, "bench/app", f"{tmp}/config")
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer_size}]}).encode()
+    status, _, body = request(port, "PUT", "/v2/bench/app/manifests/1", body=manifest, headers={"Content-Type": OCI_MANIFEST})
+    assert status == 201, (status, body)
+    return manifest, "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
 def random_file(path, size):
     with open(path, "wb") as f:
         left = size
@@ -361,13 +388,8 @@ def main():
     servers = []
     try:
         # --- the upstream, loaded ---
-        up_port = free_port()
-        os.makedirs(f"{tmp}/upstream")
-        with open(f"{tmp}/upstream.yml", "w") as f:
-            f.write(f"version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\n"
-                    f"storage:\n  filesystem:\n    rootdirectory: {tmp}/upstream\n"
-                    f"http:\n  addr: 127.0.0.1:{up_port}\n")
-        upstream = Server("upstream", ["docker-registry", "serve", f"{tmp}/upstream.yml"], up_port, f"{tmp}/upstream.log")
+        upstream = start_upstream(tmp)
+        up_port = upstream.port
         servers.append(upstream)
         print("loading the upstream...", file=sys.stderr)
         blobs = {}
@@ -391,16 +413,7 @@ def main():
             cold["fanin1000"] = push_blob(up_port, "bench/app", f"{tmp}/cold")
         if os.path.exists(f"{tmp}/cold"):
             os.remove(f"{tmp}/cold")
-        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-        with open(f"{tmp}/config", "wb") as f:
-            f.write(config)
-        config_digest = push_blob(up_port, "bench/app", f"{tmp}/config")
-        manifest = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                               "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
-                               "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": blobs["small"], "size": 1024}]}).encode()
-        status, _, body = request(up_port, "PUT", "/v2/bench/app/manifests/1", body=manifest, headers={"Content-Type": OCI_MANIFEST})
-        assert status == 201, (status, body)
-        manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        manifest, manifest_digest = push_image(up_port, tmp, blobs["small"], 1024)
 
         # --- the contenders ---
         def start_pier(name):

@@ -18,8 +18,6 @@ Needs: docker-registry, valgrind, apache2-utils, curl, and pier built with `carg
 
 import argparse
 import glob
-import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -43,24 +41,12 @@ def main():
     tmp = tempfile.mkdtemp(prefix="pier-instructions-")
     servers = []
     try:
-        up_port = c.free_port()
-        os.makedirs(f"{tmp}/upstream")
-        with open(f"{tmp}/upstream.yml", "w") as f:
-            f.write(f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {tmp}/upstream\n"
-                    f"http:\n  addr: 127.0.0.1:{up_port}\n")
-        servers.append(c.Server("upstream", ["docker-registry", "serve", f"{tmp}/upstream.yml"], up_port, f"{tmp}/upstream.log"))
+        upstream = c.start_upstream(tmp)
+        servers.append(upstream)
+        up_port = upstream.port
         c.random_file(f"{tmp}/small", 1024)
         small = c.push_blob(up_port, "bench/app", f"{tmp}/small")
-        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-        with open(f"{tmp}/config", "wb") as f:
-            f.write(config)
-        config_digest = c.push_blob(up_port, "bench/app", f"{tmp}/config")
-        manifest = json.dumps({"schemaVersion": 2, "mediaType": c.OCI_MANIFEST,
-                               "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
-                               "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": small, "size": 1024}]}).encode()
-        status, _, _ = c.request(up_port, "PUT", "/v2/bench/app/manifests/1", body=manifest, headers={"Content-Type": c.OCI_MANIFEST})
-        assert status == 201, status
-        manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+        _, manifest_digest = c.push_image(up_port, tmp, small, 1024)
 
         port, metrics_port = c.free_port(), c.free_port()
         with open(f"{tmp}/pier.yaml", "w") as f:
